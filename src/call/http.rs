@@ -1,0 +1,210 @@
+//! HTTP delivery (SPEC §3): one request per record over pooled keep-alive connections.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::template::Template;
+use super::{Answer, Call, CallError, CallFuture};
+use crate::config::HttpCall;
+use crate::record::Record;
+
+/// Bodies above this are not read further; the record is dead-lettered as `too_large`.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// The HTTP transport of one route.
+pub struct Http {
+    client: reqwest::Client,
+    url: Template,
+    method: reqwest::Method,
+    timeout: Duration,
+    headers: HeaderMap,
+}
+
+impl Http {
+    pub fn new(config: &HttpCall) -> Result<Http, String> {
+        let url = Template::parse(&config.url)?;
+        let method = reqwest::Method::from_bytes(config.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| format!("`{}` is not an HTTP method", config.method))?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &config.headers {
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header `{k}`: {e}"))?;
+            let mut value = HeaderValue::from_str(v).map_err(|e| format!("header `{k}`: {e}"))?;
+            // Configured headers often carry credentials; keep them out of debug output.
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            // The service is co-located: no proxy, no redirects (a 3xx is an answer), and
+            // Nagle off because requests are small and latency matters.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Http {
+            client,
+            url,
+            method,
+            timeout: config.timeout.0,
+            headers,
+        })
+    }
+
+    fn request(&self, record: &Record, attempt: u32) -> reqwest::RequestBuilder {
+        let mut h = self.headers.clone();
+        let mut put = |name: &str, value: &str| {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                h.insert(n, v);
+            }
+        };
+        let content_type = record
+            .header("content-type")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("application/octet-stream");
+        put("content-type", content_type);
+        put("ferry-topic", &record.topic);
+        put("ferry-partition", &record.partition.to_string());
+        put("ferry-offset", &record.offset.to_string());
+        if let Some(ts) = record.timestamp_ms {
+            put("ferry-timestamp", &ts.to_string());
+        }
+        if let Some(key) = &record.key {
+            match std::str::from_utf8(key) {
+                Ok(k) if HeaderValue::from_str(k).is_ok() => put("ferry-key", k),
+                _ => put(
+                    "ferry-key-base64",
+                    &base64::engine::general_purpose::STANDARD.encode(key),
+                ),
+            }
+        }
+        put("ferry-attempt", &attempt.to_string());
+        put("idempotency-key", &record.idempotency_key());
+        for (name, value) in &record.headers {
+            let Ok(v) = HeaderValue::from_bytes(value) else {
+                // Binary header values cannot travel in HTTP headers.
+                tracing::debug!(header = %name, "Header value is not valid in HTTP, not forwarded");
+                continue;
+            };
+            match name.as_str() {
+                "traceparent" | "tracestate" => {
+                    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                        h.insert(n, v.clone());
+                    }
+                }
+                _ => {}
+            }
+            if let Ok(n) = HeaderName::from_bytes(format!("ferry-header-{name}").as_bytes()) {
+                h.append(n, v);
+            }
+        }
+        let body = record.value.clone().unwrap_or_default();
+        self.client
+            .request(self.method.clone(), self.url.render(record))
+            .headers(h)
+            .timeout(self.timeout)
+            .body(body)
+    }
+
+    async fn call_once(&self, record: &Record, attempt: u32) -> Result<Answer, CallError> {
+        let classify = |e: reqwest::Error| {
+            if e.is_timeout() {
+                CallError::Timeout(self.timeout)
+            } else {
+                CallError::Connect(error_chain(&e))
+            }
+        };
+        let mut response = self.request(record, attempt).send().await.map_err(classify)?;
+        let status = response.status().as_u16();
+        let mut answer = answer_headers(status, response.headers());
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(classify)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                answer.body_too_large = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        answer.body = body.freeze();
+        Ok(answer)
+    }
+}
+
+impl Call for Http {
+    fn call<'a>(&'a self, record: &'a Record, attempt: u32) -> CallFuture<'a> {
+        Box::pin(self.call_once(record, attempt))
+    }
+}
+
+fn answer_headers(status: u16, headers: &HeaderMap) -> Answer {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut answer = Answer {
+        status,
+        action: text("ferry-action"),
+        reply_topic: text("ferry-reply-topic"),
+        reply_key: headers
+            .get("ferry-reply-key")
+            .map(|v| Bytes::copy_from_slice(v.as_bytes())),
+        content_type: text("content-type"),
+        retry_after: text("retry-after").and_then(|v| parse_retry_after(&v, SystemTime::now())),
+        ..Answer::default()
+    };
+    for (name, value) in headers {
+        if let Some(n) = name.as_str().strip_prefix("ferry-header-") {
+            answer
+                .headers
+                .push((n.to_string(), Bytes::copy_from_slice(value.as_bytes())));
+        }
+    }
+    answer
+}
+
+/// `Retry-After` is either delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// reqwest's top-level message is generic; the cause says what happened.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.dedup();
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_and_as_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,110 @@
+//! The commands. Each returns its exit code: 0 success, 2 usage, 78 configuration, 1 the rest.
+
+mod demo;
+mod dev;
+mod run;
+mod validate;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A Kafka sidecar: consume, call your service, publish its answer, commit what is safe."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        /// The config file.
+        #[arg(
+            short = 'c',
+            long = "config",
+            env = "FERRY_CONFIG",
+            default_value = "ferry.yaml"
+        )]
+        config: PathBuf,
+    },
+    /// Check a config file and print every error with its line and column.
+    Validate {
+        #[arg(
+            short = 'c',
+            long = "config",
+            env = "FERRY_CONFIG",
+            default_value = "ferry.yaml"
+        )]
+        config: PathBuf,
+        /// Treat missing environment variables and secret files as placeholders.
+        #[arg(long)]
+        env_optional: bool,
+    },
+    /// Everything on one machine: an embedded broker, an example service, sample records.
+    Demo {
+        /// How many sample records to send.
+        #[arg(long, default_value_t = 300)]
+        records: u32,
+    },
+    /// Local development tools.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Run an embedded Kafka-protocol broker until interrupted; prints its address.
+    Broker {
+        /// Also accept connections on this loopback port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Topics to create, as NAME or NAME:PARTITIONS.
+        #[arg(long = "topic", value_name = "NAME[:PARTITIONS]")]
+        topics: Vec<String>,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => run::run(&config).await,
+            Command::Validate { config, env_optional } => validate::validate(&config, env_optional),
+            Command::Demo { records } => demo::demo(records).await,
+            Command::Dev {
+                command: DevCommand::Broker { port, topics },
+            } => dev::broker(port, &topics).await,
+        }
+    });
+    // In-flight blocking work (a stuck librdkafka call) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+/// Prints an error chain for a command that failed, and returns exit code 1.
+fn fail(context: &str, e: &anyhow::Error) -> i32 {
+    eprintln!("error: {context}: {e:#}");
+    1
+}

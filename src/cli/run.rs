@@ -1,0 +1,63 @@
+//! `ferry run -c FILE`: the sidecar, until SIGTERM or SIGINT.
+
+use std::path::Path;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{self, EXIT_CONFIG, Interpolator};
+use crate::sidecar::Sidecar;
+use crate::telemetry;
+
+pub async fn run(path: &Path) -> i32 {
+    telemetry::init_logging("info");
+    let config = match config::load(path, &Interpolator::from_env()) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return EXIT_CONFIG;
+        }
+    };
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            return super::fail(
+                "cannot install signal handlers",
+                &anyhow::anyhow!("signal setup failed"),
+            );
+        }
+    };
+    let sidecar = match Sidecar::start(config).await {
+        Ok(s) => s,
+        Err(e) => return super::fail("cannot start", &e.into()),
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "ferry started");
+    let stopper = sidecar.stopper();
+    let mut done = std::pin::pin!(sidecar.wait());
+    tokio::select! {
+        r = &mut done => return report(r),
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("Shutdown requested: draining (a second signal exits at once)");
+    stopper.stop();
+    tokio::select! {
+        r = &mut done => report(r),
+        _ = term.recv() => second_signal(),
+        _ = int.recv() => second_signal(),
+    }
+}
+
+fn report(result: Result<(), crate::sidecar::RunError>) -> i32 {
+    match result {
+        Ok(()) => {
+            tracing::info!("Stopped cleanly");
+            0
+        }
+        Err(e) => super::fail("ferry stopped", &e.into()),
+    }
+}
+
+fn second_signal() -> i32 {
+    tracing::warn!("Second signal: exiting without finishing the drain");
+    std::process::exit(1);
+}

@@ -1,0 +1,203 @@
+//! Checks that span fields, run once the config is typed. Each problem is a path and a message.
+
+use std::collections::HashMap;
+
+use super::types::*;
+
+/// Properties ferry sets itself because its guarantees depend on them.
+const RESERVED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use kafka.brokers"),
+    ("group.id", "use kafka.group_id"),
+    ("enable.auto.commit", "ferry commits only what is final"),
+    ("enable.auto.offset.store", "ferry commits only what is final"),
+    ("auto.offset.reset", "use routes[].from.start"),
+    ("enable.idempotence", "ferry's producer is always idempotent"),
+    ("acks", "ferry always produces with acks=all"),
+    ("isolation.level", "ferry reads committed records only"),
+];
+
+pub fn check(config: &Config) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let mut say = |path: String, message: String| problems.push((path, message));
+
+    if config.kafka.brokers.trim().is_empty() {
+        say(
+            "kafka.brokers".into(),
+            "no brokers given: write host:port[,host:port…]".into(),
+        );
+    }
+    if config.kafka.group_id.trim().is_empty() {
+        say(
+            "kafka.group_id".into(),
+            "the consumer group id must not be empty".into(),
+        );
+    }
+    for key in config.kafka.properties.keys() {
+        if let Some((_, why)) = RESERVED.iter().find(|(k, _)| k == key) {
+            say(
+                format!("kafka.properties.{key}"),
+                format!("`{key}` is set by ferry and cannot be overridden: {why}"),
+            );
+        }
+    }
+    if config.kafka.commit_interval.0.is_zero() {
+        say(
+            "kafka.commit_interval".into(),
+            "must be above zero, e.g. 1s".into(),
+        );
+    }
+    if config.routes.is_empty() {
+        say("routes".into(), "at least one route is needed".into());
+    }
+
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let at = |field: &str| format!("routes[{i}].{field}");
+        let valid_name = !route.name.is_empty()
+            && route
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid_name {
+            say(
+                at("name"),
+                "a route name is made of letters, digits, `-`, `_` and `.`".into(),
+            );
+        }
+        if let Some(first) = names.insert(&route.name, i) {
+            say(
+                at("name"),
+                format!(
+                    "route `{}` is already defined at routes[{first}]; names must be unique",
+                    route.name
+                ),
+            );
+        }
+
+        match (&route.from.pattern, route.from.topics.is_empty()) {
+            (Some(_), false) => say(at("from"), "give either `topics` or `pattern`, not both".into()),
+            (None, true) => say(
+                at("from.topics"),
+                "name at least one topic to read (or give a `pattern`)".into(),
+            ),
+            (Some(p), true) => {
+                if let Err(e) = regex::Regex::new(p) {
+                    say(at("from.pattern"), format!("not a valid regular expression: {e}"));
+                }
+            }
+            (None, false) => {}
+        }
+        for (t, topic) in route.from.topics.iter().enumerate() {
+            if let Some(other) = readers.insert(topic, i) {
+                say(
+                    format!("routes[{i}].from.topics[{t}]"),
+                    format!(
+                        "topic `{topic}` is already read by route `{}`; a topic belongs to one route",
+                        config.routes[other].name
+                    ),
+                );
+            }
+        }
+
+        match &route.call.http {
+            None => say(
+                at("call"),
+                "say how to call the service: `call: { http: { url: … } }`".into(),
+            ),
+            Some(http) => {
+                let probe = crate::call::template::sample(&http.url);
+                match reqwest::Url::parse(&probe) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                    Ok(u) => say(
+                        at("call.http.url"),
+                        format!(
+                            "scheme `{}` is not supported: use http:// or https://",
+                            u.scheme()
+                        ),
+                    ),
+                    Err(e) => say(at("call.http.url"), format!("`{}` is not a URL: {e}", http.url)),
+                }
+                if let Err(e) = crate::call::template::Template::parse(&http.url) {
+                    say(at("call.http.url"), e);
+                }
+                if reqwest::Method::from_bytes(http.method.to_ascii_uppercase().as_bytes()).is_err() {
+                    say(
+                        at("call.http.method"),
+                        format!("`{}` is not an HTTP method", http.method),
+                    );
+                }
+                if http.timeout.0.is_zero() {
+                    say(at("call.http.timeout"), "must be above zero, e.g. 5s".into());
+                }
+                for name in http.headers.keys() {
+                    if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        say(
+                            format!("routes[{i}].call.http.headers.{name}"),
+                            "not a valid HTTP header name".into(),
+                        );
+                    }
+                }
+            }
+        }
+
+        let r = &route.retry;
+        if r.max_attempts == 0 {
+            say(
+                at("retry.max_attempts"),
+                "must be at least 1 (the first attempt counts)".into(),
+            );
+        }
+        if r.backoff.initial > r.backoff.max {
+            say(
+                at("retry.backoff.initial"),
+                format!("is above retry.backoff.max ({})", r.backoff.max),
+            );
+        }
+        if !(r.backoff.multiplier >= 1.0 && r.backoff.multiplier.is_finite()) {
+            say(at("retry.backoff.multiplier"), "must be 1.0 or more".into());
+        }
+
+        let sources = &route.from.topics;
+        if let Some(to) = &route.reply.to {
+            if sources.contains(to) {
+                say(
+                    at("reply.to"),
+                    format!("`{to}` is also this route's source: replies would be consumed again, forever"),
+                );
+            }
+        }
+        for (t, topic) in route.reply.topics.iter().enumerate() {
+            if sources.contains(topic) {
+                say(
+                    format!("routes[{i}].reply.topics[{t}]"),
+                    format!("`{topic}` is also this route's source"),
+                );
+            }
+        }
+        if route.dead_letter.to.trim().is_empty() {
+            say(at("dead_letter.to"), "name the dead-letter topic".into());
+        } else if sources.contains(&route.dead_letter.to) {
+            say(
+                at("dead_letter.to"),
+                "the dead-letter topic cannot be a source of the same route".into(),
+            );
+        }
+        for (n, rule) in route.rules.iter().enumerate() {
+            if rule.when.status.is_none() && rule.when.error.is_none() {
+                say(
+                    format!("routes[{i}].rules[{n}].when"),
+                    "give at least one condition: `status` or `error`".into(),
+                );
+            }
+            if rule.when.status.is_some() && rule.when.error.is_some() {
+                say(
+                    format!("routes[{i}].rules[{n}].when"),
+                    "`status` and `error` never hold together (an error has no status); write two rules"
+                        .into(),
+                );
+            }
+        }
+    }
+    problems
+}

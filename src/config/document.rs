@@ -1,0 +1,355 @@
+//! A YAML document as a JSON value plus the position of every node.
+//!
+//! The loader turns the text into this first, so that every later step (environment interpolation,
+//! typed deserialization, a JSON Schema check) can report an error at the line and column of the
+//! node it concerns, by its path (`routes[0].retry.backoff.initial`).
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Number, Value};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+use super::interpolate::{Interpolator, Missing};
+
+/// A line and column in the config file, both counted from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl From<Marker> for Position {
+    fn from(m: Marker) -> Self {
+        // yaml-rust2 counts lines from 1 and columns from 0.
+        Position {
+            line: m.line(),
+            column: m.col() + 1,
+        }
+    }
+}
+
+/// A problem found while reading the document, before any typing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentError {
+    pub position: Position,
+    pub path: String,
+    pub message: String,
+}
+
+/// The parsed, interpolated document.
+#[derive(Debug)]
+pub struct Document {
+    pub value: Value,
+    /// Position of each node's value, by path. The root is `""`.
+    values: HashMap<String, Position>,
+    /// Position of each mapping key, by the path of the value it introduces.
+    keys: HashMap<String, Position>,
+}
+
+impl Document {
+    /// Parses `text` and interpolates `${…}` references in scalar values. Every error found is
+    /// returned, not just the first.
+    pub fn parse(text: &str, interpolator: &Interpolator) -> Result<Document, Vec<DocumentError>> {
+        let mut builder = Builder::default();
+        let mut parser = Parser::new_from_str(text);
+        if let Err(e) = parser.load(&mut builder, false) {
+            return Err(vec![DocumentError {
+                position: (*e.marker()).into(),
+                path: String::new(),
+                message: format!("this is not valid YAML: {}", e.info()),
+            }]);
+        }
+        let Some(root) = builder.root else {
+            return Err(vec![DocumentError {
+                position: Position { line: 1, column: 1 },
+                path: String::new(),
+                message: "the file is empty; it needs at least `kafka` and `routes`".into(),
+            }]);
+        };
+        let mut doc = Document {
+            value: Value::Null,
+            values: HashMap::new(),
+            keys: HashMap::new(),
+        };
+        let mut errors = builder.errors;
+        doc.value = doc.convert(root, String::new(), interpolator, &mut errors);
+        if errors.is_empty() { Ok(doc) } else { Err(errors) }
+    }
+
+    /// The position of the node at `path`, or of its nearest ancestor that has one.
+    pub fn position(&self, path: &str) -> Position {
+        let mut p = path;
+        loop {
+            if let Some(pos) = self.values.get(p) {
+                return *pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => return self.values.get("").copied().unwrap_or_default(),
+            }
+        }
+    }
+
+    /// The position of the key that introduces `path`, if it is a mapping entry.
+    pub fn key_position(&self, path: &str) -> Option<Position> {
+        self.keys.get(path).copied()
+    }
+
+    fn convert(
+        &mut self,
+        node: Node,
+        path: String,
+        interp: &Interpolator,
+        errors: &mut Vec<DocumentError>,
+    ) -> Value {
+        self.values.insert(path.clone(), node.position);
+        match node.kind {
+            NodeKind::Scalar(text, style) => {
+                let text = match interp.expand(&text) {
+                    Ok(t) => t,
+                    Err(missing) => {
+                        errors.push(DocumentError {
+                            position: node.position,
+                            path: path.clone(),
+                            message: missing_message(&missing),
+                        });
+                        return Value::Null;
+                    }
+                };
+                if style == TScalarStyle::Plain {
+                    resolve_plain(&text)
+                } else {
+                    Value::String(text)
+                }
+            }
+            NodeKind::Sequence(items) => Value::Array(
+                items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, item)| self.convert(item, format!("{path}[{i}]"), interp, errors))
+                    .collect(),
+            ),
+            NodeKind::Mapping(entries) => {
+                let mut map = Map::new();
+                for (key, key_pos, value) in entries {
+                    let child = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    if map.contains_key(&key) {
+                        errors.push(DocumentError {
+                            position: key_pos,
+                            path: child,
+                            message: format!("`{key}` is given twice in the same mapping; keep one"),
+                        });
+                        continue;
+                    }
+                    self.keys.insert(child.clone(), key_pos);
+                    let v = self.convert(value, child, interp, errors);
+                    map.insert(key, v);
+                }
+                Value::Object(map)
+            }
+        }
+    }
+}
+
+fn missing_message(missing: &Missing) -> String {
+    match missing {
+        Missing::Variable(name) => format!(
+            "environment variable {name} is not set and has no default: set it, or write ${{{name}:-default}}"
+        ),
+        Missing::File { path, error } => {
+            format!("cannot read ${{file:{path}}}: {error}")
+        }
+        Missing::Syntax(text) => format!(
+            "`{text}` is not a valid reference: use ${{VAR}}, ${{VAR:-default}} or ${{file:/path}} (write $${{ for a literal ${{)"
+        ),
+    }
+}
+
+/// YAML 1.2 core schema resolution of a plain scalar.
+fn resolve_plain(text: &str) -> Value {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
+        "true" | "True" | "TRUE" => return Value::Bool(true),
+        "false" | "False" | "FALSE" => return Value::Bool(false),
+        _ => {}
+    }
+    if let Ok(i) = text.parse::<i64>() {
+        return Value::Number(i.into());
+    }
+    let looks_numeric = text
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
+    if looks_numeric && text.chars().any(|c| c.is_ascii_digit()) {
+        if let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
+            return Value::Number(n);
+        }
+    }
+    Value::String(text.to_string())
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    position: Position,
+    kind: NodeKind,
+}
+
+#[derive(Debug, Clone)]
+enum NodeKind {
+    Scalar(String, TScalarStyle),
+    Sequence(Vec<Node>),
+    /// Entries keep their order; duplicates are reported during conversion.
+    Mapping(Vec<(String, Position, Node)>),
+}
+
+/// Builds the node tree from parser events, resolving aliases to their anchored node.
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Partial>,
+    anchors: HashMap<usize, Node>,
+    root: Option<Node>,
+    errors: Vec<DocumentError>,
+}
+
+enum Partial {
+    Sequence(Position, usize, Vec<Node>),
+    Mapping(
+        Position,
+        usize,
+        Vec<(String, Position, Node)>,
+        Option<(String, Position)>,
+    ),
+}
+
+impl Builder {
+    fn push(&mut self, node: Node, anchor: usize) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        match self.stack.last_mut() {
+            None => self.root = Some(node),
+            Some(Partial::Sequence(_, _, items)) => items.push(node),
+            Some(Partial::Mapping(_, _, entries, pending_key)) => match pending_key.take() {
+                Some((key, key_pos)) => entries.push((key, key_pos, node)),
+                None => match node.kind {
+                    NodeKind::Scalar(key, _) => *pending_key = Some((key, node.position)),
+                    _ => self.errors.push(DocumentError {
+                        position: node.position,
+                        path: String::new(),
+                        message: "mapping keys must be plain strings".into(),
+                    }),
+                },
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let position = Position::from(mark);
+        match ev {
+            Event::Scalar(text, style, anchor, _tag) => self.push(
+                Node {
+                    position,
+                    kind: NodeKind::Scalar(text, style),
+                },
+                anchor,
+            ),
+            Event::Alias(id) => match self.anchors.get(&id).cloned() {
+                Some(node) => self.push(node, 0),
+                None => self.errors.push(DocumentError {
+                    position,
+                    path: String::new(),
+                    message: "alias refers to an unknown anchor".into(),
+                }),
+            },
+            Event::SequenceStart(anchor, _) => {
+                self.stack.push(Partial::Sequence(position, anchor, Vec::new()))
+            }
+            Event::MappingStart(anchor, _) => {
+                self.stack
+                    .push(Partial::Mapping(position, anchor, Vec::new(), None))
+            }
+            Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
+                Some(Partial::Sequence(pos, anchor, items)) => self.push(
+                    Node {
+                        position: pos,
+                        kind: NodeKind::Sequence(items),
+                    },
+                    anchor,
+                ),
+                Some(Partial::Mapping(pos, anchor, entries, _)) => self.push(
+                    Node {
+                        position: pos,
+                        kind: NodeKind::Mapping(entries),
+                    },
+                    anchor,
+                ),
+                None => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Document {
+        Document::parse(text, &Interpolator::from_pairs(&[("B", "b:1")])).expect("parses")
+    }
+
+    #[test]
+    fn positions_point_at_values_and_keys() {
+        let doc = parse("kafka:\n  brokers: ${B}\nroutes:\n  - name: x\n    port: 8080\n");
+        assert_eq!(doc.value["kafka"]["brokers"], "b:1");
+        assert_eq!(doc.value["routes"][0]["port"], 8080);
+        assert_eq!(doc.position("routes[0].port"), Position { line: 5, column: 11 });
+        assert_eq!(
+            doc.key_position("routes[0].port"),
+            Some(Position { line: 5, column: 5 })
+        );
+        // A path below a scalar falls back to the nearest node that exists.
+        assert_eq!(doc.position("kafka.brokers.x"), Position { line: 2, column: 12 });
+    }
+
+    #[test]
+    fn quoted_scalars_stay_strings() {
+        let doc = parse("a: '5'\nb: 5\nc: \"true\"\nd: 1.5\ne: ~\n");
+        assert_eq!(doc.value["a"], "5");
+        assert_eq!(doc.value["b"], 5);
+        assert_eq!(doc.value["c"], "true");
+        assert_eq!(doc.value["d"], 1.5);
+        assert!(doc.value["e"].is_null());
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        let errors = Document::parse(
+            "a: ${NOPE}\nb: ${ALSO_NOPE}\na: 1\n",
+            &Interpolator::from_pairs(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(errors[0].position, Position { line: 1, column: 4 });
+        assert!(errors[2].message.contains("twice"));
+    }
+
+    #[test]
+    fn aliases_resolve() {
+        let doc = parse("x: &r { a: 1 }\ny: *r\n");
+        assert_eq!(doc.value["y"]["a"], 1);
+    }
+
+    #[test]
+    fn syntax_errors_have_a_position() {
+        let errors = Document::parse("a: [1, 2\n", &Interpolator::from_pairs(&[])).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].position.line >= 1);
+    }
+}

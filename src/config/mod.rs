@@ -1,0 +1,153 @@
+//! YAML → interpolated → typed → checked `Config`.
+//!
+//! Each step collects every error it finds, with the path and the YAML position of the node it
+//! concerns, so `ferry validate` can print them all and exit 78. The steps:
+//!
+//! 1. [`document`]: parse the YAML into a JSON value with a position for every node, expanding
+//!    `${…}` references in values ([`interpolate`]);
+//! 2. deserialize the typed [`Config`] (unknown keys, types, durations);
+//! 3. [`check`]: the rules that span fields (unique route names, one route per topic, …).
+
+mod check;
+mod document;
+mod interpolate;
+mod types;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use document::{Document, Position};
+pub use interpolate::Interpolator;
+pub use types::*;
+
+/// The exit code for a configuration error (EX_CONFIG).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub position: Option<Position>,
+    /// The key path, such as `routes[0].retry.backoff.initial`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(p) = self.position {
+            write!(f, ":{}:{}", p.line, p.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every error found in a config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, interpolates, types and checks the config at `path`.
+pub fn load(path: &Path, interpolator: &Interpolator) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            position: None,
+            path: String::new(),
+            message: format!("cannot read the config file: {e} (give another with -c FILE or FERRY_CONFIG)"),
+        }])
+    })?;
+    parse(&text, path, interpolator)
+}
+
+/// As [`load`], for text already in memory; `file` names it in errors.
+pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Config, ConfigErrors> {
+    let at = |position: Option<Position>, path: String, message: String| ConfigError {
+        file: file.to_path_buf(),
+        position,
+        path,
+        message,
+    };
+    let doc = Document::parse(text, interpolator).map_err(|errors| {
+        ConfigErrors(
+            errors
+                .into_iter()
+                .map(|e| at(Some(e.position), e.path, e.message))
+                .collect(),
+        )
+    })?;
+    let config: Config = serde_path_to_error::deserialize(&doc.value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let message = e.inner().to_string();
+        // serde names an unknown key only in its message; point at the key itself.
+        let (path, position) = match unknown_field(&message) {
+            Some(key) => {
+                let child = if path.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{path}.{key}")
+                };
+                let pos = doc.key_position(&child).unwrap_or_else(|| doc.position(&path));
+                (child, pos)
+            }
+            None => {
+                let pos = doc.position(&path);
+                (path, pos)
+            }
+        };
+        ConfigErrors(vec![at(Some(position), path, tidy(&message))])
+    })?;
+    let problems = check::check(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(
+            problems
+                .into_iter()
+                .map(|(path, message)| {
+                    let position = doc.position(&path);
+                    at(Some(position), path, message)
+                })
+                .collect(),
+        ))
+    }
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// serde's messages, in the words of this file format.
+fn tidy(message: &str) -> String {
+    if let Some(key) = unknown_field(message) {
+        let expected = message
+            .split_once(", expected ")
+            .map(|(_, e)| format!("; expected {e}"))
+            .unwrap_or_default();
+        return format!("unknown key `{key}`{expected}");
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let key = rest.split('`').next().unwrap_or(rest);
+        return format!("`{key}` is required here");
+    }
+    message
+        .replace("invalid type: map", "expected something else than a mapping")
+        .replace("unknown variant", "unknown value")
+}

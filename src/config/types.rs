@@ -1,0 +1,517 @@
+//! The typed configuration, as SPEC §2 describes it. Field defaults live here, next to the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, de};
+
+/// The whole `ferry.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: Kafka,
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub delivery: Delivery,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kafka {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    pub group_id: String,
+    /// Any librdkafka property, passed to the consumer and the producer.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+    /// How often the contiguous watermark of each partition is committed.
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: Dur,
+}
+
+fn default_commit_interval() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+
+/// A librdkafka property value; YAML numbers and booleans are accepted and passed as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PropertyValue(pub String);
+
+impl<'de> Deserialize<'de> for PropertyValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => Ok(PropertyValue(s)),
+            serde_json::Value::Number(n) => Ok(PropertyValue(n.to_string())),
+            serde_json::Value::Bool(b) => Ok(PropertyValue(b.to_string())),
+            _ => Err(de::Error::custom(
+                "a librdkafka property takes a string, number or boolean",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    #[default]
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Unique; used in logs, metrics, dead-letter headers and `ferry redrive --route`.
+    pub name: String,
+    pub from: From,
+    pub call: Call,
+    #[serde(default)]
+    pub retry: Retry,
+    #[serde(default)]
+    pub reply: Reply,
+    pub dead_letter: DeadLetter,
+    /// First match wins; consulted after an explicit `ferry-action` and before the defaults.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// A regular expression over topic names (librdkafka's `^…` subscription).
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub start: Start,
+}
+
+/// Where a consumer group with no committed offset starts reading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    #[default]
+    Earliest,
+    Latest,
+    /// Milliseconds since the epoch.
+    Timestamp(i64),
+}
+
+impl<'de> Deserialize<'de> for Start {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "earliest" => Ok(Start::Earliest),
+            "latest" => Ok(Start::Latest),
+            other => parse_rfc3339_ms(other).map(Start::Timestamp).ok_or_else(|| {
+                de::Error::custom(format!(
+                    "`{other}` is not a start position: use earliest, latest or an RFC 3339 time like 2026-01-31T12:00:00Z"
+                ))
+            }),
+        }
+    }
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` into epoch milliseconds.
+fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let (date, time) = s.split_once(['T', 't'])?;
+    let mut d = date.splitn(3, '-');
+    let (y, mo, da): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    let (clock, offset_s) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
+        (c, 0)
+    } else {
+        let i = time.rfind(['+', '-'])?;
+        let (c, off) = time.split_at(i);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':')?;
+        (
+            c,
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+        )
+    };
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut t = hms.splitn(3, ':');
+    let (h, mi, se): (i64, i64, i64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let ms: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_s) * 1000 + ms)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Call {
+    pub http: Option<HttpCall>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCall {
+    /// May hold `{topic}`, `{partition}`, `{offset}`, `{key}` and `{header.NAME}`.
+    pub url: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default = "default_call_timeout")]
+    pub timeout: Dur,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+fn default_call_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Attempts in total, the first one included.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// How long after its first attempt a failing record may still be retried.
+    #[serde(default = "default_max_record_age")]
+    pub max_record_age: Dur,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: default_max_attempts(),
+            backoff: Backoff::default(),
+            max_record_age: default_max_record_age(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+
+fn default_max_record_age() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default = "default_initial")]
+    pub initial: Dur,
+    #[serde(default = "default_backoff_max")]
+    pub max: Dur,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    #[serde(default)]
+    pub jitter: Jitter,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: default_initial(),
+            max: default_backoff_max(),
+            multiplier: default_multiplier(),
+            jitter: Jitter::default(),
+        }
+    }
+}
+
+fn default_initial() -> Dur {
+    Dur(Duration::from_millis(200))
+}
+
+fn default_backoff_max() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Jitter {
+    /// A uniformly random delay between zero and the computed backoff.
+    #[default]
+    Full,
+    /// Half the backoff plus a random part of the other half.
+    Equal,
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reply {
+    /// Omitted: reply bodies are discarded and the record is `done`.
+    pub to: Option<String>,
+    /// Topics the service may choose with `ferry-reply-topic`.
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetter {
+    pub to: String,
+    #[serde(default = "yes")]
+    pub include_payload: bool,
+    /// Record headers (case-insensitive) not copied onto dead letters.
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub when: When,
+    pub then: Action,
+}
+
+/// Every condition given must hold.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    pub status: Option<StatusMatch>,
+    pub error: Option<ErrorKind>,
+}
+
+/// `409` or a class such as `"4xx"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMatch {
+    Exact(u16),
+    Class(u16),
+}
+
+impl StatusMatch {
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusMatch::Exact(s) => s == status,
+            StatusMatch::Class(c) => status / 100 == c,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bad = |s: &str| {
+            de::Error::custom(format!(
+                "`{s}` is not a status: use a code from 100 to 599 such as 409, or a class such as \"4xx\""
+            ))
+        };
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(c @ 100..=599) => Ok(StatusMatch::Exact(c as u16)),
+                _ => Err(bad(&n.to_string())),
+            },
+            serde_json::Value::String(s) => {
+                let b = s.as_bytes();
+                if b.len() == 3 && (b'1'..=b'5').contains(&b[0]) && s[1..].eq_ignore_ascii_case("xx") {
+                    Ok(StatusMatch::Class(u16::from(b[0] - b'0')))
+                } else if let Ok(c @ 100..=599) = s.parse::<u16>() {
+                    Ok(StatusMatch::Exact(c))
+                } else {
+                    Err(bad(&s))
+                }
+            }
+            other => Err(bad(&other.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Timeout,
+    Connect,
+}
+
+/// What a rule or the service asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Reply,
+    Retry,
+    DeadLetter,
+    Drop,
+}
+
+impl Action {
+    /// The spellings of the `ferry-action` response header.
+    pub fn from_header(value: &str) -> Option<Action> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "reply" => Some(Action::Reply),
+            "retry" => Some(Action::Retry),
+            "dead-letter" | "dead_letter" => Some(Action::DeadLetter),
+            "drop" => Some(Action::Drop),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Where `/healthz` and `/readyz` are served; `null` turns the listener off.
+    #[serde(default = "default_admin_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([0, 0, 0, 0], 9464)))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shutdown {
+    /// How long in-flight records may take to finish on SIGTERM or on a revoke.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(25))
+}
+
+/// A duration written as `250ms`, `5s`, `10m`, `1h` (or a combination such as `1m30s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn parse(s: &str) -> Option<Duration> {
+        let s = s.trim();
+        if s.is_empty() {
+            return None;
+        }
+        let mut total = Duration::ZERO;
+        let mut rest = s;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            if digits == 0 {
+                return None;
+            }
+            let n: f64 = rest[..digits].parse().ok()?;
+            rest = &rest[digits..];
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let scale = match &rest[..unit_len] {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return None,
+            };
+            rest = &rest[unit_len..];
+            total += Duration::try_from_secs_f64(n * scale).ok()?;
+        }
+        Some(total)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let text = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Dur::parse(&text).map(Dur).ok_or_else(|| {
+            de::Error::custom(format!(
+                "`{text}` is not a duration: write a number with a unit, such as 250ms, 5s, 10m or 1h"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("250ms", 250),
+            ("5s", 5000),
+            ("10m", 600_000),
+            ("1h", 3_600_000),
+            ("1m30s", 90_000),
+            ("1.5s", 1500),
+        ];
+        for (s, ms) in ok {
+            assert_eq!(Dur::parse(s), Some(Duration::from_millis(ms)), "{s}");
+        }
+        for bad in ["", "5", "5 s", "s", "5d", "-1s"] {
+            assert_eq!(Dur::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-31T12:00:00.5+01:00"),
+            Some(1_769_857_200_500)
+        );
+        assert_eq!(parse_rfc3339_ms("2026-13-01T00:00:00Z"), None);
+    }
+
+    #[test]
+    fn status_match() {
+        let m: StatusMatch = serde_json::from_str("\"4xx\"").unwrap();
+        assert!(m.matches(404) && !m.matches(500));
+        let m: StatusMatch = serde_json::from_str("409").unwrap();
+        assert!(m.matches(409) && !m.matches(408));
+        assert!(serde_json::from_str::<StatusMatch>("\"6xx\"").is_err());
+        assert!(serde_json::from_str::<StatusMatch>("42").is_err());
+    }
+}

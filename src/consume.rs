@@ -1,0 +1,460 @@
+//! The consumer group: subscription, assignment, pause/resume, revoke → drain → commit.
+//!
+//! Runs on its own OS thread so that the poll loop never waits on the async world, except for a
+//! bounded drain while a revoke or shutdown is in progress. Feeds the dispatch lanes with
+//! records and the offset tracker with what was taken; commits what the tracker says is final.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use regex::Regex;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Health;
+use crate::config::{Route, Start};
+use crate::dispatch::Lanes;
+use crate::offsets::{Tp, Tracker};
+use crate::record::Record;
+use crate::telemetry::RouteStats;
+
+/// A partition is paused when this many records lie between its watermark and the newest taken,
+/// and resumed when half of them are gone.
+pub const MAX_WINDOW: usize = 256;
+
+/// Which route reads which topic.
+pub struct RouteTable {
+    exact: HashMap<String, usize>,
+    patterns: Vec<(Regex, usize)>,
+    starts: Vec<Start>,
+}
+
+impl RouteTable {
+    pub fn new(routes: &[Route]) -> Result<Self, regex::Error> {
+        let mut exact = HashMap::new();
+        let mut patterns = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            for t in &r.from.topics {
+                exact.insert(t.clone(), i);
+            }
+            if let Some(p) = &r.from.pattern {
+                patterns.push((Regex::new(p)?, i));
+            }
+        }
+        Ok(RouteTable {
+            exact,
+            patterns,
+            starts: routes.iter().map(|r| r.from.start.clone()).collect(),
+        })
+    }
+
+    pub fn route_for(&self, topic: &str) -> Option<usize> {
+        self.exact.get(topic).copied().or_else(|| {
+            self.patterns
+                .iter()
+                .find(|(re, _)| re.is_match(topic))
+                .map(|(_, i)| *i)
+        })
+    }
+
+    /// The subscription: exact topics, and patterns in librdkafka's `^regex` form.
+    pub fn subscription(routes: &[Route]) -> Vec<String> {
+        let mut subs = Vec::new();
+        for r in routes {
+            subs.extend(r.from.topics.iter().cloned());
+            if let Some(p) = &r.from.pattern {
+                subs.push(if p.starts_with('^') {
+                    p.clone()
+                } else {
+                    format!("^.*{p}")
+                });
+            }
+        }
+        subs
+    }
+}
+
+/// The consumer's callbacks: logging, rebalances and commit results.
+pub struct Context {
+    tracker: Arc<Tracker>,
+    routes: Arc<RouteTable>,
+    stats: Arc<Vec<Arc<RouteStats>>>,
+    lanes: Mutex<Lanes>,
+    paused: Mutex<HashSet<Tp>>,
+    drain_timeout: Duration,
+    /// What librdkafka falls back to when a partition has no committed offset.
+    default_start: Start,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_rdkafka(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "Kafka client error");
+    }
+}
+
+/// librdkafka's log lines, as tracing events.
+pub fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+        Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+impl ConsumerContext for Context {
+    fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(c.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let tps = tps_of(tpl);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.choose_start_offsets(c, tpl);
+                self.tracker.assign(&tps);
+                tracing::info!(partitions = %describe(&tps), "Partitions assigned");
+                if cooperative {
+                    c.incremental_assign(tpl)
+                } else {
+                    c.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = %describe(&tps), lost = c.assignment_lost(), "Partitions revoked, draining");
+                self.drain(c, &tps, !c.assignment_lost());
+                if cooperative {
+                    c.incremental_unassign(tpl)
+                } else {
+                    c.unassign()
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "Rebalance failed; dropping the assignment");
+                self.drain(c, &self.tracker.assigned(), false);
+                c.unassign()
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "Cannot apply the new assignment");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let list = offsets_of(offsets);
+        match result {
+            Ok(()) => self.tracker.committed(&list),
+            Err(e) => {
+                tracing::warn!(error = %e, "Commit failed; it will be repeated");
+                self.tracker.commit_failed(&list);
+            }
+        }
+    }
+}
+
+impl Context {
+    /// Stops dispatching `tps`, waits (up to the drain timeout) for their in-flight records,
+    /// commits what is final and forgets them; late results are then discarded.
+    fn drain(&self, c: &BaseConsumer<Self>, tps: &[Tp], commit_final: bool) {
+        self.tracker.revoke(tps);
+        lock(&self.lanes).close(tps);
+        {
+            let mut paused = lock(&self.paused);
+            for tp in tps {
+                paused.remove(tp);
+            }
+        }
+        if !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
+            tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
+        }
+        let (offsets, live) = self.tracker.release(tps);
+        if live > 0 {
+            self.count_abandoned(tps, live);
+        }
+        if commit_final {
+            commit(c, &offsets, CommitMode::Sync);
+        }
+    }
+
+    fn count_abandoned(&self, tps: &[Tp], live: usize) {
+        // Attributed to the first revoked partition's route: the totals are what reconcile.
+        if let Some(route) = tps.first().and_then(|(t, _)| self.routes.route_for(t)) {
+            self.stats[route]
+                .abandoned
+                .fetch_add(live as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// For partitions with no committed offset, starts where their route's `from.start` says,
+    /// when that differs from librdkafka's fallback.
+    fn choose_start_offsets(&self, c: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let mut query = TopicPartitionList::new();
+        for e in tpl.elements() {
+            if let Some(route) = self.routes.route_for(e.topic()) {
+                if self.routes.starts[route] != self.default_start {
+                    query.add_partition(e.topic(), e.partition());
+                }
+            }
+        }
+        if query.count() == 0 {
+            return;
+        }
+        let committed = match c.committed_offsets(query, Timeout::After(Duration::from_secs(10))) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read committed offsets; partitions without one start at the default");
+                return;
+            }
+        };
+        let mut by_time = TopicPartitionList::new();
+        for e in committed.elements() {
+            if e.offset() != Offset::Invalid {
+                continue;
+            }
+            let Some(route) = self.routes.route_for(e.topic()) else {
+                continue;
+            };
+            let start = match &self.routes.starts[route] {
+                Start::Earliest => Offset::Beginning,
+                Start::Latest => Offset::End,
+                Start::Timestamp(ms) => {
+                    let _ = by_time.add_partition_offset(e.topic(), e.partition(), Offset::Offset(*ms));
+                    continue;
+                }
+            };
+            let _ = tpl.set_partition_offset(e.topic(), e.partition(), start);
+        }
+        if by_time.count() > 0 {
+            match c.offsets_for_times(by_time, Timeout::After(Duration::from_secs(10))) {
+                Ok(found) => {
+                    for e in found.elements() {
+                        let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Cannot look up start offsets by time"),
+            }
+        }
+    }
+}
+
+/// The one seam through which offsets reach the broker.
+fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)], mode: CommitMode) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in offsets {
+        let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+    }
+    match c.commit(&tpl, mode) {
+        Ok(()) if matches!(mode, CommitMode::Sync) => c.context().tracker.committed(offsets),
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "Commit failed; it will be repeated");
+            c.context().tracker.commit_failed(offsets);
+        }
+    }
+}
+
+fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
+        .collect()
+}
+
+fn offsets_of(tpl: &TopicPartitionList) -> Vec<(Tp, i64)> {
+    tpl.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(((Arc::<str>::from(e.topic()), e.partition()), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn describe(tps: &[Tp]) -> String {
+    let mut v: Vec<String> = tps.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+    v.sort();
+    v.join(",")
+}
+
+/// What the consumer thread needs.
+pub struct ConsumerSetup {
+    pub client: ClientConfig,
+    pub routes: Vec<Route>,
+    pub tracker: Arc<Tracker>,
+    pub lanes: Lanes,
+    pub stats: Arc<Vec<Arc<RouteStats>>>,
+    pub health: Arc<Health>,
+    pub drain_timeout: Duration,
+    pub commit_interval: Duration,
+    /// Cancelled on SIGTERM: stop fetching, drain, commit, leave the group.
+    pub shutdown: CancellationToken,
+}
+
+/// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
+pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
+    let routes =
+        Arc::new(RouteTable::new(&setup.routes).map_err(|e| KafkaError::Subscription(e.to_string()))?);
+    let all_latest = setup.routes.iter().all(|r| r.from.start == Start::Latest);
+    let default_start = if all_latest {
+        Start::Latest
+    } else {
+        Start::Earliest
+    };
+    let mut client = setup.client;
+    client
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            if all_latest { "latest" } else { "earliest" },
+        )
+        .set("isolation.level", "read_committed");
+    if client.get("queued.max.messages.kbytes").is_none() {
+        // librdkafka's default prefetch is 64 MiB; ferry's own window bounds the rest.
+        client.set("queued.max.messages.kbytes", "8192");
+    }
+    let context = Context {
+        tracker: setup.tracker.clone(),
+        routes: routes.clone(),
+        stats: setup.stats.clone(),
+        lanes: Mutex::new(setup.lanes),
+        paused: Mutex::new(HashSet::new()),
+        drain_timeout: setup.drain_timeout,
+        default_start,
+    };
+    let consumer: BaseConsumer<Context> = client.create_with_context(context)?;
+    let subscription = RouteTable::subscription(&setup.routes);
+    let subs: Vec<&str> = subscription.iter().map(String::as_str).collect();
+    consumer.subscribe(&subs)?;
+    setup.health.set_subscribed(true);
+    tracing::info!(topics = %subscription.join(","), "Subscribed");
+
+    let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
+    let mut last_commit = Instant::now();
+    while !setup.shutdown.is_cancelled() {
+        setup.health.beat();
+        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+            match result {
+                Ok(msg) => take(&consumer, &msg, &routes, &mut topics, &setup.stats),
+                // librdkafka recovers from these by itself; they are worth a line, not a stop.
+                Err(e) => tracing::warn!(error = %e, "Consumer error"),
+            }
+        }
+        resume_drained(&consumer);
+        if last_commit.elapsed() >= setup.commit_interval {
+            commit(&consumer, &setup.tracker.take_commits(), CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+
+    // Shutdown: stop fetching, let in-flight records finish, commit, leave.
+    tracing::info!(
+        in_flight = setup.tracker.live(),
+        "Stopping: draining in-flight records"
+    );
+    let assigned = setup.tracker.assigned();
+    if let Ok(a) = consumer.assignment() {
+        let _ = consumer.pause(&a);
+    }
+    setup.tracker.revoke(&assigned);
+    lock(&consumer.context().lanes).close_all();
+    let deadline = Instant::now() + setup.drain_timeout;
+    while setup.tracker.live() > 0 && Instant::now() < deadline {
+        setup.health.beat();
+        // Keep serving the group protocol while waiting; records fetched now are not taken.
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
+    let (offsets, live) = setup.tracker.release(&assigned);
+    if live > 0 {
+        tracing::warn!(
+            live,
+            "Drain timed out; unfinished records will be handled again after restart"
+        );
+        consumer.context().count_abandoned(&assigned, live);
+    }
+    commit(&consumer, &offsets, CommitMode::Sync);
+    consumer.unsubscribe();
+    tracing::info!("Left the consumer group");
+    Ok(())
+}
+
+fn take(
+    consumer: &BaseConsumer<Context>,
+    msg: &BorrowedMessage<'_>,
+    routes: &RouteTable,
+    topics: &mut HashMap<String, (Arc<str>, usize)>,
+    stats: &[Arc<RouteStats>],
+) {
+    let (topic, route) = match topics.get(msg.topic()) {
+        Some(entry) => entry.clone(),
+        None => {
+            let Some(route) = routes.route_for(msg.topic()) else {
+                tracing::warn!(topic = msg.topic(), "Record from a topic no route reads; skipped");
+                return;
+            };
+            let entry = (Arc::<str>::from(msg.topic()), route);
+            topics.insert(msg.topic().to_string(), entry.clone());
+            entry
+        }
+    };
+    let ctx = consumer.context();
+    let tp: Tp = (topic.clone(), msg.partition());
+    // `None`: the partition is being revoked or this offset was seen; not ours to handle.
+    let Some(lease) = ctx.tracker.track(&tp, msg.offset()) else {
+        return;
+    };
+    stats[route]
+        .received
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    lock(&ctx.lanes).dispatch(Record::from_message(msg, topic, route, lease));
+    if ctx.tracker.window_len(&tp) >= MAX_WINDOW && lock(&ctx.paused).insert(tp.clone()) {
+        set_paused(consumer, &tp, true);
+    }
+}
+
+fn resume_drained(consumer: &BaseConsumer<Context>) {
+    let ctx = consumer.context();
+    let ready: Vec<Tp> = lock(&ctx.paused)
+        .iter()
+        .filter(|tp| ctx.tracker.window_len(tp) <= MAX_WINDOW / 2)
+        .cloned()
+        .collect();
+    for tp in ready {
+        lock(&ctx.paused).remove(&tp);
+        set_paused(consumer, &tp, false);
+    }
+}
+
+fn set_paused(consumer: &BaseConsumer<Context>, tp: &Tp, paused: bool) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    let result = if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    match result {
+        Ok(()) => {
+            consumer.context().tracker.set_paused(tp, paused);
+            tracing::debug!(topic = %tp.0, partition = tp.1, paused, "In-flight bound");
+        }
+        Err(e) => tracing::warn!(error = %e, "Cannot pause or resume a partition"),
+    }
+}

@@ -1,0 +1,51 @@
+//! ferry: a Kafka sidecar. It consumes topics, calls the co-located service for each record,
+//! turns the answer into an outcome, and commits a record's offset only once that outcome is
+//! safely in Kafka.
+//!
+//! ```text
+//!            ┌────────────┐  records  ┌──────────┐ lane order ┌─────────┐  answer  ┌─────────┐
+//!  Kafka ───▶│  consume   │──────────▶│ dispatch │───────────▶│  route  │◀────────▶│  call   │◀─▶ service
+//!            │ (own thread)│          └──────────┘            │ handler │          └─────────┘
+//!            └─────┬──────┘                                   └────┬────┘
+//!                  │ commit the                      outcome::decide│ retry::next
+//!                  │ contiguous watermark                           ▼
+//!            ┌─────┴──────┐        finish / abandon          ┌─────────┐  acks=all
+//!            │  offsets   │◀─────────────────────────────────│ produce │──────────▶ Kafka
+//!            └────────────┘                                  └─────────┘  (reply, dead letter)
+//! ```
+//!
+//! # Layout
+//!
+//! Modules in the order a record meets them:
+//!
+//! - [`config`]: YAML → interpolated → typed → checked [`config::Config`];
+//! - [`consume`]: the consumer group, pause/resume, revoke → drain → commit;
+//! - [`record`]: the owned record that travels;
+//! - [`dispatch`]: lanes (one per partition) that keep order;
+//! - [`route`]: one record's way through its route;
+//! - [`call`]: the service, over HTTP;
+//! - [`outcome`]: answer → decision (pure), and the outcome and reason vocabulary;
+//! - [`retry`]: when to try again;
+//! - [`produce`]: reply and dead-letter records, acknowledged by the broker;
+//! - [`offsets`]: per-partition completion; the only place that decides a commit;
+//! - [`admin`]: `/healthz` and `/readyz`;
+//! - [`telemetry`]: metric names, counters and logs;
+//! - [`sidecar`]: all of the above assembled;
+//! - [`embedded`]: the embedded broker for local work and tests;
+//! - [`cli`]: the commands.
+
+pub mod config;
+pub mod consume;
+pub mod record;
+pub mod dispatch;
+pub mod route;
+pub mod call;
+pub mod outcome;
+pub mod retry;
+pub mod produce;
+pub mod offsets;
+pub mod admin;
+pub mod telemetry;
+pub mod sidecar;
+pub mod embedded;
+pub mod cli;

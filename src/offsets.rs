@@ -1,0 +1,474 @@
+//! Per-partition completion tracking: the only place that decides what may be committed.
+//!
+//! Fed by the consumer (`track` as records are taken, `assign`/`revoke`/`release` as the group
+//! rebalances) and by the route handlers (`finish` once an outcome is safely in Kafka, `abandon`
+//! when a record is given up because its partition is going away). It feeds the committer with
+//! the contiguous watermark of each partition: the offset below which every record is final.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+/// A topic and partition.
+pub type Tp = (Arc<str>, i32);
+
+/// The state of one taken record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Queued or being handled.
+    Live,
+    /// Its outcome is in Kafka (or it was dropped): committable once everything below is.
+    Final,
+    /// Given up because the partition is being revoked or ferry is stopping; never committed
+    /// past, so the next owner handles it again.
+    Abandoned,
+}
+
+/// The records of one partition between its committable offset and the newest taken.
+///
+/// Offsets arrive in increasing order (with gaps: compaction, transaction markers), complete in
+/// any order, and the watermark moves only over a prefix of finished records.
+#[derive(Debug, Default)]
+pub struct Window {
+    slots: VecDeque<(i64, Slot)>,
+    committable: Option<i64>,
+    live: usize,
+}
+
+impl Window {
+    /// Records that `offset` was taken. Offsets at or below the newest taken are ignored (a
+    /// repeat delivery after a seek), and `false` is returned.
+    pub fn push(&mut self, offset: i64) -> bool {
+        if let Some(&(last, _)) = self.slots.back() {
+            if offset <= last {
+                return false;
+            }
+        } else if let Some(c) = self.committable {
+            if offset < c {
+                return false;
+            }
+        }
+        self.slots.push_back((offset, Slot::Live));
+        self.live += 1;
+        true
+    }
+
+    /// Marks `offset` final. Returns `false` if it was not live (unknown, already final or abandoned).
+    pub fn finish(&mut self, offset: i64) -> bool {
+        if !self.set(offset, Slot::Final) {
+            return false;
+        }
+        while let Some(&(o, Slot::Final)) = self.slots.front() {
+            self.committable = Some(o + 1);
+            self.slots.pop_front();
+        }
+        true
+    }
+
+    /// Marks `offset` abandoned: no longer in flight, never committed past.
+    pub fn abandon(&mut self, offset: i64) -> bool {
+        self.set(offset, Slot::Abandoned)
+    }
+
+    fn set(&mut self, offset: i64, to: Slot) -> bool {
+        let Ok(i) = self.slots.binary_search_by_key(&offset, |&(o, _)| o) else {
+            return false;
+        };
+        if self.slots[i].1 != Slot::Live {
+            return false;
+        }
+        self.slots[i].1 = to;
+        self.live -= 1;
+        true
+    }
+
+    /// The offset to commit: one past the last record of the finished prefix.
+    pub fn committable(&self) -> Option<i64> {
+        self.committable
+    }
+
+    /// Records taken and not yet final (queued, being handled).
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Every record between the watermark and the newest taken, finished ones included: what
+    /// the in-flight bounds count.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// A record's tie to one assignment of its partition.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub tp: Tp,
+    generation: u64,
+    /// Cancelled when the partition is revoked or ferry stops: handlers stop retrying and
+    /// queued records are abandoned.
+    pub cancel: CancellationToken,
+}
+
+impl Lease {
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+struct Partition {
+    generation: u64,
+    cancel: CancellationToken,
+    window: Window,
+    /// The last offset handed to the committer.
+    requested: Option<i64>,
+    /// The last offset the broker confirmed as committed.
+    committed: Option<i64>,
+    paused: bool,
+}
+
+#[derive(Default)]
+struct State {
+    partitions: HashMap<Tp, Partition>,
+    next_generation: u64,
+}
+
+/// What the status of a partition looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStatus {
+    pub tp: Tp,
+    pub committed: Option<i64>,
+    pub committable: Option<i64>,
+    pub in_flight: usize,
+    pub window: usize,
+    pub paused: bool,
+}
+
+/// The shared tracker of every assigned partition.
+pub struct Tracker {
+    state: Mutex<State>,
+    /// Signalled whenever a record stops being live, for drains to wait on.
+    quiet: Condvar,
+    /// Parent of every lease's token: cancelled on shutdown.
+    stopping: CancellationToken,
+}
+
+impl Tracker {
+    pub fn new(stopping: CancellationToken) -> Arc<Self> {
+        Arc::new(Tracker {
+            state: Mutex::new(State::default()),
+            quiet: Condvar::new(),
+            stopping,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock is a bug elsewhere; the data is still consistent
+        // because every update is a single step.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts tracking newly assigned partitions, each with a fresh generation.
+    pub fn assign(&self, tps: &[Tp]) {
+        let mut s = self.lock();
+        for tp in tps {
+            s.next_generation += 1;
+            let generation = s.next_generation;
+            if let Some(old) = s.partitions.get(tp) {
+                old.cancel.cancel();
+            }
+            s.partitions.insert(
+                tp.clone(),
+                Partition {
+                    generation,
+                    cancel: self.stopping.child_token(),
+                    window: Window::default(),
+                    requested: None,
+                    committed: None,
+                    paused: false,
+                },
+            );
+        }
+    }
+
+    /// Records that `offset` was taken; `None` when the partition is not assigned or the
+    /// offset was seen already.
+    pub fn track(&self, tp: &Tp, offset: i64) -> Option<Lease> {
+        let mut s = self.lock();
+        let p = s.partitions.get_mut(tp)?;
+        if p.cancel.is_cancelled() || !p.window.push(offset) {
+            return None;
+        }
+        Some(Lease {
+            tp: tp.clone(),
+            generation: p.generation,
+            cancel: p.cancel.clone(),
+        })
+    }
+
+    /// Marks a record final. `false` means its partition was released meanwhile and the result
+    /// must be forgotten (the next owner repeats the record).
+    pub fn finish(&self, lease: &Lease, offset: i64) -> bool {
+        self.update(lease, |w| w.finish(offset))
+    }
+
+    /// Gives a record up without an outcome (its partition is going away).
+    pub fn abandon(&self, lease: &Lease, offset: i64) -> bool {
+        self.update(lease, |w| w.abandon(offset))
+    }
+
+    fn update(&self, lease: &Lease, f: impl FnOnce(&mut Window) -> bool) -> bool {
+        let mut s = self.lock();
+        let done = match s.partitions.get_mut(&lease.tp) {
+            Some(p) if p.generation == lease.generation => f(&mut p.window),
+            _ => false,
+        };
+        drop(s);
+        if done {
+            self.quiet.notify_all();
+        }
+        done
+    }
+
+    /// Stops work on these partitions: queued records will be abandoned and retries given up.
+    pub fn revoke(&self, tps: &[Tp]) {
+        let s = self.lock();
+        for tp in tps {
+            if let Some(p) = s.partitions.get(tp) {
+                p.cancel.cancel();
+            }
+        }
+    }
+
+    /// Waits until no record of these partitions is live, or until `deadline`. Returns whether
+    /// they went quiet.
+    pub fn wait_quiet(&self, tps: &[Tp], deadline: Instant) -> bool {
+        let mut s = self.lock();
+        loop {
+            let live: usize = tps
+                .iter()
+                .filter_map(|tp| s.partitions.get(tp))
+                .map(|p| p.window.live())
+                .sum();
+            if live == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .quiet
+                .wait_timeout(s, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Forgets these partitions. Returns the offsets still to commit for them and how many
+    /// records were live (their results will be discarded).
+    pub fn release(&self, tps: &[Tp]) -> (Vec<(Tp, i64)>, usize) {
+        let mut s = self.lock();
+        let mut commits = Vec::new();
+        let mut live = 0;
+        for tp in tps {
+            if let Some(p) = s.partitions.remove(tp) {
+                p.cancel.cancel();
+                live += p.window.live();
+                if let Some(c) = p.window.committable() {
+                    if p.committed != Some(c) {
+                        commits.push((tp.clone(), c));
+                    }
+                }
+            }
+        }
+        (commits, live)
+    }
+
+    /// Offsets that advanced since they were last handed out, for the periodic commit.
+    pub fn take_commits(&self) -> Vec<(Tp, i64)> {
+        let mut s = self.lock();
+        let mut out = Vec::new();
+        for (tp, p) in s.partitions.iter_mut() {
+            if let Some(c) = p.window.committable() {
+                if p.requested != Some(c) {
+                    p.requested = Some(c);
+                    out.push((tp.clone(), c));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every committable offset, whether handed out before or not (for the final commit).
+    pub fn all_commits(&self) -> Vec<(Tp, i64)> {
+        let s = self.lock();
+        s.partitions
+            .iter()
+            .filter_map(|(tp, p)| p.window.committable().map(|c| (tp.clone(), c)))
+            .collect()
+    }
+
+    /// Notes offsets the broker confirmed.
+    pub fn committed(&self, offsets: &[(Tp, i64)]) {
+        let mut s = self.lock();
+        for (tp, o) in offsets {
+            if let Some(p) = s.partitions.get_mut(tp) {
+                p.committed = Some(p.committed.map_or(*o, |c| c.max(*o)));
+            }
+        }
+    }
+
+    /// Forgets that these offsets were handed out, so the next periodic commit repeats them.
+    pub fn commit_failed(&self, offsets: &[(Tp, i64)]) {
+        let mut s = self.lock();
+        for (tp, o) in offsets {
+            if let Some(p) = s.partitions.get_mut(tp) {
+                if p.requested == Some(*o) {
+                    p.requested = None;
+                }
+            }
+        }
+    }
+
+    /// Records between the watermark and the newest taken for `tp`.
+    pub fn window_len(&self, tp: &Tp) -> usize {
+        self.lock().partitions.get(tp).map_or(0, |p| p.window.len())
+    }
+
+    pub fn set_paused(&self, tp: &Tp, paused: bool) {
+        if let Some(p) = self.lock().partitions.get_mut(tp) {
+            p.paused = paused;
+        }
+    }
+
+    /// Live records across every partition.
+    pub fn live(&self) -> usize {
+        self.lock().partitions.values().map(|p| p.window.live()).sum()
+    }
+
+    pub fn assigned(&self) -> Vec<Tp> {
+        self.lock().partitions.keys().cloned().collect()
+    }
+
+    pub fn status(&self) -> Vec<PartitionStatus> {
+        let s = self.lock();
+        let mut v: Vec<_> = s
+            .partitions
+            .iter()
+            .map(|(tp, p)| PartitionStatus {
+                tp: tp.clone(),
+                committed: p.committed,
+                committable: p.window.committable(),
+                in_flight: p.window.live(),
+                window: p.window.len(),
+                paused: p.paused,
+            })
+            .collect();
+        v.sort_by(|a, b| a.tp.cmp(&b.tp));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn watermark_waits_for_the_oldest_record() {
+        let mut w = Window::default();
+        for o in [10, 11, 13] {
+            assert!(w.push(o));
+        }
+        assert!(w.finish(11));
+        assert!(w.finish(13));
+        assert_eq!(w.committable(), None, "10 is still live");
+        assert!(w.finish(10));
+        assert_eq!(w.committable(), Some(14));
+        assert!(w.is_empty());
+        assert!(!w.finish(10), "a second finish is refused");
+        assert!(!w.push(12), "an offset below the watermark is a repeat");
+    }
+
+    #[test]
+    fn an_abandoned_record_holds_the_watermark_but_is_not_live() {
+        let mut w = Window::default();
+        w.push(0);
+        w.push(1);
+        w.abandon(0);
+        w.finish(1);
+        assert_eq!(w.committable(), None);
+        assert_eq!(w.live(), 0);
+        assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn late_results_of_a_released_partition_are_discarded() {
+        let t = Tracker::new(CancellationToken::new());
+        let tp: Tp = (Arc::from("t"), 0);
+        t.assign(std::slice::from_ref(&tp));
+        let old = t.track(&tp, 5).unwrap();
+        t.revoke(std::slice::from_ref(&tp));
+        assert!(old.is_cancelled());
+        let (commits, live) = t.release(std::slice::from_ref(&tp));
+        assert!(commits.is_empty());
+        assert_eq!(live, 1);
+        t.assign(std::slice::from_ref(&tp));
+        let new = t.track(&tp, 5).unwrap();
+        assert!(!t.finish(&old, 5), "the old generation's result is dropped");
+        assert!(t.finish(&new, 5));
+        assert_eq!(t.take_commits(), vec![(tp.clone(), 6)]);
+        assert!(
+            t.take_commits().is_empty(),
+            "unchanged offsets are not handed out twice"
+        );
+    }
+
+    proptest! {
+        /// Whatever the completion order, the watermark never passes a record that is not
+        /// final, and ends one past the newest record once all are final.
+        #[test]
+        fn watermark_is_the_finished_prefix(
+            gaps in proptest::collection::vec(1i64..4, 1..200),
+            order in any::<proptest::sample::Index>(),
+            abandon_at in proptest::option::of(any::<proptest::sample::Index>()),
+        ) {
+            let mut offsets = Vec::new();
+            let mut o = 0;
+            for g in &gaps { o += g; offsets.push(o); }
+            let mut w = Window::default();
+            for &o in &offsets { prop_assert!(w.push(o)); }
+            let mut pending = offsets.clone();
+            // A shuffle driven by proptest's input, so failures shrink.
+            let mut seed = order.index(usize::MAX) as u64 | 1;
+            let mut finished = std::collections::BTreeSet::new();
+            let abandoned = abandon_at.map(|i| offsets[i.index(offsets.len())]);
+            while !pending.is_empty() {
+                seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
+                let o = pending.swap_remove((seed % pending.len() as u64) as usize);
+                if Some(o) == abandoned { prop_assert!(w.abandon(o)); continue; }
+                prop_assert!(w.finish(o));
+                finished.insert(o);
+                if let Some(c) = w.committable() {
+                    for &x in offsets.iter().filter(|&&x| x < c) {
+                        prop_assert!(finished.contains(&x), "watermark {} passed live {}", c, x);
+                    }
+                }
+            }
+            prop_assert_eq!(w.live(), 0);
+            match abandoned {
+                None => prop_assert_eq!(w.committable(), Some(offsets[offsets.len() - 1] + 1)),
+                Some(a) => {
+                    let below = offsets.iter().filter(|&&x| x < a).max();
+                    prop_assert_eq!(w.committable(), below.map(|b| b + 1));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Reply and dead-letter records, and the producer that writes them.
+//!
+//! Fed by the route handler with a decision; a record's outcome is final only once the
+//! broker has acknowledged what this module sent (idempotent producer, acks=all).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::config::DeadLetter;
+use crate::outcome::Failure;
+use crate::record::{IDEMPOTENCY_KEY_HEADER, Record};
+
+/// A record to write.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The record can never be written as it is.
+    #[error("the record is too large for the broker: {0}")]
+    TooLarge(KafkaError),
+    /// The broker did not take it; trying again may work.
+    #[error("the broker did not acknowledge the record: {0}")]
+    NotAcknowledged(KafkaError),
+}
+
+/// The idempotent, acks=all producer shared by every route.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl Producer {
+    pub fn new(mut config: ClientConfig) -> Result<Producer, KafkaError> {
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // Small batches sent promptly: replies are on the service's latency path.
+            .set_if_unset("linger.ms", "2")
+            .set_if_unset("compression.type", "lz4");
+        Ok(Producer {
+            inner: config.create()?,
+        })
+    }
+
+    /// Sends `out` and waits for the broker's acknowledgement.
+    pub async fn send(&self, out: &Outgoing) -> Result<(), ProduceError> {
+        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+        for (k, v) in &out.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_ref()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).headers(headers);
+        if let Some(k) = &out.key {
+            record = record.key(k.as_ref());
+        }
+        if let Some(v) = &out.value {
+            record = record.payload(v.as_ref());
+        }
+        match self.inner.send(record, Timeout::Never).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::MessageSizeTooLarge) => Err(ProduceError::TooLarge(e)),
+                _ => Err(ProduceError::NotAcknowledged(e)),
+            },
+        }
+    }
+
+    /// Waits until everything queued is acknowledged, or `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(Timeout::After(timeout))
+    }
+
+    /// Metadata of every topic (never creates one, unlike a lookup by name).
+    pub fn metadata(&self, timeout: Duration) -> Result<rdkafka::metadata::Metadata, KafkaError> {
+        self.inner.client().fetch_metadata(None, timeout)
+    }
+}
+
+trait SetIfUnset {
+    fn set_if_unset(&mut self, key: &str, value: &str) -> &mut Self;
+}
+
+impl SetIfUnset for ClientConfig {
+    fn set_if_unset(&mut self, key: &str, value: &str) -> &mut Self {
+        if self.get(key).is_none() {
+            self.set(key, value);
+        }
+        self
+    }
+}
+
+fn header(name: &str, value: impl ToString) -> (String, Bytes) {
+    (name.to_string(), Bytes::from(value.to_string()))
+}
+
+/// The lineage every record ferry writes carries.
+fn source_headers(record: &Record, out: &mut Vec<(String, Bytes)>) {
+    out.push(header("ferry.source.topic", &record.topic));
+    out.push(header("ferry.source.partition", record.partition));
+    out.push(header("ferry.source.offset", record.offset));
+}
+
+/// A reply record: the service's body and headers, the input key unless the service chose one.
+pub fn reply(
+    record: &Record,
+    topic: String,
+    key: Option<Bytes>,
+    mut headers: Vec<(String, Bytes)>,
+    value: Bytes,
+) -> Outgoing {
+    source_headers(record, &mut headers);
+    if let Some(tp) = record.header("traceparent") {
+        headers.push(("traceparent".into(), tp.clone()));
+    }
+    Outgoing {
+        topic,
+        key: key.or_else(|| record.key.clone()),
+        value: Some(value),
+        headers,
+    }
+}
+
+/// Headers ferry writes on a dead letter; an input's own copies (a re-driven record) are
+/// replaced, not stacked. The idempotency key is rewritten with the same value.
+fn is_lineage(name: &str) -> bool {
+    name.starts_with("ferry.error.")
+        || name.starts_with("ferry.source.")
+        || matches!(
+            name,
+            IDEMPOTENCY_KEY_HEADER
+                | "ferry.attempts"
+                | "ferry.first_attempt_at"
+                | "ferry.last_attempt_at"
+                | "ferry.route"
+        )
+}
+
+/// When the attempts of a record were made, for the dead letter's lineage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attempts {
+    pub count: u32,
+    /// Milliseconds since the epoch.
+    pub first_at_ms: Option<i64>,
+    pub last_at_ms: Option<i64>,
+}
+
+/// A dead-letter record: the input (minus redacted headers and, if asked, the payload) and why.
+pub fn dead_letter(
+    record: &Record,
+    route: &str,
+    config: &DeadLetter,
+    failure: &Failure,
+    attempts: Attempts,
+) -> Outgoing {
+    let redacted = |name: &str| config.redact_headers.iter().any(|r| r.eq_ignore_ascii_case(name));
+    let mut headers: Vec<(String, Bytes)> = record
+        .headers
+        .iter()
+        .filter(|(k, _)| !redacted(k) && !is_lineage(k))
+        .cloned()
+        .collect();
+    headers.push(header("ferry.error.reason", failure.reason));
+    if let Some(s) = failure.status {
+        headers.push(header("ferry.error.status", s));
+    }
+    if config.include_payload && !failure.message.is_empty() {
+        headers.push(header("ferry.error.message", &failure.message));
+    }
+    source_headers(record, &mut headers);
+    if let Some(ts) = record.timestamp_ms {
+        headers.push(header("ferry.source.timestamp", ts));
+    }
+    headers.push(header("ferry.attempts", attempts.count));
+    headers.push(header(IDEMPOTENCY_KEY_HEADER, record.idempotency_key()));
+    if let Some(t) = attempts.first_at_ms {
+        headers.push(header("ferry.first_attempt_at", t));
+    }
+    if let Some(t) = attempts.last_at_ms {
+        headers.push(header("ferry.last_attempt_at", t));
+    }
+    headers.push(header("ferry.route", route));
+    Outgoing {
+        topic: config.to.clone(),
+        key: record.key.clone(),
+        value: if config.include_payload {
+            record.value.clone()
+        } else {
+            None
+        },
+        headers,
+    }
+}

@@ -1,0 +1,84 @@
+//! The owned record that travels from the consumer through the call to its outcome.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rdkafka::Message;
+use rdkafka::message::{BorrowedMessage, Headers};
+
+use crate::offsets::Lease;
+
+/// The record header that carries the idempotency key through retry topics and re-drive.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "ferry.idempotency_key";
+
+/// One consumed record, owned, with the lease of the partition it came from.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Milliseconds since the epoch, when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Bytes>,
+    /// `None` for a tombstone.
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+    /// Index of the route that reads this record's topic.
+    pub route: usize,
+    /// Ties the record to one assignment of its partition; a late result after a revoke is
+    /// recognised by it and discarded.
+    pub lease: Lease,
+}
+
+impl Record {
+    pub fn from_message(msg: &BorrowedMessage<'_>, topic: Arc<str>, route: usize, lease: Lease) -> Self {
+        let headers = msg
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Record {
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+            timestamp_ms: msg.timestamp().to_millis(),
+            key: msg.key().map(Bytes::copy_from_slice),
+            value: msg.payload().map(Bytes::copy_from_slice),
+            headers,
+            route,
+            lease,
+        }
+    }
+
+    /// The first header of that name (case-sensitive, as Kafka header names are).
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    /// `{topic}/{partition}/{offset}` of the record's first consumption: taken from the
+    /// `ferry.idempotency_key` header when an earlier hop set it.
+    pub fn idempotency_key(&self) -> String {
+        match self
+            .header(IDEMPOTENCY_KEY_HEADER)
+            .and_then(|v| std::str::from_utf8(v).ok())
+        {
+            Some(k) if !k.is_empty() => k.to_string(),
+            _ => format!("{}/{}/{}", self.topic, self.partition, self.offset),
+        }
+    }
+
+    /// Bytes this record holds in memory.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, |k| k.len())
+            + self.value.as_ref().map_or(0, |v| v.len())
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}

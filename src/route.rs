@@ -1,0 +1,198 @@
+//! One record's way through its route: call, decide, retry in place, publish, finish.
+//!
+//! Fed by a dispatch lane with records in lane order; feeds the producer with reply and
+//! dead-letter records and the offset tracker with each record's end. A record ends in exactly
+//! one outcome, or is abandoned when its partition is revoked or ferry stops before it is final.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::call::Call;
+use crate::config::Route;
+use crate::offsets::Tracker;
+use crate::outcome::{self, Decision, Failure, Outcome, Policy, Reason};
+use crate::produce::{self, Attempts, Outgoing, ProduceError, Producer};
+use crate::record::Record;
+use crate::retry::{self, Next};
+use crate::telemetry::RouteStats;
+
+/// Everything one route needs to handle a record.
+pub struct RouteHandler {
+    pub config: Route,
+    pub call: Box<dyn Call>,
+    pub producer: Producer,
+    pub tracker: Arc<Tracker>,
+    pub stats: Arc<RouteStats>,
+}
+
+impl RouteHandler {
+    /// Handles `record` to its end. Never fails: every problem becomes an outcome, a retry, or
+    /// (when the partition goes away) an abandoned record that the next owner repeats.
+    pub async fn handle(&self, record: Record) {
+        if record.lease.is_cancelled() {
+            return self.abandon(&record);
+        }
+        let policy = Policy {
+            rules: &self.config.rules,
+            reply: &self.config.reply,
+        };
+        let first = Instant::now();
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.count += 1;
+            let now = epoch_ms();
+            attempts.first_at_ms.get_or_insert(now);
+            attempts.last_at_ms = Some(now);
+            self.stats.calls.fetch_add(1, Ordering::Relaxed);
+            let result = self.call.call(&record, attempts.count).await;
+            let failure = match outcome::decide(&result, &policy) {
+                Decision::Reply {
+                    topic,
+                    key,
+                    headers,
+                    value,
+                } => {
+                    let out = produce::reply(&record, topic, key, headers, value);
+                    return self.publish_reply(&record, out, attempts).await;
+                }
+                Decision::Done => return self.finish(&record, Outcome::Done, None),
+                Decision::Drop => return self.finish(&record, Outcome::Dropped, None),
+                Decision::DeadLetter(f) => return self.dead_letter(&record, f, attempts).await,
+                Decision::Retry(f) => f,
+            };
+            let delay = match retry::next(
+                &self.config.retry,
+                attempts.count,
+                first.elapsed(),
+                failure.retry_after,
+                rand::random(),
+            ) {
+                Next::After(d) => d,
+                Next::Exhausted => return self.dead_letter(&record, failure, attempts).await,
+                Next::TooOld => {
+                    let f = Failure {
+                        reason: Reason::TooOld,
+                        message: outcome::truncate(
+                            format!(
+                                "gave up after {} attempts: the next one would start more than {} after the first; last error: {}",
+                                attempts.count, self.config.retry.max_record_age, failure.message
+                            ),
+                            outcome::MAX_MESSAGE,
+                        ),
+                        ..failure
+                    };
+                    return self.dead_letter(&record, f, attempts).await;
+                }
+            };
+            tracing::debug!(
+                route = %self.config.name, record.topic = %record.topic, record.partition = record.partition,
+                record.offset = record.offset, attempt = attempts.count, reason = %failure.reason,
+                delay_ms = delay.as_millis() as u64, "Retrying record"
+            );
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                // The partition is going away: the next owner retries it.
+                _ = record.lease.cancel.cancelled() => return self.abandon(&record),
+            }
+        }
+    }
+
+    async fn publish_reply(&self, record: &Record, out: Outgoing, attempts: Attempts) {
+        match self.publish(record, &out).await {
+            Ok(true) => self.finish(record, Outcome::Replied, None),
+            Ok(false) => self.abandon(record),
+            Err(e) => {
+                let f = Failure {
+                    reason: Reason::TooLarge,
+                    status: None,
+                    message: format!("the reply to {} could not be published: {e}", out.topic),
+                    retry_after: None,
+                };
+                self.dead_letter(record, f, attempts).await
+            }
+        }
+    }
+
+    async fn dead_letter(&self, record: &Record, failure: Failure, attempts: Attempts) {
+        let dl = &self.config.dead_letter;
+        let mut out = produce::dead_letter(record, &self.config.name, dl, &failure, attempts);
+        tracing::info!(
+            route = %self.config.name, record.topic = %record.topic, record.partition = record.partition,
+            record.offset = record.offset, reason = %failure.reason, status = failure.status,
+            attempts = attempts.count, "Dead-lettering record"
+        );
+        loop {
+            match self.publish(record, &out).await {
+                Ok(true) => return self.finish(record, Outcome::DeadLettered, Some(failure.reason)),
+                Ok(false) => return self.abandon(record),
+                Err(e) if out.value.is_some() => {
+                    // Keep the reason even when the payload cannot travel with it.
+                    tracing::warn!(error = %e, "Dead letter too large, sending it without its payload");
+                    out.value = None;
+                    out.headers
+                        .push(("ferry.error.payload_omitted".into(), "too_large".into()));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, record.offset = record.offset, "Dead letter cannot be written even without its payload; will retry");
+                    if !self.pause_or_abandon(record, Duration::from_secs(5)).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `out` and waits for the broker's acknowledgement, retrying broker trouble until it
+    /// succeeds or the partition goes away. `Ok(false)`: given up because the partition went
+    /// away. `Err`: the record can never be written as it is.
+    async fn publish(&self, record: &Record, out: &Outgoing) -> Result<bool, ProduceError> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.producer.send(out).await {
+                Ok(()) => return Ok(true),
+                Err(e @ ProduceError::TooLarge(_)) => return Err(e),
+                Err(e) => {
+                    self.stats.produce_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        route = %self.config.name, topic = %out.topic, error = %e,
+                        "Cannot publish; the record stays uncommitted and will be retried"
+                    );
+                    if record.lease.is_cancelled() || !self.pause_or_abandon(record, backoff).await {
+                        return Ok(false);
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Sleeps `d`; `false` if the partition went away meanwhile.
+    async fn pause_or_abandon(&self, record: &Record, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = record.lease.cancel.cancelled() => false,
+        }
+    }
+
+    fn finish(&self, record: &Record, outcome: Outcome, reason: Option<Reason>) {
+        if self.tracker.finish(&record.lease, record.offset) {
+            self.stats.outcome(outcome, reason);
+        }
+        // Otherwise the partition was released while this record was live; it was counted as
+        // abandoned then and its new owner handles it again.
+    }
+
+    fn abandon(&self, record: &Record) {
+        if self.tracker.abandon(&record.lease, record.offset) {
+            self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn epoch_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

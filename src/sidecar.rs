@@ -1,0 +1,288 @@
+//! The sidecar assembled: admin endpoint, topic checks, producer, routes, consumer thread.
+//!
+//! `Sidecar::start` returns once the admin endpoint listens; the pipeline then checks its
+//! topics (unready until they exist), subscribes and runs until `shutdown`, after which it drains,
+//! flushes, commits and leaves the group.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Health};
+use crate::call::Call;
+use crate::call::http::Http;
+use crate::config::Config;
+use crate::consume::{self, ConsumerSetup};
+use crate::dispatch::Lanes;
+use crate::offsets::{PartitionStatus, Tracker};
+use crate::produce::Producer;
+use crate::route::RouteHandler;
+use crate::telemetry::{RouteStats, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot set up the Kafka client: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("cannot listen for the admin endpoint on {addr}: {source} (change admin.listen)")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("route `{route}`: {message}")]
+    Route { route: String, message: String },
+    #[error("the consumer thread failed: {0}")]
+    Consumer(String),
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub health: Arc<Health>,
+    pub tracker: Arc<Tracker>,
+    /// Per route, in config order.
+    pub stats: Arc<Vec<Arc<RouteStats>>>,
+    pub route_names: Vec<String>,
+    /// Where the admin endpoint listens, when enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Cancelling it starts the graceful shutdown.
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), RunError>>,
+}
+
+/// The librdkafka settings shared by consumer and producer.
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    c.set("client.id", format!("ferry-{}", config.kafka.group_id));
+    for (k, v) in &config.kafka.properties {
+        c.set(k, &v.0);
+    }
+    c
+}
+
+impl Sidecar {
+    pub async fn start(config: Config) -> Result<Sidecar, RunError> {
+        install_crypto();
+        let shutdown = CancellationToken::new();
+        let drain_timeout = config.shutdown.drain_timeout.0;
+        // A revoke or a shutdown may hold the poll loop for up to the drain timeout.
+        let health = Health::new(drain_timeout.max(Duration::from_secs(20)) + Duration::from_secs(10));
+        health.beat();
+        let admin_stop = CancellationToken::new();
+        let admin_addr = match config.admin.listen {
+            Some(addr) => Some(
+                admin::serve(addr, health.clone(), admin_stop.clone())
+                    .await
+                    .map_err(|source| RunError::Admin { addr, source })?,
+            ),
+            None => None,
+        };
+
+        let client = client_config(&config);
+        let mut producer_config = client.clone();
+        producer_config.set("client.id", format!("ferry-{}-producer", config.kafka.group_id));
+        let producer = Producer::new(producer_config)?;
+        let tracker = Tracker::new(shutdown.child_token());
+        let stats: Arc<Vec<Arc<RouteStats>>> = Arc::new(
+            config
+                .routes
+                .iter()
+                .map(|_| Arc::new(RouteStats::default()))
+                .collect(),
+        );
+        let mut handlers = Vec::new();
+        for (i, route) in config.routes.iter().enumerate() {
+            let call: Box<dyn Call> = match &route.call.http {
+                Some(http) => Box::new(Http::new(http).map_err(|message| RunError::Route {
+                    route: route.name.clone(),
+                    message,
+                })?),
+                None => {
+                    return Err(RunError::Route {
+                        route: route.name.clone(),
+                        message: "no call configured".into(),
+                    });
+                }
+            };
+            handlers.push(RouteHandler {
+                config: route.clone(),
+                call,
+                producer: producer.clone(),
+                tracker: tracker.clone(),
+                stats: stats[i].clone(),
+            });
+        }
+        let lanes = Lanes::new(tokio::runtime::Handle::current(), Arc::new(handlers));
+        let setup = ConsumerSetup {
+            client,
+            routes: config.routes.clone(),
+            tracker: tracker.clone(),
+            lanes,
+            stats: stats.clone(),
+            health: health.clone(),
+            drain_timeout,
+            commit_interval: config.kafka.commit_interval.0,
+            shutdown: shutdown.clone(),
+        };
+        let task = tokio::spawn(pipeline(
+            config.clone(),
+            setup,
+            producer,
+            health.clone(),
+            shutdown.clone(),
+            admin_stop,
+        ));
+        Ok(Sidecar {
+            health,
+            tracker,
+            stats,
+            route_names: config.routes.iter().map(|r| r.name.clone()).collect(),
+            admin_addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Starts the graceful shutdown: unready, stop fetching, drain, flush, commit, leave.
+    pub fn shutdown(&self) {
+        self.stopper().stop();
+    }
+
+    /// A handle that starts the shutdown, usable after `wait` took the sidecar.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            health: self.health.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Waits for the pipeline to end (after `shutdown`, or on a fatal error).
+    pub async fn wait(self) -> Result<(), RunError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(RunError::Consumer(e.to_string())),
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Snapshot> {
+        self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    pub fn partitions(&self) -> Vec<PartitionStatus> {
+        self.tracker.status()
+    }
+}
+
+/// Starts a sidecar's graceful shutdown.
+#[derive(Clone)]
+pub struct Stopper {
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.health.set_draining();
+        self.shutdown.cancel();
+    }
+}
+
+async fn pipeline(
+    config: Config,
+    setup: ConsumerSetup,
+    producer: Producer,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    admin_stop: CancellationToken,
+) -> Result<(), RunError> {
+    // Unready, and not consuming, until every topic ferry writes exists.
+    loop {
+        health.beat();
+        let p = producer.clone();
+        let c = config.clone();
+        let problem = tokio::task::spawn_blocking(move || check_topics(&p, &c))
+            .await
+            .unwrap_or_else(|e| Some(e.to_string()));
+        health.set_topics_checked(problem.clone());
+        match problem {
+            None => break,
+            Some(p) => tracing::error!(problem = %p, "Not ready: topics are not usable"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.cancelled() => {
+                admin_stop.cancel();
+                return Ok(());
+            }
+        }
+    }
+    let consumed = tokio::task::spawn_blocking(move || consume::run(setup)).await;
+    let flushed = {
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10))).await
+    };
+    if let Ok(Err(e)) = flushed {
+        tracing::warn!(error = %e, "Producer flush incomplete");
+    }
+    admin_stop.cancel();
+    match consumed {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RunError::Kafka(e)),
+        Err(e) => Err(RunError::Consumer(e.to_string())),
+    }
+}
+
+/// Reply and dead-letter topics must exist before anything is consumed. Returns what is wrong.
+fn check_topics(producer: &Producer, config: &Config) -> Option<String> {
+    let metadata = match producer.metadata(Duration::from_secs(10)) {
+        Ok(m) => m,
+        Err(e) => {
+            return Some(format!(
+                "cannot read topic metadata from {}: {e}",
+                config.kafka.brokers
+            ));
+        }
+    };
+    let usable = |name: &str| {
+        metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+    };
+    let mut missing = Vec::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let written = r
+            .reply
+            .to
+            .iter()
+            .map(|t| (t, "reply.to"))
+            .chain(r.reply.topics.iter().map(|t| (t, "reply.topics")))
+            .chain(std::iter::once((&r.dead_letter.to, "dead_letter.to")));
+        for (topic, field) in written {
+            if !usable(topic) {
+                missing.push(format!(
+                    "topic `{topic}` (routes[{i}].{field}) does not exist or cannot be seen"
+                ));
+            }
+        }
+        for topic in &r.from.topics {
+            if !usable(topic) {
+                tracing::warn!(topic = %topic, route = %r.name, "Source topic does not exist yet; waiting for it");
+            }
+        }
+    }
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("{}: create it, or fix the config", missing.join("; ")))
+    }
+}
+
+/// rustls needs one process-wide crypto provider; ferry uses ring.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

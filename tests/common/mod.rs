@@ -1,0 +1,444 @@
+//! Shared test bench: a broker (embedded, or external via `FERRY_TEST_BROKERS`), a programmable
+//! HTTP service on 127.0.0.1:0, and helpers to send, read and look at committed offsets.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use ferry::config::{self, Config, Interpolator};
+use ferry::embedded::EmbeddedBroker;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A broker for one test: the embedded one, or the one `FERRY_TEST_BROKERS` names.
+pub struct Kafka {
+    pub embedded: Option<EmbeddedBroker>,
+    pub brokers: String,
+    producer: FutureProducer,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name no other test (or earlier run against the same external broker) uses.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Kafka {
+    pub fn start() -> Kafka {
+        ferry::telemetry::init_logging("warn");
+        let (embedded, brokers) = match std::env::var("FERRY_TEST_BROKERS") {
+            Ok(b) if !b.is_empty() => (None, b),
+            _ => {
+                let e = EmbeddedBroker::start(1).expect("embedded broker starts");
+                let b = e.bootstrap_servers().to_string();
+                (Some(e), b)
+            }
+        };
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "0")
+            .create()
+            .expect("test producer");
+        Kafka {
+            embedded,
+            brokers,
+            producer,
+        }
+    }
+
+    pub fn is_external(&self) -> bool {
+        self.embedded.is_none()
+    }
+
+    /// Creates a topic with a unique name and returns the name.
+    pub async fn topic(&self, prefix: &str, partitions: i32) -> String {
+        let name = unique(prefix);
+        self.create(&name, partitions).await;
+        name
+    }
+
+    pub async fn create(&self, name: &str, partitions: i32) {
+        match &self.embedded {
+            Some(e) => e.create_topic(name, partitions).expect("create topic"),
+            None => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", &self.brokers)
+                    .create()
+                    .expect("admin client");
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                let results = admin
+                    .create_topics(
+                        [&topic],
+                        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+                    )
+                    .await
+                    .expect("create topics");
+                for r in results {
+                    r.expect("topic created");
+                }
+                // Wait until the topic is visible with all its partitions.
+                let brokers = self.brokers.clone();
+                let n = name.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let c: BaseConsumer = ClientConfig::new()
+                        .set("bootstrap.servers", &brokers)
+                        .create()
+                        .unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    while Instant::now() < deadline {
+                        if let Ok(m) = c.fetch_metadata(Some(&n), Duration::from_secs(5)) {
+                            if m.topics()
+                                .iter()
+                                .any(|t| t.error().is_none() && t.partitions().len() == partitions as usize)
+                            {
+                                return;
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    panic!("topic {n} did not appear");
+                })
+                .await
+                .unwrap();
+            }
+        }
+    }
+
+    /// Sends one record and returns its partition and offset.
+    pub async fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&str>,
+        value: &str,
+        headers: &[(&str, &str)],
+    ) -> (i32, i64) {
+        let mut hs = OwnedHeaders::new();
+        for (k, v) in headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut r: FutureRecord<'_, str, str> = FutureRecord::to(topic).payload(value).headers(hs);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(p) = partition {
+            r = r.partition(p);
+        }
+        let d = self
+            .producer
+            .send(r, Timeout::After(Duration::from_secs(20)))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("send");
+        (d.partition, d.offset)
+    }
+
+    /// Reads every record of `topic` until `want` arrived or `within` passed.
+    pub async fn read(&self, topic: &str, want: usize, within: Duration) -> Vec<Rec> {
+        let brokers = self.brokers.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || read_blocking(&brokers, &topic, want, within))
+            .await
+            .unwrap()
+    }
+
+    /// The committed offsets of `group` for each partition of `topic`.
+    pub async fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+        let brokers = self.brokers.clone();
+        let (group, topic) = (group.to_string(), topic.to_string());
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .create()
+                .unwrap();
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition(&topic, p);
+            }
+            let got = c
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .expect("committed offsets");
+            (0..partitions)
+                .map(|p| match got.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                })
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Sum of committed offsets over the partitions of `topic`.
+    pub async fn committed_total(&self, group: &str, topic: &str, partitions: i32) -> i64 {
+        self.committed(group, topic, partitions)
+            .await
+            .into_iter()
+            .flatten()
+            .sum()
+    }
+}
+
+fn read_blocking(brokers: &str, topic: &str, want: usize, within: Duration) -> Vec<Rec> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(1);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+            let mut headers = BTreeMap::new();
+            if let Some(hs) = m.headers() {
+                for h in hs.iter() {
+                    headers.insert(
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            out.push(Rec {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// A record read back.
+#[derive(Debug, Clone)]
+pub struct Rec {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Rec {
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.headers.get(k).map(String::as_str)
+    }
+}
+
+/// A request the test service received.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl Req {
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.headers.get(k).map(String::as_str)
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.header("ferry-attempt")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// What the test service answers.
+#[derive(Debug, Clone, Default)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn new(status: u16, body: &str) -> Resp {
+        Resp {
+            status,
+            headers: Vec::new(),
+            body: body.to_string(),
+        }
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Resp {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+}
+
+type Handler = Arc<dyn Fn(Req) -> Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync>;
+
+/// An HTTP service on 127.0.0.1:0 that records every request and answers with `handler`.
+pub struct Service {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<Req>>>,
+}
+
+impl Service {
+    pub async fn start<F, Fut>(handler: F) -> Service
+    where
+        F: Fn(Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Resp> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |r| Box::pin(handler(r)));
+        let requests: Arc<Mutex<Vec<Req>>> = Arc::default();
+        let app = axum::Router::new()
+            .fallback(serve)
+            .with_state((handler, requests.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Service { addr, requests }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Req> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+async fn serve(
+    State((handler, requests)): State<(Handler, Arc<Mutex<Vec<Req>>>)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = Req {
+        path: uri.path().to_string(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    requests.lock().unwrap().push(req.clone());
+    let resp = handler(req).await;
+    let mut h = HeaderMap::new();
+    for (k, v) in &resp.headers {
+        h.append(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    (StatusCode::from_u16(resp.status).unwrap(), h, resp.body).into_response()
+}
+
+/// A config for one route from `source` to the service, with `extra` YAML lines appended to the
+/// route (indented by the caller with 4 spaces).
+pub fn config_text(
+    kafka: &Kafka,
+    group: &str,
+    source: &str,
+    url: &str,
+    reply: &str,
+    dlq: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"kafka:
+  brokers: "{brokers}"
+  group_id: {group}
+  commit_interval: 100ms
+  properties:
+    topic.metadata.refresh.interval.ms: 1000
+routes:
+  - name: test
+    from:
+      topics: [{source}]
+    call:
+      http:
+        url: "{url}"
+        timeout: 2s
+    reply:
+      to: {reply}
+    dead_letter:
+      to: {dlq}
+    retry:
+      max_attempts: 3
+      backoff: {{ initial: 10ms, max: 50ms }}
+{extra}
+admin:
+  listen: 127.0.0.1:0
+shutdown:
+  drain_timeout: 5s
+"#,
+        brokers = kafka.brokers
+    )
+}
+
+pub fn parse(text: &str) -> Config {
+    config::parse(
+        text,
+        std::path::Path::new("test.yaml"),
+        &Interpolator::from_pairs(&[]),
+    )
+    .unwrap_or_else(|e| panic!("test config is valid: {e}\n{text}"))
+}
+
+/// Polls `f` until it returns `Some`, or panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
