@@ -116,9 +116,11 @@ impl Sidecar {
                 stats: stats[i].clone(),
             });
         }
+        let mut consumer_config = client;
+        consumer_config.set("group.id", &config.kafka.group_id);
         let lanes = Lanes::new(tokio::runtime::Handle::current(), Arc::new(handlers));
         let setup = ConsumerSetup {
-            client,
+            client: consumer_config,
             routes: config.routes.clone(),
             tracker: tracker.clone(),
             lanes,
@@ -209,7 +211,10 @@ async fn pipeline(
             .unwrap_or_else(|e| Some(e.to_string()));
         health.set_topics_checked(problem.clone());
         match problem {
-            None => break,
+            None => {
+                tracing::debug!("Topics checked");
+                break;
+            }
             Some(p) => tracing::error!(problem = %p, "Not ready: topics are not usable"),
         }
         tokio::select! {
@@ -229,11 +234,15 @@ async fn pipeline(
         tracing::warn!(error = %e, "Producer flush incomplete");
     }
     admin_stop.cancel();
-    match consumed {
+    let result = match consumed {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(RunError::Kafka(e)),
         Err(e) => Err(RunError::Consumer(e.to_string())),
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "The pipeline stopped");
     }
+    result
 }
 
 /// Reply and dead-letter topics must exist before anything is consumed. Returns what is wrong.

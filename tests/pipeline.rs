@@ -429,38 +429,59 @@ async fn commit_stays_behind_a_record_still_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_waits_for_the_broker_to_acknowledge_the_reply() {
-    let b = Bench::start(1, "", |_req: Req| async { Resp::new(200, "reply") }).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let b = Bench::start(1, "", move |req: Req| {
+        let held = held.clone();
+        async move {
+            if req.body == "second" {
+                let _permit = held.acquire().await;
+            }
+            Resp::new(200, "reply")
+        }
+    })
+    .await;
     let Some(embedded) = &b.kafka.embedded else {
         eprintln!("skipped: needs the embedded broker's error injection");
         return;
     };
-    // Warm up: one record through, so the producer is connected and has its producer id.
     b.kafka.send(&b.source, None, Some("k"), "first", &[]).await;
     b.wait_committed(1).await;
-
-    // Now the broker refuses produce requests (retriably) for a while.
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    embedded.mock().unwrap().request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 25],
-    );
-    b.kafka.send(&b.source, Some(0), Some("k"), "second", &[]).await;
-    eventually(WAIT, "the service answered the second record", || async {
+    b.kafka.send(&b.source, None, Some("k"), "second", &[]).await;
+    eventually(WAIT, "the second record reached the service", || async {
         (b.service.requests().len() >= 2).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // The test producer's own send above also used up some injected errors; what matters is
-    // that while ferry's reply is unacknowledged, its offset is not committed.
-    let replies = b.kafka.read(&b.reply, 2, Duration::from_millis(100)).await.len();
-    if replies < 2 {
-        assert_eq!(
-            b.committed().await,
-            1,
-            "committed a record whose reply the broker has not acknowledged"
+
+    // From now on the broker refuses produce requests (retriably) for a while, then the service
+    // answers: the reply exists but is not acknowledged.
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    embedded.mock().unwrap().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20],
+    );
+    gate.add_permits(1);
+    let released = std::time::Instant::now();
+    let mut behind_while_unacknowledged = 0;
+    loop {
+        let committed = b.committed().await;
+        let replies = b.kafka.read(&b.reply, 2, Duration::from_millis(50)).await.len();
+        assert!(
+            committed < 2 || replies == 2,
+            "offset 1 committed before its reply was acknowledged"
         );
+        if committed == 1 && replies < 2 {
+            behind_while_unacknowledged += 1;
+        }
+        if committed >= 2 {
+            break;
+        }
+        assert!(released.elapsed() < WAIT * 2, "the reply was never acknowledged");
     }
-    b.wait_committed(2).await;
+    assert!(
+        behind_while_unacknowledged > 0,
+        "the injected errors never delayed the acknowledgement"
+    );
     assert_eq!(b.kafka.read(&b.reply, 2, WAIT).await.len(), 2);
     b.stop().await;
 }
