@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
@@ -89,6 +89,9 @@ pub struct Context {
     stats: Arc<Vec<Arc<RouteStats>>>,
     lanes: Mutex<Lanes>,
     paused: Mutex<HashSet<Tp>>,
+    /// Held while offsets are taken from the tracker and committed, so a periodic commit can
+    /// never land after the final commit of a revoked partition.
+    commit_lock: Mutex<()>,
     drain_timeout: Duration,
     /// What librdkafka falls back to when a partition has no committed offset.
     default_start: Start,
@@ -153,17 +156,6 @@ impl ConsumerContext for Context {
             tracing::error!(error = %e, "Cannot apply the new assignment");
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        let list = offsets_of(offsets);
-        match result {
-            Ok(()) => self.tracker.committed(&list),
-            Err(e) => {
-                tracing::warn!(error = %e, "Commit failed; it will be repeated");
-                self.tracker.commit_failed(&list);
-            }
-        }
-    }
 }
 
 impl Context {
@@ -181,12 +173,13 @@ impl Context {
         if !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
             tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
         }
+        let _committing = lock(&self.commit_lock);
         let (offsets, live) = self.tracker.release(tps);
         if live > 0 {
             self.count_abandoned(tps, live);
         }
         if commit_final {
-            commit(c, &offsets, CommitMode::Sync);
+            commit(c, &offsets);
         }
     }
 
@@ -251,8 +244,10 @@ impl Context {
     }
 }
 
-/// The one seam through which offsets reach the broker.
-fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)], mode: CommitMode) {
+/// The one seam through which offsets reach the broker. Synchronous, so the tracker learns
+/// what the broker confirmed; the periodic commits run on their own thread to keep this
+/// round trip off the poll loop.
+fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) {
     if offsets.is_empty() {
         return;
     }
@@ -260,9 +255,8 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)], mode: CommitMode) {
     for ((t, p), o) in offsets {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
     }
-    match c.commit(&tpl, mode) {
-        Ok(()) if matches!(mode, CommitMode::Sync) => c.context().tracker.committed(offsets),
-        Ok(()) => {}
+    match c.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => c.context().tracker.committed(offsets),
         Err(e) => {
             tracing::warn!(error = %e, "Commit failed; it will be repeated");
             c.context().tracker.commit_failed(offsets);
@@ -274,16 +268,6 @@ fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
     tpl.elements()
         .iter()
         .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
-        .collect()
-}
-
-fn offsets_of(tpl: &TopicPartitionList) -> Vec<(Tp, i64)> {
-    tpl.elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some(((Arc::<str>::from(e.topic()), e.partition()), o)),
-            _ => None,
-        })
         .collect()
 }
 
@@ -336,10 +320,11 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         stats: setup.stats.clone(),
         lanes: Mutex::new(setup.lanes),
         paused: Mutex::new(HashSet::new()),
+        commit_lock: Mutex::new(()),
         drain_timeout: setup.drain_timeout,
         default_start,
     };
-    let consumer: BaseConsumer<Context> = client.create_with_context(context)?;
+    let consumer: Arc<BaseConsumer<Context>> = Arc::new(client.create_with_context(context)?);
     let subscription = RouteTable::subscription(&setup.routes);
     let subs: Vec<&str> = subscription.iter().map(String::as_str).collect();
     consumer.subscribe(&subs)?;
@@ -347,7 +332,15 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     tracing::info!(topics = %subscription.join(","), "Subscribed");
 
     let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
-    let mut last_commit = Instant::now();
+    let committer = {
+        let consumer = consumer.clone();
+        let stop = setup.shutdown.clone();
+        let interval = setup.commit_interval;
+        std::thread::Builder::new()
+            .name("ferry-commit".into())
+            .spawn(move || periodic_commits(&consumer, &stop, interval))
+            .map_err(|e| KafkaError::Subscription(format!("cannot start the commit thread: {e}")))?
+    };
     while !setup.shutdown.is_cancelled() {
         setup.health.beat();
         if let Some(result) = consumer.poll(Duration::from_millis(100)) {
@@ -358,11 +351,8 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             }
         }
         resume_drained(&consumer);
-        if last_commit.elapsed() >= setup.commit_interval {
-            commit(&consumer, &setup.tracker.take_commits(), CommitMode::Async);
-            last_commit = Instant::now();
-        }
     }
+    let _ = committer.join();
 
     // Shutdown: stop fetching, let in-flight records finish, commit, leave.
     tracing::info!(
@@ -389,10 +379,26 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         );
         consumer.context().count_abandoned(&assigned, live);
     }
-    commit(&consumer, &offsets, CommitMode::Sync);
+    commit(&consumer, &offsets);
     consumer.unsubscribe();
     tracing::info!("Left the consumer group");
     Ok(())
+}
+
+/// Commits the tracker's watermarks every `interval` until `stop`.
+fn periodic_commits(consumer: &BaseConsumer<Context>, stop: &CancellationToken, interval: Duration) {
+    let mut next = Instant::now() + interval;
+    while !stop.is_cancelled() {
+        // Short naps, so a shutdown never waits a whole interval for this thread.
+        std::thread::sleep(interval.min(Duration::from_millis(50)));
+        if Instant::now() < next {
+            continue;
+        }
+        next = Instant::now() + interval;
+        let ctx = consumer.context();
+        let _committing = lock(&ctx.commit_lock);
+        commit(consumer, &ctx.tracker.take_commits());
+    }
 }
 
 fn take(

@@ -73,6 +73,7 @@ async fn run(records: u32) -> anyhow::Result<()> {
             "records did not all finish in time: {} of {records} finished, {committed} committed",
             s.finished()
         );
+        tracing::debug!(finished = s.finished(), committed, "Waiting for the demo records");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();

@@ -98,7 +98,10 @@ pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Con
         // serde names an unknown key only in its message; point at the key itself.
         let (path, position) = match unknown_field(&message) {
             Some(key) => {
-                let child = if path.is_empty() {
+                // serde_path_to_error already ends the path with the unknown key.
+                let child = if path == key || path.ends_with(&format!(".{key}")) {
+                    path.clone()
+                } else if path.is_empty() {
                     key.to_string()
                 } else {
                     format!("{path}.{key}")

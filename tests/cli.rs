@@ -1,0 +1,179 @@
+//! The command line: config errors with file, line, column and key (exit 78), the examples are
+//! valid, and the demo runs to the end.
+
+use std::process::Command;
+
+fn ferry(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env_remove("FERRY_CONFIG")
+        .output()
+        .expect("ferry runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn validate(yaml: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let (code, _, stderr) = ferry(&["validate", "-c", path.to_str().unwrap()]);
+    (code, stderr)
+}
+
+const GOOD: &str = "\
+kafka:
+  brokers: 127.0.0.1:9092
+  group_id: g
+routes:
+  - name: r
+    from:
+      topics: [in]
+    call:
+      http:
+        url: http://127.0.0.1:8080/
+    retry:
+      backoff:
+        initial: 200ms
+    dead_letter:
+      to: dlq
+";
+
+#[test]
+fn a_good_config_validates() {
+    let (code, stderr) = validate(GOOD);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn unknown_key_is_reported_at_its_line_and_column() {
+    let (code, stderr) = validate(&GOOD.replace("    retry:\n", "    retyr:\n"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("bad.yaml:11:5: routes[0].retyr: unknown key `retyr`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_duration_is_reported_with_its_path() {
+    let (code, stderr) = validate(&GOOD.replace("initial: 200ms", "initial: 200 parsecs"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("bad.yaml:13:18: routes[0].retry.backoff.initial: `200 parsecs` is not a duration"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_variable_is_reported_where_it_is_used() {
+    let (code, stderr) =
+        validate(&GOOD.replace("brokers: 127.0.0.1:9092", "brokers: ${FERRY_TEST_SURELY_UNSET}"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains(
+            "bad.yaml:2:12: kafka.brokers: environment variable FERRY_TEST_SURELY_UNSET is not set"
+        ),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        GOOD.replace("brokers: 127.0.0.1:9092", "brokers: ${FERRY_TEST_SURELY_UNSET}"),
+    )
+    .unwrap();
+    let (code, _, stderr) = ferry(&["validate", "--env-optional", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "--env-optional accepts it: {stderr}");
+}
+
+#[test]
+fn missing_required_key_and_semantic_errors_are_all_reported() {
+    let (code, stderr) = validate(&GOOD.replace("    dead_letter:\n      to: dlq\n", ""));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("routes[0]: `dead_letter` is required here"),
+        "{stderr}"
+    );
+
+    let two_problems = GOOD
+        .replace("group_id: g", "group_id: \"\"")
+        .replace("      to: dlq", "      to: in");
+    let (code, stderr) = validate(&two_problems);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("kafka.group_id"), "{stderr}");
+    assert!(stderr.contains("routes[0].dead_letter.to"), "{stderr}");
+    assert!(stderr.contains("2 errors"), "{stderr}");
+}
+
+#[test]
+fn yaml_syntax_error_has_a_line() {
+    let (code, stderr) = validate("kafka:\n  brokers: [a, b\n");
+    assert_eq!(code, 78);
+    assert!(stderr.contains("bad.yaml:"), "{stderr}");
+    assert!(stderr.contains("not valid YAML"), "{stderr}");
+}
+
+#[test]
+fn reserved_property_is_refused_with_the_alternative() {
+    let text = GOOD.replace(
+        "  group_id: g\n",
+        "  group_id: g\n  properties:\n    enable.auto.commit: true\n",
+    );
+    let (code, stderr) = validate(&text);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("kafka.properties.enable.auto.commit"), "{stderr}");
+}
+
+#[test]
+fn run_with_a_bad_config_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "kafka: {}\n").unwrap();
+    let (code, _, stderr) = ferry(&["run", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{stderr}");
+    let (code, _, stderr) = ferry(&["run", "-c", "/does/not/exist.yaml"]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("cannot read the config file"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, _) = ferry(&["frobnicate"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn every_config_example_is_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config-examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let (code, _, stderr) = ferry(&["validate", "-c", path.to_str().unwrap()]);
+            assert_eq!(code, 0, "{}: {stderr}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3);
+}
+
+#[test]
+fn demo_runs_and_shows_every_outcome() {
+    let (code, stdout, stderr) = ferry(&["demo", "--records", "120"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for word in [
+        "replied",
+        "done",
+        "dead_lettered",
+        "dropped",
+        "reason status",
+        "committed offsets",
+        "demo.orders.dlq",
+    ] {
+        assert!(stdout.contains(word), "missing `{word}` in:\n{stdout}");
+    }
+}

@@ -1,0 +1,248 @@
+//! The real binary's life: killed mid-stream and restarted without loss, SIGTERM drains and
+//! exits 0, a second signal exits at once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A ferry process, killed when dropped.
+struct Ferry(Child);
+
+impl Ferry {
+    fn spawn(config: &std::path::Path, log: &std::path::Path) -> Ferry {
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("ferry starts");
+        Ferry(child)
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.0.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the exit code, up to `within`.
+    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("ferry did not exit within {within:?}");
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Setup {
+    kafka: Kafka,
+    source: String,
+    reply: String,
+    group: String,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    admin: u16,
+}
+
+async fn setup(partitions: i32, service: &Service) -> Setup {
+    let kafka = Kafka::start();
+    let source = kafka.topic("in", partitions).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+    let group = unique("group");
+    let admin = free_port();
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "")
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{admin}"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(&config, text).unwrap();
+    Setup {
+        kafka,
+        source,
+        reply,
+        group,
+        dir,
+        config,
+        admin,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_stream_and_restarted_loses_nothing() {
+    let service = Service::start(|req: Req| async move {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        Resp::new(200, &req.body)
+    })
+    .await;
+    let s = setup(3, &service).await;
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut sent = Vec::new();
+    for i in 0..300 {
+        let (p, o) = s
+            .kafka
+            .send(
+                &s.source,
+                Some(i % 3),
+                Some(&format!("k{i}")),
+                &format!("v{i}"),
+                &[],
+            )
+            .await;
+        ends.insert(p, o + 1);
+        sent.push((p, o));
+    }
+
+    let mut first = Ferry::spawn(&s.config, &s.dir.path().join("first.log"));
+    let before_kill = s.kafka.read(&s.reply, 60, WAIT).await.len();
+    assert!(before_kill >= 60, "the first instance made progress");
+    let committed_at_kill = s.kafka.committed(&s.group, &s.source, 3).await;
+    first.signal(libc::SIGKILL);
+    first.exit_code(WAIT).await;
+    let replies_at_kill = s
+        .kafka
+        .read(&s.reply, 300, Duration::from_millis(500))
+        .await
+        .len();
+    assert!(
+        replies_at_kill < 300,
+        "killed mid-stream, not after the end ({replies_at_kill} replies)"
+    );
+
+    let mut second = Ferry::spawn(&s.config, &s.dir.path().join("second.log"));
+    let total: i64 = ends.values().sum();
+    eventually(WAIT, "every record committed after the restart", || async {
+        (s.kafka.committed_total(&s.group, &s.source, 3).await == total).then_some(())
+    })
+    .await;
+    second.signal(libc::SIGTERM);
+    assert_eq!(second.exit_code(WAIT).await, Some(0));
+
+    let replies = s.kafka.read(&s.reply, 300 + 300, Duration::from_secs(5)).await;
+    let mut seen: HashMap<(i32, i64), usize> = HashMap::new();
+    for r in &replies {
+        let p: i32 = r.header("ferry.source.partition").unwrap().parse().unwrap();
+        let o: i64 = r.header("ferry.source.offset").unwrap().parse().unwrap();
+        *seen.entry((p, o)).or_default() += 1;
+    }
+    for (p, o) in &sent {
+        assert!(seen.contains_key(&(*p, *o)), "record {p}/{o} was lost");
+    }
+    for ((p, o), n) in &seen {
+        if *n > 1 {
+            let committed = committed_at_kill[*p as usize].unwrap_or(0);
+            assert!(
+                *o >= committed,
+                "{p}/{o} repeated ({n}x) although it was committed ({committed}) before the kill"
+            );
+        }
+    }
+    eprintln!(
+        "kill test: {} replies for 300 records; {} before the kill; committed at kill {:?}",
+        replies.len(),
+        before_kill,
+        committed_at_kill
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_commits_and_exits_zero() {
+    let service = Service::start(|_req: Req| async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Resp::new(200, "finished during the drain")
+    })
+    .await;
+    let s = setup(1, &service).await;
+    s.kafka.send(&s.source, None, Some("k"), "v", &[]).await;
+    let mut ferry = Ferry::spawn(&s.config, &s.dir.path().join("ferry.log"));
+    eventually(WAIT, "the record reached the service", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
+    ferry.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", s.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503, "unready while draining");
+    let live = reqwest::get(format!("http://127.0.0.1:{}/healthz", s.admin))
+        .await
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 200, "still live while draining");
+
+    assert_eq!(ferry.exit_code(WAIT).await, Some(0));
+    let replies = s.kafka.read(&s.reply, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        replies.len(),
+        1,
+        "the in-flight record finished and its reply was flushed"
+    );
+    assert_eq!(
+        s.kafka.committed(&s.group, &s.source, 1).await,
+        vec![Some(1)],
+        "and it was committed"
+    );
+    let log = std::fs::read_to_string(s.dir.path().join("ferry.log")).unwrap();
+    assert!(log.contains("Left the consumer group"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once() {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = release.clone();
+    let service = Service::start(move |_req: Req| {
+        let held = held.clone();
+        async move {
+            let _p = held.acquire().await;
+            Resp::new(200, "late")
+        }
+    })
+    .await;
+    let s = setup(1, &service).await;
+    s.kafka.send(&s.source, None, Some("k"), "v", &[]).await;
+    let mut ferry = Ferry::spawn(&s.config, &s.dir.path().join("ferry.log"));
+    eventually(WAIT, "the record reached the service", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
+    ferry.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    ferry.signal(libc::SIGINT);
+    assert_eq!(ferry.exit_code(Duration::from_secs(3)).await, Some(1));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    release.add_permits(1);
+    assert_eq!(
+        s.kafka.committed(&s.group, &s.source, 1).await,
+        vec![None],
+        "nothing final, nothing committed"
+    );
+}
