@@ -51,6 +51,9 @@ pub struct Sidecar {
     /// Cancelling it starts the graceful shutdown.
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), RunError>>,
+    /// A sidecar dropped without `shutdown` still stops (its consumer thread would otherwise
+    /// keep the runtime alive).
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 /// The librdkafka settings shared by consumer and producer.
@@ -144,6 +147,7 @@ impl Sidecar {
             stats,
             route_names: config.routes.iter().map(|r| r.name.clone()).collect(),
             admin_addr,
+            _stop_on_drop: shutdown.clone().drop_guard(),
             shutdown,
             task,
         })

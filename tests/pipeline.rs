@@ -443,7 +443,7 @@ async fn commit_waits_for_the_broker_to_acknowledge_the_reply() {
     .await;
     let Some(embedded) = &b.kafka.embedded else {
         eprintln!("skipped: needs the embedded broker's error injection");
-        return;
+        return b.stop().await;
     };
     b.kafka.send(&b.source, None, Some("k"), "first", &[]).await;
     b.wait_committed(1).await;
