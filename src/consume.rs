@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
@@ -235,6 +235,7 @@ impl Context {
             match c.offsets_for_times(by_time, Timeout::After(Duration::from_secs(10))) {
                 Ok(found) => {
                     for e in found.elements() {
+                        tracing::debug!(topic = e.topic(), partition = e.partition(), offset = ?e.offset(), "Start offset by time");
                         let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
                     }
                 }
@@ -258,7 +259,12 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) {
     match c.commit(&tpl, CommitMode::Sync) {
         Ok(()) => c.context().tracker.committed(offsets),
         Err(e) => {
-            tracing::warn!(error = %e, "Commit failed; it will be repeated");
+            // Expected while the group rebalances; the revoke's final commit covers it.
+            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::RebalanceInProgress) {
+                tracing::debug!(error = %e, "Commit deferred by a rebalance");
+            } else {
+                tracing::warn!(error = %e, "Commit failed; it will be repeated");
+            }
             c.context().tracker.commit_failed(offsets);
         }
     }
@@ -381,7 +387,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     }
     commit(&consumer, &offsets);
     consumer.unsubscribe();
-    tracing::info!("Left the consumer group");
+    tracing::info!("Unsubscribed; leaving the consumer group");
     Ok(())
 }
 

@@ -177,3 +177,68 @@ fn demo_runs_and_shows_every_outcome() {
         assert!(stdout.contains(word), "missing `{word}` in:\n{stdout}");
     }
 }
+
+#[test]
+fn dev_broker_serves_the_kafka_protocol_on_the_given_port() {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use std::io::{BufRead, BufReader};
+    use std::time::Duration;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "dev",
+            "broker",
+            "--port",
+            &port.to_string(),
+            "--topic",
+            "orders:3",
+            "--topic",
+            "dlq",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let address = loop {
+        let line = lines.next().expect("the broker prints its address").unwrap();
+        if let Some(addr) = line.strip_prefix("embedded broker listening on ") {
+            break addr.to_string();
+        }
+    };
+    assert_eq!(address, format!("127.0.0.1:{port}"));
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &address)
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some("orders"), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        md.topics()[0].partitions().len(),
+        3,
+        "--topic NAME:PARTITIONS creates the topic"
+    );
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &address)
+        .create()
+        .unwrap();
+    producer
+        .send(BaseRecord::<str, str>::to("dlq").payload("x"))
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let (_, high) = consumer
+        .fetch_watermarks("dlq", 0, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(high, 1, "a record was produced through the fixed port");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -522,3 +522,96 @@ async fn partitions_are_handled_in_order_and_all_committed() {
     assert_eq!(s.finished(), 60, "received = sum of outcomes once idle");
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_positions_apply_to_a_group_without_a_commit() {
+    let kafka = Kafka::start();
+    let service = Service::start(|req: Req| async move { Resp::new(200, &req.body) }).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+
+    // `latest`: records already in the topic are skipped; new ones are handled.
+    let source = kafka.topic("in", 1).await;
+    kafka.send(&source, None, Some("k"), "old", &[]).await;
+    let group = unique("g");
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "").replace(
+        &format!("      topics: [{source}]\n"),
+        &format!("      topics: [{source}]\n      start: latest\n"),
+    );
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    eventually(WAIT, "assigned", || async {
+        (!sidecar.partitions().is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kafka.send(&source, None, Some("k"), "new", &[]).await;
+    let replies = kafka.read(&reply, 1, WAIT).await;
+    assert_eq!(replies[0].value.as_deref(), Some("new"));
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+    assert!(
+        service.requests().iter().all(|r| r.body != "old"),
+        "start: latest skipped the old record"
+    );
+
+    // A timestamp: records before it are skipped.
+    if !kafka.is_external() {
+        eprintln!(
+            "timestamp part skipped: librdkafka's mock cannot look offsets up by time (its ListOffsets answers -1)"
+        );
+        return;
+    }
+    let source = kafka.topic("in", 1).await;
+    kafka.send(&source, None, Some("k"), "before", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cut = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    kafka.send(&source, None, Some("k"), "after", &[]).await;
+    let secs = cut.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let stamp = format!("{}Z", rfc3339(secs));
+    let reply2 = kafka.topic("out", 1).await;
+    let text = config_text(
+        &kafka,
+        &unique("g"),
+        &source,
+        &service.url("/"),
+        &reply2,
+        &dlq,
+        "",
+    )
+    .replace(
+        &format!("      topics: [{source}]\n"),
+        &format!("      topics: [{source}]\n      start: \"{stamp}\"\n"),
+    );
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    let replies = kafka.read(&reply2, 1, WAIT).await;
+    assert_eq!(replies[0].value.as_deref(), Some("after"));
+    assert!(
+        kafka.read(&reply2, 2, Duration::from_secs(1)).await.len() == 1,
+        "the record before {stamp} was skipped"
+    );
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of epoch seconds (UTC).
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

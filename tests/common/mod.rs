@@ -171,6 +171,32 @@ impl Kafka {
             .unwrap()
     }
 
+    /// Reads every record now in `topic` (up to its high watermarks).
+    pub async fn read_all(&self, topic: &str) -> Vec<Rec> {
+        let brokers = self.brokers.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+            let md = c
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("metadata");
+            let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(1);
+            let mut total = 0;
+            for p in 0..partitions as i32 {
+                let (low, high) = c
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                total += (high - low) as usize;
+            }
+            read_blocking(&brokers, &topic, total, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+    }
+
     /// The committed offsets of `group` for each partition of `topic`.
     pub async fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
         let brokers = self.brokers.clone();
@@ -394,6 +420,8 @@ pub fn config_text(
   commit_interval: 100ms
   properties:
     topic.metadata.refresh.interval.ms: 1000
+    session.timeout.ms: 6000
+    heartbeat.interval.ms: 500
 routes:
   - name: test
     from:
