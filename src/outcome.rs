@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::call::{Answer, CallError};
+use crate::call::{Answer, CallError, Status};
 use crate::config::{Action, ErrorKind, Reply, Rule};
 
 /// How a record ended. Every record ends in exactly one.
@@ -99,8 +99,8 @@ impl fmt::Display for Reason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub reason: Reason,
-    /// The HTTP status, when there was an answer.
-    pub status: Option<u16>,
+    /// The HTTP status or gRPC code name, when there was an answer.
+    pub status: Option<String>,
     /// At most [`MAX_MESSAGE`] bytes of the answer or of the error.
     pub message: String,
     /// Asked for by the service with `Retry-After`.
@@ -148,47 +148,49 @@ pub fn decide(result: &Result<Answer, CallError>, policy: &Policy<'_>) -> Decisi
         ));
     }
     // 1. The service's own word.
-    if let Some(raw) = &answer.action {
-        return match Action::from_header(raw) {
-            Some(Action::Reply) => reply(answer, policy),
-            Some(Action::Retry) => Decision::Retry(Failure {
-                retry_after: answer.retry_after,
-                ..answer_failure(Reason::ServiceSaid, answer)
-            }),
-            Some(Action::DeadLetter) => Decision::DeadLetter(answer_failure(Reason::ServiceSaid, answer)),
-            Some(Action::Drop) => Decision::Drop,
-            None => Decision::DeadLetter(failure(
-                Reason::Contract,
-                Some(answer.status),
-                format!("ferry-action `{raw}` is not one of reply, retry, dead-letter, drop"),
-            )),
-        };
+    match &answer.action {
+        Some(Ok(action)) => return act(*action, Reason::ServiceSaid, answer, policy),
+        Some(Err(why)) => return Decision::DeadLetter(failure(Reason::Contract, Some(answer.status), why.clone())),
+        None => {}
     }
     // 2. The route's rules.
-    let status = answer.status;
-    if let Some(rule) = policy
-        .rules
-        .iter()
-        .find(|r| r.when.error.is_none() && r.when.status.is_some_and(|s| s.matches(status)))
-    {
-        return match rule.then {
-            Action::Reply => reply(answer, policy),
-            Action::Retry => Decision::Retry(Failure {
-                retry_after: answer.retry_after,
-                ..answer_failure(Reason::Status, answer)
-            }),
-            Action::DeadLetter => Decision::DeadLetter(answer_failure(Reason::Rule, answer)),
-            Action::Drop => Decision::Drop,
-        };
+    if let Some(rule) = policy.rules.iter().find(|r| rule_matches(r, answer.status)) {
+        return act(rule.then, Reason::Rule, answer, policy);
     }
     // 3. The defaults.
-    match status {
-        200..=299 => reply(answer, policy),
-        408 | 429 | 500..=599 => Decision::Retry(Failure {
-            retry_after: answer.retry_after,
-            ..answer_failure(Reason::Status, answer)
-        }),
+    match answer.status {
+        Status::Http(200..=299) | Status::Grpc(0) => reply(answer, policy),
+        Status::Http(408 | 429 | 500..=599) => Decision::Retry(retryable(answer)),
+        Status::Grpc(c) if RETRYABLE_GRPC.contains(&c) => Decision::Retry(retryable(answer)),
         _ => Decision::DeadLetter(answer_failure(Reason::Status, answer)),
+    }
+}
+
+/// UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNAVAILABLE.
+const RETRYABLE_GRPC: [i32; 6] = [2, 4, 8, 10, 13, 14];
+
+fn rule_matches(rule: &Rule, status: Status) -> bool {
+    let w = &rule.when;
+    if w.error.is_some() {
+        return false;
+    }
+    match status {
+        Status::Http(s) => w.grpc.is_none() && w.status.is_some_and(|m| m.matches(s)),
+        Status::Grpc(c) => w.status.is_none() && w.grpc.as_deref() == Some(crate::call::grpc::code_name(c)),
+    }
+}
+
+/// An action asked for by the service (`reason` = `service_said`) or a rule (`rule`).
+fn act(action: Action, reason: Reason, answer: &Answer, policy: &Policy<'_>) -> Decision {
+    match action {
+        Action::Reply => reply(answer, policy),
+        Action::Retry => Decision::Retry(Failure {
+            // A retry a rule asked for keeps the answer's own reason when it runs out.
+            reason: if reason == Reason::Rule { Reason::Status } else { reason },
+            ..retryable(answer)
+        }),
+        Action::DeadLetter => Decision::DeadLetter(answer_failure(reason, answer)),
+        Action::Drop => Decision::Drop,
     }
 }
 
@@ -196,19 +198,15 @@ fn decide_error(error: &CallError, policy: &Policy<'_>) -> Decision {
     let (kind, reason) = match error {
         CallError::Timeout(_) => (ErrorKind::Timeout, Reason::Timeout),
         CallError::Connect(_) => (ErrorKind::Connect, Reason::Connect),
+        // Neither is the service's fault nor will change on a retry.
+        CallError::Encode(m) => return Decision::DeadLetter(failure(Reason::Schema, None, m.clone())),
+        CallError::Contract(m) => return Decision::DeadLetter(failure(Reason::Contract, None, m.clone())),
     };
     let f = failure(reason, None, error.to_string());
-    match policy
-        .rules
-        .iter()
-        .find(|r| r.when.error == Some(kind) && r.when.status.is_none())
-    {
+    match policy.rules.iter().find(|r| r.when.error == Some(kind)) {
         // There is no body to publish after an error: replying means done.
         Some(rule) if rule.then == Action::Reply => Decision::Done,
-        Some(rule) if rule.then == Action::DeadLetter => Decision::DeadLetter(Failure {
-            reason: Reason::Rule,
-            ..f
-        }),
+        Some(rule) if rule.then == Action::DeadLetter => Decision::DeadLetter(Failure { reason: Reason::Rule, ..f }),
         Some(rule) if rule.then == Action::Drop => Decision::Drop,
         _ => Decision::Retry(f),
     }
@@ -216,7 +214,7 @@ fn decide_error(error: &CallError, policy: &Policy<'_>) -> Decision {
 
 /// A reply: published when there is a body and somewhere to publish it, `done` otherwise.
 fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
-    if answer.body.is_empty() || answer.status == 204 {
+    if answer.body.is_empty() || answer.status == Status::Http(204) {
         return Decision::Done;
     }
     let topic = match &answer.reply_topic {
@@ -225,7 +223,7 @@ fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
             return Decision::DeadLetter(failure(
                 Reason::BadReplyTopic,
                 Some(answer.status),
-                format!("ferry-reply-topic `{t}` is not one of this route's reply.topics"),
+                format!("reply topic `{t}` is not one of this route's reply.topics"),
             ));
         }
         None => match &policy.reply.to {
@@ -236,10 +234,7 @@ fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
     };
     let mut headers = answer.headers.clone();
     if let Some(ct) = &answer.content_type {
-        if !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
             headers.push(("content-type".into(), Bytes::copy_from_slice(ct.as_bytes())));
         }
     }
@@ -251,18 +246,26 @@ fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
     }
 }
 
-fn answer_failure(reason: Reason, answer: &Answer) -> Failure {
-    failure(
-        reason,
-        Some(answer.status),
-        String::from_utf8_lossy(&answer.body).into_owned(),
-    )
+fn retryable(answer: &Answer) -> Failure {
+    Failure {
+        retry_after: answer.retry_after,
+        ..answer_failure(Reason::Status, answer)
+    }
 }
 
-fn failure(reason: Reason, status: Option<u16>, message: String) -> Failure {
+/// The service's explanation when it gave one, else its body.
+fn answer_failure(reason: Reason, answer: &Answer) -> Failure {
+    let message = match &answer.error {
+        Some(e) => e.clone(),
+        None => String::from_utf8_lossy(&answer.body).into_owned(),
+    };
+    failure(reason, Some(answer.status), message)
+}
+
+fn failure(reason: Reason, status: Option<Status>, message: String) -> Failure {
     Failure {
         reason,
-        status,
+        status: status.map(Status::name),
         message: truncate(message, MAX_MESSAGE),
         retry_after: None,
     }
@@ -287,7 +290,7 @@ mod tests {
 
     fn ans(status: u16, body: &str) -> Result<Answer, CallError> {
         Ok(Answer {
-            status,
+            status: Status::Http(status),
             body: Bytes::from(body.to_string()),
             ..Answer::default()
         })
@@ -302,7 +305,7 @@ mod tests {
 
     fn rule(status: Option<StatusMatch>, error: Option<ErrorKind>, then: Action) -> Rule {
         Rule {
-            when: When { status, error },
+            when: When { status, error, grpc: None },
             then,
         }
     }
@@ -330,12 +333,26 @@ mod tests {
             rule(Some(StatusMatch::Exact(422)), None, Action::Reply),
             rule(Some(StatusMatch::Exact(425)), None, Action::Retry),
             rule(None, Some(ErrorKind::Connect), Action::DeadLetter),
+            Rule { when: When { grpc: Some("NOT_FOUND".into()), ..When::default() }, then: Action::Drop },
         ];
         let policy = Policy {
             rules: &rules,
             reply: &reply,
         };
-        let action = |s: u16, a: &str| with(ans(s, "body"), |x| x.action = Some(a.into()));
+        let action = |s: u16, a: &str| {
+            with(ans(s, "body"), |x| x.action = Some(Action::from_header(a).ok_or_else(|| format!("bad `{a}`"))))
+        };
+        let grpc = |code: i32| -> Result<Answer, CallError> {
+            Ok(Answer { status: Status::Grpc(code), error: Some("why".into()), ..Answer::default() })
+        };
+        let native = |a: Result<Action, String>, payload: &str| -> Result<Answer, CallError> {
+            Ok(Answer {
+                status: Status::Grpc(0),
+                action: Some(a),
+                body: Bytes::from(payload.to_string()),
+                ..Answer::default()
+            })
+        };
         let cases: Vec<(&str, Result<Answer, CallError>, &str)> = vec![
             ("2xx with a body", ans(200, "hi"), "reply:out"),
             ("201 with a body", ans(201, "hi"), "reply:out"),
@@ -395,6 +412,26 @@ mod tests {
                 with(ans(200, "x"), |a| a.body_too_large = true),
                 "dead_letter:too_large",
             ),
+            ("grpc OK, native REPLY with payload", native(Ok(Action::Reply), "p"), "reply:out"),
+            ("grpc OK, native REPLY without payload", native(Ok(Action::Reply), ""), "done"),
+            ("grpc OK, native RETRY", native(Ok(Action::Retry), ""), "retry:service_said"),
+            ("grpc OK, native DEAD_LETTER", native(Ok(Action::DeadLetter), ""), "dead_letter:service_said"),
+            ("grpc OK, native DROP", native(Ok(Action::Drop), ""), "drop"),
+            ("grpc OK, ACTION_UNSPECIFIED", native(Err("unset".into()), ""), "dead_letter:contract"),
+            ("grpc OK, dynamic JSON", with(grpc(0), |a| a.body = Bytes::from_static(b"{}")), "reply:out"),
+            ("UNKNOWN", grpc(2), "retry:status"),
+            ("DEADLINE_EXCEEDED", grpc(4), "retry:status"),
+            ("RESOURCE_EXHAUSTED", grpc(8), "retry:status"),
+            ("ABORTED", grpc(10), "retry:status"),
+            ("INTERNAL", grpc(13), "retry:status"),
+            ("UNAVAILABLE", grpc(14), "retry:status"),
+            ("INVALID_ARGUMENT", grpc(3), "dead_letter:status"),
+            ("NOT_FOUND, by a rule", grpc(5), "drop"),
+            ("PERMISSION_DENIED", grpc(7), "dead_letter:status"),
+            ("FAILED_PRECONDITION", grpc(9), "dead_letter:status"),
+            ("UNIMPLEMENTED", grpc(12), "dead_letter:status"),
+            ("value does not fit the message", Err(CallError::Encode("bad".into())), "dead_letter:schema"),
+            ("undecodable answer", Err(CallError::Contract("bad".into())), "dead_letter:contract"),
         ];
         for (name, input, want) in cases {
             assert_eq!(shape(&decide(&input, &policy)), want, "{name}");
@@ -461,7 +498,7 @@ mod tests {
         match decide(&ans(400, &long), &policy) {
             Decision::DeadLetter(f) => {
                 assert!(f.message.len() <= MAX_MESSAGE);
-                assert_eq!(f.status, Some(400));
+                assert_eq!(f.status.as_deref(), Some("400"));
             }
             other => panic!("{other:?}"),
         }

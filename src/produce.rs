@@ -174,7 +174,7 @@ pub fn dead_letter(
         .cloned()
         .collect();
     headers.push(header("ferry.error.reason", failure.reason));
-    if let Some(s) = failure.status {
+    if let Some(s) = &failure.status {
         headers.push(header("ferry.error.status", s));
     }
     if config.include_payload && !failure.message.is_empty() {

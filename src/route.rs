@@ -120,7 +120,7 @@ impl RouteHandler {
         let mut out = produce::dead_letter(record, &self.config.name, dl, &failure, attempts);
         tracing::info!(
             route = %self.config.name, record.topic = %record.topic, record.partition = record.partition,
-            record.offset = record.offset, reason = %failure.reason, status = failure.status,
+            record.offset = record.offset, reason = %failure.reason, status = failure.status.as_deref(),
             attempts = attempts.count, "Dead-lettering record"
         );
         loop {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Health};
 use crate::call::Call;
+use crate::call::grpc::Grpc;
 use crate::call::http::Http;
 use crate::config::Config;
 use crate::consume::{self, ConsumerSetup};
@@ -99,17 +100,14 @@ impl Sidecar {
         );
         let mut handlers = Vec::new();
         for (i, route) in config.routes.iter().enumerate() {
-            let call: Box<dyn Call> = match &route.call.http {
-                Some(http) => Box::new(Http::new(http).map_err(|message| RunError::Route {
-                    route: route.name.clone(),
-                    message,
-                })?),
-                None => {
-                    return Err(RunError::Route {
-                        route: route.name.clone(),
-                        message: "no call configured".into(),
-                    });
-                }
+            let route_error = |message| RunError::Route {
+                route: route.name.clone(),
+                message,
+            };
+            let call: Box<dyn Call> = match (&route.call.http, &route.call.grpc) {
+                (Some(http), _) => Box::new(Http::new(http).map_err(route_error)?),
+                (None, Some(grpc)) => Box::new(Grpc::new(grpc).map_err(route_error)?),
+                (None, None) => return Err(route_error("no call configured".into())),
             };
             handlers.push(RouteHandler {
                 config: route.clone(),

@@ -7,8 +7,8 @@ use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::template::Template;
-use super::{Answer, Call, CallError, CallFuture};
-use crate::config::HttpCall;
+use super::{Answer, Call, CallError, CallFuture, Status};
+use crate::config::{Action, HttpCall};
 use crate::record::Record;
 
 /// Bodies above this are not read further; the record is dead-lettered as `too_large`.
@@ -151,8 +151,12 @@ fn answer_headers(status: u16, headers: &HeaderMap) -> Answer {
             .map(str::to_string)
     };
     let mut answer = Answer {
-        status,
-        action: text("ferry-action"),
+        status: Status::Http(status),
+        action: text("ferry-action").map(|raw| {
+            Action::from_header(&raw).ok_or_else(|| {
+                format!("ferry-action `{raw}` is not one of reply, retry, dead-letter, drop")
+            })
+        }),
         reply_topic: text("ferry-reply-topic"),
         reply_key: headers
             .get("ferry-reply-key")

@@ -3,6 +3,7 @@
 //! Fed by the route handler with a record and its attempt number; returns the service's
 //! [`Answer`] or a [`CallError`], which [`crate::outcome`] turns into a decision.
 
+pub mod grpc;
 pub mod http;
 pub mod template;
 
@@ -12,15 +13,40 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::config::Action;
 use crate::record::Record;
+
+/// How the call ended, in its transport's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Http(u16),
+    /// A gRPC status code (`tonic::Code` as its number).
+    Grpc(i32),
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status::Http(200)
+    }
+}
+
+impl Status {
+    /// As written in `ferry.error.status`: the HTTP status, or the gRPC code's name.
+    pub fn name(self) -> String {
+        match self {
+            Status::Http(s) => s.to_string(),
+            Status::Grpc(c) => grpc::code_name(c).to_string(),
+        }
+    }
+}
 
 /// The service's answer, whatever the transport.
 #[derive(Debug, Clone, Default)]
 pub struct Answer {
-    /// The HTTP status.
-    pub status: u16,
-    /// The raw `ferry-action` response header, if any.
-    pub action: Option<String>,
+    pub status: Status,
+    /// What the service asked for explicitly (`ferry-action`, `Reply.action`); `Err` holds why
+    /// the request is not understood (a contract error).
+    pub action: Option<Result<Action, String>>,
     /// `ferry-reply-topic`.
     pub reply_topic: Option<String>,
     /// `ferry-reply-key`.
@@ -33,6 +59,9 @@ pub struct Answer {
     pub retry_after: Option<Duration>,
     /// The body was longer than ferry accepts; `body` holds its beginning.
     pub body_too_large: bool,
+    /// The service's own explanation of a failure (gRPC `Reply.error`), preferred over the body
+    /// for `ferry.error.message`.
+    pub error: Option<String>,
 }
 
 /// A call that got no answer.
@@ -43,6 +72,13 @@ pub enum CallError {
     /// The service could not be reached, or the connection broke before an answer.
     #[error("cannot reach the service: {0}")]
     Connect(String),
+    /// The record cannot be turned into a request (a JSON value that does not fit the method's
+    /// message). Never retried.
+    #[error("{0}")]
+    Encode(String),
+    /// The answer cannot be understood (an undecodable response message).
+    #[error("{0}")]
+    Contract(String),
 }
 
 pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Answer, CallError>> + Send + 'a>>;

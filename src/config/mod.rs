@@ -116,6 +116,8 @@ pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Con
         };
         ConfigErrors(vec![at(Some(position), path, tidy(&message))])
     })?;
+    let mut config = config;
+    resolve_paths(&mut config, file);
     let problems = check::check(&config);
     if problems.is_empty() {
         Ok(config)
@@ -129,6 +131,24 @@ pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Con
                 })
                 .collect(),
         ))
+    }
+}
+
+/// Files named in the config are relative to the config file, not to the working directory.
+fn resolve_paths(config: &mut Config, file: &Path) {
+    let Some(dir) = file.parent() else { return };
+    let fix = |p: &mut Option<PathBuf>| {
+        if let Some(path) = p.as_mut() {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
+    };
+    for route in &mut config.routes {
+        if let Some(g) = route.call.grpc.as_mut() {
+            fix(&mut g.descriptor_set);
+            fix(&mut g.ca_file);
+        }
     }
 }
 

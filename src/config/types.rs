@@ -158,10 +158,31 @@ fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_s) * 1000 + ms)
 }
 
+/// How to call the service: exactly one of `http` and `grpc`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Call {
     pub http: Option<HttpCall>,
+    pub grpc: Option<GrpcCall>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcCall {
+    /// `http://host:port` (h2c) or `https://host:port` (TLS, with `ca_file`).
+    pub endpoint: String,
+    #[serde(default = "default_call_timeout")]
+    pub timeout: Dur,
+    /// `package.Service/Method` of an existing service; omitted: the native
+    /// `ferry.v1.Handler/Handle` contract.
+    pub method: Option<String>,
+    /// A `FileDescriptorSet` that describes `method` (relative to the config file).
+    pub descriptor_set: Option<std::path::PathBuf>,
+    /// Ask the service for `method`'s descriptors through gRPC server reflection.
+    #[serde(default)]
+    pub reflection: bool,
+    /// The CA that signs the service's certificate, for `https://` endpoints.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,7 +320,10 @@ pub struct Rule {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct When {
+    /// An HTTP status or class.
     pub status: Option<StatusMatch>,
+    /// A gRPC status code name, such as `NOT_FOUND`.
+    pub grpc: Option<String>,
     pub error: Option<ErrorKind>,
 }
 
