@@ -10,7 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     for (file, include, descriptor) in [
         ("proto/ferry/v1/handler.proto", "proto", "ferry_v1.binpb"),
-        ("tests/proto/inventory/v1/inventory.proto", "tests/proto", "inventory_v1.binpb"),
+        (
+            "tests/proto/inventory/v1/inventory.proto",
+            "tests/proto",
+            "inventory_v1.binpb",
+        ),
     ] {
         println!("cargo:rerun-if-changed={file}");
         let fds = protox::compile([file], [include])?;

@@ -150,7 +150,9 @@ pub fn decide(result: &Result<Answer, CallError>, policy: &Policy<'_>) -> Decisi
     // 1. The service's own word.
     match &answer.action {
         Some(Ok(action)) => return act(*action, Reason::ServiceSaid, answer, policy),
-        Some(Err(why)) => return Decision::DeadLetter(failure(Reason::Contract, Some(answer.status), why.clone())),
+        Some(Err(why)) => {
+            return Decision::DeadLetter(failure(Reason::Contract, Some(answer.status), why.clone()));
+        }
         None => {}
     }
     // 2. The route's rules.
@@ -186,7 +188,11 @@ fn act(action: Action, reason: Reason, answer: &Answer, policy: &Policy<'_>) -> 
         Action::Reply => reply(answer, policy),
         Action::Retry => Decision::Retry(Failure {
             // A retry a rule asked for keeps the answer's own reason when it runs out.
-            reason: if reason == Reason::Rule { Reason::Status } else { reason },
+            reason: if reason == Reason::Rule {
+                Reason::Status
+            } else {
+                reason
+            },
             ..retryable(answer)
         }),
         Action::DeadLetter => Decision::DeadLetter(answer_failure(reason, answer)),
@@ -206,7 +212,10 @@ fn decide_error(error: &CallError, policy: &Policy<'_>) -> Decision {
     match policy.rules.iter().find(|r| r.when.error == Some(kind)) {
         // There is no body to publish after an error: replying means done.
         Some(rule) if rule.then == Action::Reply => Decision::Done,
-        Some(rule) if rule.then == Action::DeadLetter => Decision::DeadLetter(Failure { reason: Reason::Rule, ..f }),
+        Some(rule) if rule.then == Action::DeadLetter => Decision::DeadLetter(Failure {
+            reason: Reason::Rule,
+            ..f
+        }),
         Some(rule) if rule.then == Action::Drop => Decision::Drop,
         _ => Decision::Retry(f),
     }
@@ -234,7 +243,10 @@ fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
     };
     let mut headers = answer.headers.clone();
     if let Some(ct) = &answer.content_type {
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             headers.push(("content-type".into(), Bytes::copy_from_slice(ct.as_bytes())));
         }
     }
@@ -305,7 +317,11 @@ mod tests {
 
     fn rule(status: Option<StatusMatch>, error: Option<ErrorKind>, then: Action) -> Rule {
         Rule {
-            when: When { status, error, grpc: None },
+            when: When {
+                status,
+                error,
+                grpc: None,
+            },
             then,
         }
     }
@@ -333,17 +349,29 @@ mod tests {
             rule(Some(StatusMatch::Exact(422)), None, Action::Reply),
             rule(Some(StatusMatch::Exact(425)), None, Action::Retry),
             rule(None, Some(ErrorKind::Connect), Action::DeadLetter),
-            Rule { when: When { grpc: Some("NOT_FOUND".into()), ..When::default() }, then: Action::Drop },
+            Rule {
+                when: When {
+                    grpc: Some("NOT_FOUND".into()),
+                    ..When::default()
+                },
+                then: Action::Drop,
+            },
         ];
         let policy = Policy {
             rules: &rules,
             reply: &reply,
         };
         let action = |s: u16, a: &str| {
-            with(ans(s, "body"), |x| x.action = Some(Action::from_header(a).ok_or_else(|| format!("bad `{a}`"))))
+            with(ans(s, "body"), |x| {
+                x.action = Some(Action::from_header(a).ok_or_else(|| format!("bad `{a}`")))
+            })
         };
         let grpc = |code: i32| -> Result<Answer, CallError> {
-            Ok(Answer { status: Status::Grpc(code), error: Some("why".into()), ..Answer::default() })
+            Ok(Answer {
+                status: Status::Grpc(code),
+                error: Some("why".into()),
+                ..Answer::default()
+            })
         };
         let native = |a: Result<Action, String>, payload: &str| -> Result<Answer, CallError> {
             Ok(Answer {
@@ -412,13 +440,37 @@ mod tests {
                 with(ans(200, "x"), |a| a.body_too_large = true),
                 "dead_letter:too_large",
             ),
-            ("grpc OK, native REPLY with payload", native(Ok(Action::Reply), "p"), "reply:out"),
-            ("grpc OK, native REPLY without payload", native(Ok(Action::Reply), ""), "done"),
-            ("grpc OK, native RETRY", native(Ok(Action::Retry), ""), "retry:service_said"),
-            ("grpc OK, native DEAD_LETTER", native(Ok(Action::DeadLetter), ""), "dead_letter:service_said"),
+            (
+                "grpc OK, native REPLY with payload",
+                native(Ok(Action::Reply), "p"),
+                "reply:out",
+            ),
+            (
+                "grpc OK, native REPLY without payload",
+                native(Ok(Action::Reply), ""),
+                "done",
+            ),
+            (
+                "grpc OK, native RETRY",
+                native(Ok(Action::Retry), ""),
+                "retry:service_said",
+            ),
+            (
+                "grpc OK, native DEAD_LETTER",
+                native(Ok(Action::DeadLetter), ""),
+                "dead_letter:service_said",
+            ),
             ("grpc OK, native DROP", native(Ok(Action::Drop), ""), "drop"),
-            ("grpc OK, ACTION_UNSPECIFIED", native(Err("unset".into()), ""), "dead_letter:contract"),
-            ("grpc OK, dynamic JSON", with(grpc(0), |a| a.body = Bytes::from_static(b"{}")), "reply:out"),
+            (
+                "grpc OK, ACTION_UNSPECIFIED",
+                native(Err("unset".into()), ""),
+                "dead_letter:contract",
+            ),
+            (
+                "grpc OK, dynamic JSON",
+                with(grpc(0), |a| a.body = Bytes::from_static(b"{}")),
+                "reply:out",
+            ),
             ("UNKNOWN", grpc(2), "retry:status"),
             ("DEADLINE_EXCEEDED", grpc(4), "retry:status"),
             ("RESOURCE_EXHAUSTED", grpc(8), "retry:status"),
@@ -430,8 +482,16 @@ mod tests {
             ("PERMISSION_DENIED", grpc(7), "dead_letter:status"),
             ("FAILED_PRECONDITION", grpc(9), "dead_letter:status"),
             ("UNIMPLEMENTED", grpc(12), "dead_letter:status"),
-            ("value does not fit the message", Err(CallError::Encode("bad".into())), "dead_letter:schema"),
-            ("undecodable answer", Err(CallError::Contract("bad".into())), "dead_letter:contract"),
+            (
+                "value does not fit the message",
+                Err(CallError::Encode("bad".into())),
+                "dead_letter:schema",
+            ),
+            (
+                "undecodable answer",
+                Err(CallError::Contract("bad".into())),
+                "dead_letter:contract",
+            ),
         ];
         for (name, input, want) in cases {
             assert_eq!(shape(&decide(&input, &policy)), want, "{name}");

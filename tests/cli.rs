@@ -242,3 +242,51 @@ fn dev_broker_serves_the_kafka_protocol_on_the_given_port() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn grpc_settings_are_checked() {
+    let grpc = |block: &str| GOOD.replace("      http:\n        url: http://127.0.0.1:8080/\n", block);
+    let (code, stderr) = validate(&grpc(
+        "      grpc:\n        endpoint: http://127.0.0.1:50051\n        method: inventory.v1.Inventory/Check\n",
+    ));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("routes[0].call.grpc.method: say where the method's schema comes from"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = validate(&grpc("      grpc:\n        endpoint: https://127.0.0.1:50051\n"));
+    assert_eq!(code, 78);
+    assert!(stderr.contains("routes[0].call.grpc.ca_file"), "{stderr}");
+
+    let (code, stderr) = validate(&grpc(
+        "      grpc:\n        endpoint: http://127.0.0.1:50051\n        method: nodots\n        reflection: true\n",
+    ));
+    assert_eq!(code, 78);
+    assert!(stderr.contains("`nodots` is not a method"), "{stderr}");
+
+    let (code, stderr) = validate(&grpc(
+        "      grpc:\n        endpoint: http://127.0.0.1:50051\n        method: a.B/C\n        descriptor_set: missing.binpb\n",
+    ));
+    assert_eq!(code, 78);
+    assert!(stderr.contains("missing.binpb does not exist"), "{stderr}");
+
+    let both = GOOD.replace(
+        "        url: http://127.0.0.1:8080/\n",
+        "        url: http://127.0.0.1:8080/\n      grpc:\n        endpoint: http://127.0.0.1:50051\n",
+    );
+    let (code, stderr) = validate(&both);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("give either `http` or `grpc`"), "{stderr}");
+
+    let rule = GOOD.replace(
+        "    dead_letter:\n",
+        "    rules:\n      - when: { grpc: NOT_A_CODE }\n        then: drop\n    dead_letter:\n",
+    );
+    let (code, stderr) = validate(&rule);
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("`NOT_A_CODE` is not a gRPC status code"),
+        "{stderr}"
+    );
+}

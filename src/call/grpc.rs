@@ -12,10 +12,10 @@ use bytes::{Buf, BufMut, Bytes};
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
 use tokio::sync::OnceCell;
+use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::Code;
 
 use super::{Answer, Call, CallError, CallFuture, Status};
 use crate::config::{Action, GrpcCall};
@@ -116,7 +116,11 @@ impl Grpc {
     async fn call_once(&self, record: &Record, attempt: u32) -> Result<Answer, CallError> {
         let (path, body, descriptor) = match &self.target {
             Target::Native => (NATIVE_PATH, event(record, attempt).encode_to_vec().into(), None),
-            Target::Dynamic { path, method, descriptor } => {
+            Target::Dynamic {
+                path,
+                method,
+                descriptor,
+            } => {
                 let d = descriptor
                     .get_or_try_init(|| reflect_method(self.channel.clone(), method))
                     .await
@@ -129,8 +133,13 @@ impl Grpc {
         request.set_timeout(self.timeout);
         let call = async {
             let mut client = tonic::client::Grpc::new(self.channel.clone());
-            client.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let path = path.parse().map_err(|_| tonic::Status::internal("bad method path"))?;
+            client
+                .ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let path = path
+                .parse()
+                .map_err(|_| tonic::Status::internal("bad method path"))?;
             client.unary(request, path, RawCodec).await
         };
         let response = match tokio::time::timeout(self.timeout, call).await {
@@ -176,7 +185,10 @@ fn event(record: &Record, attempt: u32) -> proto::Event {
 fn metadata(record: &Record, attempt: u32) -> MetadataMap {
     let mut m = MetadataMap::new();
     let mut put = |name: &str, value: &str| {
-        if let (Ok(k), Ok(v)) = (name.parse::<AsciiMetadataKey>(), value.parse::<AsciiMetadataValue>()) {
+        if let (Ok(k), Ok(v)) = (
+            name.parse::<AsciiMetadataKey>(),
+            value.parse::<AsciiMetadataValue>(),
+        ) {
             m.insert(k, v);
         }
     };
@@ -189,7 +201,10 @@ fn metadata(record: &Record, attempt: u32) -> MetadataMap {
     if let Some(key) = &record.key {
         match std::str::from_utf8(key) {
             Ok(k) if k.parse::<AsciiMetadataValue>().is_ok() => put("ferry-key", k),
-            _ => put("ferry-key-base64", &base64::engine::general_purpose::STANDARD.encode(key)),
+            _ => put(
+                "ferry-key-base64",
+                &base64::engine::general_purpose::STANDARD.encode(key),
+            ),
         }
     }
     put("ferry-attempt", &attempt.to_string());
@@ -253,27 +268,31 @@ fn to_request(record: &Record, input: &MessageDescriptor) -> Result<Bytes, CallE
     let value = record.value.as_deref().unwrap_or_default();
     let mut json = serde_json::Deserializer::from_slice(value);
     let mut track = serde_path_to_error::Track::new();
-    let message = DynamicMessage::deserialize(input.clone(), serde_path_to_error::Deserializer::new(&mut json, &mut track))
-        .and_then(|m| json.end().map(|()| m))
-        .map_err(|e| {
-            let path = track.path().to_string();
-            let at = if path.is_empty() || path == "." {
-                String::new()
-            } else {
-                format!(" at `{path}`")
-            };
-            CallError::Encode(format!(
-                "the record value does not fit {}{at}: {e}",
-                input.full_name()
-            ))
-        })?;
+    let message = DynamicMessage::deserialize(
+        input.clone(),
+        serde_path_to_error::Deserializer::new(&mut json, &mut track),
+    )
+    .and_then(|m| json.end().map(|()| m))
+    .map_err(|e| {
+        let path = track.path().to_string();
+        let at = if path.is_empty() || path == "." {
+            String::new()
+        } else {
+            format!(" at `{path}`")
+        };
+        CallError::Encode(format!(
+            "the record value does not fit {}{at}: {e}",
+            input.full_name()
+        ))
+    })?;
     Ok(message.encode_to_vec().into())
 }
 
 /// The method's response message as JSON, for the reply record.
 fn json_answer(body: Bytes, output: &MessageDescriptor) -> Result<Answer, CallError> {
-    let message = DynamicMessage::decode(output.clone(), body)
-        .map_err(|e| CallError::Contract(format!("the response is not a valid {}: {e}", output.full_name())))?;
+    let message = DynamicMessage::decode(output.clone(), body).map_err(|e| {
+        CallError::Contract(format!("the response is not a valid {}: {e}", output.full_name()))
+    })?;
     let json = serde_json::to_vec(&message)
         .map_err(|e| CallError::Contract(format!("the response cannot be written as JSON: {e}")))?;
     Ok(Answer {
@@ -285,7 +304,8 @@ fn json_answer(body: Bytes, output: &MessageDescriptor) -> Result<Answer, CallEr
 }
 
 fn load_descriptor_set(file: &Path) -> Result<DescriptorPool, String> {
-    let bytes = std::fs::read(file).map_err(|e| format!("cannot read descriptor_set {}: {e}", file.display()))?;
+    let bytes =
+        std::fs::read(file).map_err(|e| format!("cannot read descriptor_set {}: {e}", file.display()))?;
     DescriptorPool::decode(bytes.as_slice()).map_err(|e| {
         format!(
             "{} is not a protobuf descriptor set ({e}); make one with `protoc --include_imports --descriptor_set_out=FILE` or buf build -o FILE",
@@ -306,17 +326,19 @@ fn find_method(pool: &DescriptorPool, method: &str) -> Result<MethodDescriptor, 
         .find(|m| m.name() == name)
         .ok_or_else(|| format!("service `{service}` has no method `{name}`"))?;
     if m.is_client_streaming() || m.is_server_streaming() {
-        return Err(format!("`{method}` is a streaming method; ferry calls unary methods"));
+        return Err(format!(
+            "`{method}` is a streaming method; ferry calls unary methods"
+        ));
     }
     Ok(m)
 }
 
 /// Asks the service for its descriptors through the gRPC server reflection protocol (v1).
 async fn reflect_method(channel: Channel, method: &str) -> Result<MethodDescriptor, String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let service = method.split_once('/').map(|(s, _)| s).unwrap_or(method);
     let mut client = ServerReflectionClient::new(channel);
@@ -348,7 +370,10 @@ async fn reflect_method(channel: Channel, method: &str) -> Result<MethodDescript
                 }
             }
             Some(MessageResponse::ErrorResponse(e)) => {
-                return Err(format!("reflection: {} (is `{service}` served?)", e.error_message));
+                return Err(format!(
+                    "reflection: {} (is `{service}` served?)",
+                    e.error_message
+                ));
             }
             _ => return Err("reflection gave an unexpected answer".into()),
         }

@@ -153,9 +153,8 @@ fn answer_headers(status: u16, headers: &HeaderMap) -> Answer {
     let mut answer = Answer {
         status: Status::Http(status),
         action: text("ferry-action").map(|raw| {
-            Action::from_header(&raw).ok_or_else(|| {
-                format!("ferry-action `{raw}` is not one of reply, retry, dead-letter, drop")
-            })
+            Action::from_header(&raw)
+                .ok_or_else(|| format!("ferry-action `{raw}` is not one of reply, retry, dead-letter, drop"))
         }),
         reply_topic: text("ferry-reply-topic"),
         reply_key: headers

@@ -20,29 +20,58 @@ fn check_grpc(g: &GrpcCall, at: &str, say: &mut impl FnMut(String, String)) {
     match reqwest::Url::parse(&g.endpoint) {
         Ok(u) if u.scheme() == "http" => {
             if g.ca_file.is_some() {
-                say(format!("{at}.ca_file"), "a CA file is for https:// endpoints".into());
+                say(
+                    format!("{at}.ca_file"),
+                    "a CA file is for https:// endpoints".into(),
+                );
             }
         }
         Ok(u) if u.scheme() == "https" => {
             if g.ca_file.is_none() {
-                say(format!("{at}.ca_file"), "an https:// endpoint needs the CA that signed the service's certificate".into());
+                say(
+                    format!("{at}.ca_file"),
+                    "an https:// endpoint needs the CA that signed the service's certificate".into(),
+                );
             }
         }
-        Ok(u) => say(format!("{at}.endpoint"), format!("scheme `{}` is not supported: use http:// (h2c) or https://", u.scheme())),
-        Err(e) => say(format!("{at}.endpoint"), format!("`{}` is not a URL: {e}", g.endpoint)),
+        Ok(u) => say(
+            format!("{at}.endpoint"),
+            format!(
+                "scheme `{}` is not supported: use http:// (h2c) or https://",
+                u.scheme()
+            ),
+        ),
+        Err(e) => say(
+            format!("{at}.endpoint"),
+            format!("`{}` is not a URL: {e}", g.endpoint),
+        ),
     }
     if g.timeout.0.is_zero() {
         say(format!("{at}.timeout"), "must be above zero, e.g. 5s".into());
     }
     match (&g.method, &g.descriptor_set, g.reflection) {
         (None, None, false) => {}
-        (None, _, _) => say(format!("{at}.method"), "`descriptor_set` and `reflection` describe a `method`: name it (package.Service/Method)".into()),
-        (Some(_), Some(_), true) => say(format!("{at}.reflection"), "give either `descriptor_set` or `reflection: true`, not both".into()),
-        (Some(_), None, false) => say(format!("{at}.method"), "say where the method's schema comes from: `descriptor_set: FILE` or `reflection: true`".into()),
+        (None, _, _) => say(
+            format!("{at}.method"),
+            "`descriptor_set` and `reflection` describe a `method`: name it (package.Service/Method)".into(),
+        ),
+        (Some(_), Some(_), true) => say(
+            format!("{at}.reflection"),
+            "give either `descriptor_set` or `reflection: true`, not both".into(),
+        ),
+        (Some(_), None, false) => say(
+            format!("{at}.method"),
+            "say where the method's schema comes from: `descriptor_set: FILE` or `reflection: true`".into(),
+        ),
         (Some(m), _, _) => {
-            let valid = m.split_once('/').is_some_and(|(s, n)| s.contains('.') && !n.is_empty() && !n.contains('/'));
+            let valid = m
+                .split_once('/')
+                .is_some_and(|(s, n)| s.contains('.') && !n.is_empty() && !n.contains('/'));
             if !valid {
-                say(format!("{at}.method"), format!("`{m}` is not a method: write package.Service/Method"));
+                say(
+                    format!("{at}.method"),
+                    format!("`{m}` is not a method: write package.Service/Method"),
+                );
             }
         }
     }
@@ -226,16 +255,30 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
         }
         for (n, rule) in route.rules.iter().enumerate() {
             let w = &rule.when;
-            let conditions = [w.status.is_some(), w.grpc.is_some(), w.error.is_some()].iter().filter(|c| **c).count();
+            let conditions = [w.status.is_some(), w.grpc.is_some(), w.error.is_some()]
+                .iter()
+                .filter(|c| **c)
+                .count();
             if conditions == 0 {
-                say(format!("routes[{i}].rules[{n}].when"), "give one condition: `status`, `grpc` or `error`".into());
+                say(
+                    format!("routes[{i}].rules[{n}].when"),
+                    "give one condition: `status`, `grpc` or `error`".into(),
+                );
             }
             if conditions > 1 {
-                say(format!("routes[{i}].rules[{n}].when"), "`status`, `grpc` and `error` never hold together; write one rule for each".into());
+                say(
+                    format!("routes[{i}].rules[{n}].when"),
+                    "`status`, `grpc` and `error` never hold together; write one rule for each".into(),
+                );
             }
             if let Some(code) = &w.grpc {
                 if crate::call::grpc::code_from_name(code).is_none() {
-                    say(format!("routes[{i}].rules[{n}].when.grpc"), format!("`{code}` is not a gRPC status code: use a name such as NOT_FOUND or UNAVAILABLE"));
+                    say(
+                        format!("routes[{i}].rules[{n}].when.grpc"),
+                        format!(
+                            "`{code}` is not a gRPC status code: use a name such as NOT_FOUND or UNAVAILABLE"
+                        ),
+                    );
                 }
             }
         }

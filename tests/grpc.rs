@@ -1,0 +1,594 @@
+//! gRPC delivery end to end: real tonic servers on loopback, the native ferry.v1 contract, the
+//! status table, deadlines, one multiplexed connection, dynamic methods from a descriptor set
+//! and through reflection, and TLS.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ferry::call::grpc::proto::handler_server::{Handler, HandlerServer};
+use ferry::call::grpc::proto::{Action, Event, Header, Reply};
+use ferry::outcome::Outcome;
+use ferry::sidecar::Sidecar;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+mod inventory {
+    tonic::include_proto!("inventory.v1");
+}
+use inventory::inventory_server::{Inventory, InventoryServer};
+use inventory::{CheckReply, CheckRequest};
+
+const INVENTORY_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/inventory_v1.binpb"));
+const WAIT: Duration = Duration::from_secs(30);
+
+type Behaviour = Arc<dyn Fn(&Event) -> Result<Reply, Status> + Send + Sync>;
+/// Each call's event and its ASCII metadata.
+type Seen = Arc<Mutex<Vec<(Event, HashMap<String, String>)>>>;
+
+/// A native ferry.v1 handler that records what it saw.
+#[derive(Clone)]
+struct TestHandler {
+    behaviour: Behaviour,
+    seen: Seen,
+    delay_first: Option<Duration>,
+}
+
+#[tonic::async_trait]
+impl Handler for TestHandler {
+    async fn handle(&self, request: Request<Event>) -> Result<Response<Reply>, Status> {
+        let metadata = request
+            .metadata()
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some((k.to_string(), v.to_str().unwrap_or("").to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        let event = request.into_inner();
+        self.seen.lock().unwrap().push((event.clone(), metadata));
+        if let Some(d) = self.delay_first {
+            if event.attempt == 1 {
+                tokio::time::sleep(d).await;
+            }
+        }
+        (self.behaviour)(&event).map(Response::new)
+    }
+}
+
+/// Serves `router` on 127.0.0.1:0; returns the address and a count of accepted connections.
+async fn serve(router: tonic::transport::server::Router) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let incoming = TcpListenerStream::new(listener).map(move |c| {
+        if c.is_ok() {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        c
+    });
+    tokio::spawn(async move {
+        let _ = router.serve_with_incoming(incoming).await;
+    });
+    (addr, connections)
+}
+
+async fn native(
+    behaviour: impl Fn(&Event) -> Result<Reply, Status> + Send + Sync + 'static,
+    delay_first: Option<Duration>,
+) -> (TestHandler, std::net::SocketAddr, Arc<AtomicUsize>) {
+    let handler = TestHandler {
+        behaviour: Arc::new(behaviour),
+        seen: Arc::default(),
+        delay_first,
+    };
+    let router = tonic::transport::Server::builder().add_service(HandlerServer::new(handler.clone()));
+    let (addr, connections) = serve(router).await;
+    (handler, addr, connections)
+}
+
+struct Topics {
+    source: String,
+    reply: String,
+    alt: String,
+    dlq: String,
+    group: String,
+}
+
+async fn topics(kafka: &Kafka, partitions: i32) -> Topics {
+    Topics {
+        source: kafka.topic("in", partitions).await,
+        reply: kafka.topic("out", 1).await,
+        alt: kafka.topic("alt", 1).await,
+        dlq: kafka.topic("dlq", 1).await,
+        group: unique("group"),
+    }
+}
+
+/// A one-route config calling gRPC with the `grpc:` block given (indented by 8).
+fn grpc_config(kafka: &Kafka, t: &Topics, grpc: &str, max_attempts: u32) -> String {
+    format!(
+        r#"kafka:
+  brokers: "{brokers}"
+  group_id: {group}
+  commit_interval: 100ms
+  properties:
+    session.timeout.ms: 6000
+    heartbeat.interval.ms: 500
+routes:
+  - name: grpc
+    from:
+      topics: [{source}]
+    call:
+      grpc:
+{grpc}
+    reply:
+      to: {reply}
+      topics: [{alt}]
+    dead_letter:
+      to: {dlq}
+    retry:
+      max_attempts: {max_attempts}
+      backoff: {{ initial: 10ms, max: 50ms }}
+admin:
+  listen: 127.0.0.1:0
+"#,
+        brokers = kafka.brokers,
+        group = t.group,
+        source = t.source,
+        reply = t.reply,
+        alt = t.alt,
+        dlq = t.dlq,
+    )
+}
+
+fn action(a: Action) -> Reply {
+    Reply {
+        action: a as i32,
+        ..Reply::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_actions_land_where_the_spec_says() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    let alt = t.alt.clone();
+    let (handler, addr, _) = native(
+        move |e| {
+            let v = String::from_utf8_lossy(&e.value).to_string();
+            Ok(match v.as_str() {
+                "reply" => Reply {
+                    payload: Some(format!("r:{v}").into_bytes()),
+                    key: Some(b"k2".to_vec()),
+                    headers: vec![Header {
+                        key: "verdict".into(),
+                        value: b"ok".to_vec(),
+                    }],
+                    ..action(Action::Reply)
+                },
+                "reply-alt" => Reply {
+                    payload: Some(b"alt".to_vec()),
+                    topic: Some(alt.clone()),
+                    ..action(Action::Reply)
+                },
+                "done" => action(Action::Reply),
+                "retry-once" if e.attempt == 1 => Reply {
+                    error: "not yet".into(),
+                    ..action(Action::Retry)
+                },
+                "retry-once" => Reply {
+                    payload: Some(b"second time".to_vec()),
+                    ..action(Action::Reply)
+                },
+                "dead" => Reply {
+                    error: "cannot ever".into(),
+                    ..action(Action::DeadLetter)
+                },
+                "drop" => action(Action::Drop),
+                _ => Reply::default(),
+            })
+        },
+        None,
+    )
+    .await;
+    let text = grpc_config(
+        &kafka,
+        &t,
+        &format!("        endpoint: http://{addr}\n        timeout: 2s"),
+        3,
+    );
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    for v in [
+        "reply",
+        "reply-alt",
+        "done",
+        "retry-once",
+        "dead",
+        "drop",
+        "unset",
+    ] {
+        kafka
+            .send(&t.source, None, Some("k"), v, &[("tenant", "acme")])
+            .await;
+    }
+    eventually(WAIT, "all 7 committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 7).then_some(())
+    })
+    .await;
+
+    let replies = kafka.read_all(&t.reply).await;
+    let values: Vec<_> = replies.iter().map(|r| r.value.clone().unwrap()).collect();
+    assert_eq!(values, vec!["r:reply", "second time"]);
+    assert_eq!(replies[0].key.as_deref(), Some("k2"));
+    assert_eq!(replies[0].header("verdict"), Some("ok"));
+    assert_eq!(replies[0].header("ferry.source.offset"), Some("0"));
+    let alt = kafka.read_all(&t.alt).await;
+    assert_eq!(alt.len(), 1, "the service chose one of reply.topics");
+    let dead = kafka.read_all(&t.dlq).await;
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|d| {
+            (
+                d.value.clone().unwrap(),
+                d.header("ferry.error.reason").unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("dead".into(), "service_said".into()),
+            ("unset".into(), "contract".into())
+        ]
+    );
+    assert_eq!(dead[0].header("ferry.error.message"), Some("cannot ever"));
+    assert_eq!(dead[0].header("ferry.error.status"), Some("OK"));
+    let s = &sidecar.snapshot()[0];
+    assert_eq!(s.get(Outcome::Done), 1);
+    assert_eq!(s.get(Outcome::Dropped), 1);
+    assert_eq!(s.get(Outcome::Replied), 3);
+
+    let seen = handler.seen.lock().unwrap().clone();
+    let (event, metadata) = &seen[0];
+    assert_eq!(event.topic, t.source);
+    assert_eq!(event.key.as_deref(), Some(&b"k"[..]));
+    assert_eq!(event.attempt, 1);
+    assert_eq!(event.idempotency_key, format!("{}/0/0", t.source));
+    assert_eq!(event.headers[0].key, "tenant");
+    assert_eq!(metadata.get("ferry-topic"), Some(&t.source));
+    assert_eq!(metadata.get("ferry-offset").map(String::as_str), Some("0"));
+    assert_eq!(metadata.get("ferry-key").map(String::as_str), Some("k"));
+    assert_eq!(metadata.get("ferry-attempt").map(String::as_str), Some("1"));
+    assert_eq!(metadata.get("idempotency-key"), Some(&event.idempotency_key));
+    assert_eq!(
+        metadata.get("ferry-header-tenant").map(String::as_str),
+        Some("acme")
+    );
+    assert!(
+        metadata.contains_key("grpc-timeout"),
+        "the call carries its deadline"
+    );
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_status_codes_decide_retry_or_dead_letter() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    let (_, addr, _) = native(
+        |e| {
+            let code = match String::from_utf8_lossy(&e.value).as_ref() {
+                "UNAVAILABLE" => tonic::Code::Unavailable,
+                "DEADLINE_EXCEEDED" => tonic::Code::DeadlineExceeded,
+                "RESOURCE_EXHAUSTED" => tonic::Code::ResourceExhausted,
+                "ABORTED" => tonic::Code::Aborted,
+                "INTERNAL" => tonic::Code::Internal,
+                "UNKNOWN" => tonic::Code::Unknown,
+                "NOT_FOUND" => tonic::Code::NotFound,
+                "INVALID_ARGUMENT" => tonic::Code::InvalidArgument,
+                "PERMISSION_DENIED" => tonic::Code::PermissionDenied,
+                _ => tonic::Code::FailedPrecondition,
+            };
+            Err(Status::new(code, "as asked"))
+        },
+        None,
+    )
+    .await;
+    let text = grpc_config(&kafka, &t, &format!("        endpoint: http://{addr}"), 2);
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    let retried = [
+        "UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "ABORTED",
+        "INTERNAL",
+        "UNKNOWN",
+    ];
+    let at_once = [
+        "NOT_FOUND",
+        "INVALID_ARGUMENT",
+        "PERMISSION_DENIED",
+        "FAILED_PRECONDITION",
+    ];
+    for code in retried.iter().chain(&at_once) {
+        kafka.send(&t.source, None, Some("k"), code, &[]).await;
+    }
+    let dead = kafka.read(&t.dlq, 10, WAIT).await;
+    assert_eq!(dead.len(), 10);
+    for d in dead {
+        let code = d.value.clone().unwrap();
+        assert_eq!(d.header("ferry.error.status"), Some(code.as_str()));
+        assert_eq!(d.header("ferry.error.reason"), Some("status"));
+        assert_eq!(d.header("ferry.error.message"), Some("as asked"));
+        let attempts = if retried.contains(&code.as_str()) {
+            "2"
+        } else {
+            "1"
+        };
+        assert_eq!(d.header("ferry.attempts"), Some(attempts), "{code}");
+    }
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_is_retried() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    let (handler, addr, _) = native(
+        |_| {
+            Ok(Reply {
+                payload: Some(b"in time".to_vec()),
+                ..action(Action::Reply)
+            })
+        },
+        Some(Duration::from_secs(3)),
+    )
+    .await;
+    let text = grpc_config(
+        &kafka,
+        &t,
+        &format!("        endpoint: http://{addr}\n        timeout: 300ms"),
+        3,
+    );
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    kafka.send(&t.source, None, Some("k"), "v", &[]).await;
+    let replies = kafka.read(&t.reply, 1, WAIT).await;
+    assert_eq!(replies[0].value.as_deref(), Some("in time"));
+    let attempts: Vec<u32> = handler
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(e, _)| e.attempt)
+        .collect();
+    assert_eq!(attempts, vec![1, 2]);
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_serves_every_in_flight_call() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 3).await;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (i, m) = (in_flight.clone(), most.clone());
+    let (_, addr, connections) = native(
+        move |_| {
+            let now = i.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            i.fetch_sub(1, Ordering::SeqCst);
+            Ok(Reply {
+                payload: Some(b"ok".to_vec()),
+                ..action(Action::Reply)
+            })
+        },
+        None,
+    )
+    .await;
+    let text = grpc_config(&kafka, &t, &format!("        endpoint: http://{addr}"), 3);
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    for n in 0..30 {
+        kafka.send(&t.source, Some(n % 3), Some("k"), "v", &[]).await;
+    }
+    kafka.read(&t.reply, 30, WAIT).await;
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one HTTP/2 connection for all calls"
+    );
+    assert!(
+        most.load(Ordering::SeqCst) >= 2,
+        "calls of different partitions overlapped on it"
+    );
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
+/// A service that knows nothing of ferry.
+#[derive(Default)]
+struct Stock;
+
+#[tonic::async_trait]
+impl Inventory for Stock {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckReply>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(CheckReply {
+            sku: r.sku,
+            available: r.quantity <= 5,
+            warehouse: "north".into(),
+        }))
+    }
+}
+
+async fn dynamic(reflection: bool) {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    let mut builder = tonic::transport::Server::builder();
+    let router = if reflection {
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(INVENTORY_DESCRIPTORS)
+            .build_v1()
+            .unwrap();
+        builder
+            .add_service(InventoryServer::new(Stock))
+            .add_service(reflection)
+    } else {
+        builder.add_service(InventoryServer::new(Stock))
+    };
+    let (addr, _) = serve(router).await;
+    let dir = tempfile::tempdir().unwrap();
+    let descriptors = dir.path().join("inventory.binpb");
+    std::fs::write(&descriptors, INVENTORY_DESCRIPTORS).unwrap();
+    let source = if reflection {
+        "        reflection: true".to_string()
+    } else {
+        format!("        descriptor_set: {}", descriptors.display())
+    };
+    let grpc =
+        format!("        endpoint: http://{addr}\n        method: inventory.v1.Inventory/Check\n{source}");
+    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t, &grpc, 3)))
+        .await
+        .unwrap();
+    kafka
+        .send(&t.source, None, Some("k"), r#"{"sku": "A1", "quantity": 2}"#, &[])
+        .await;
+    kafka
+        .send(
+            &t.source,
+            None,
+            Some("k"),
+            r#"{"sku": "B2", "quantity": "many"}"#,
+            &[],
+        )
+        .await;
+    kafka
+        .send(
+            &t.source,
+            None,
+            Some("k"),
+            r#"{"sku": "C3", "colour": "red"}"#,
+            &[],
+        )
+        .await;
+    kafka
+        .send(&t.source, None, Some("k"), "not json at all", &[])
+        .await;
+
+    let replies = kafka.read(&t.reply, 1, WAIT).await;
+    let json: serde_json::Value = serde_json::from_str(replies[0].value.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"sku": "A1", "available": true, "warehouse": "north"})
+    );
+    assert_eq!(replies[0].header("content-type"), Some("application/json"));
+
+    let dead = kafka.read(&t.dlq, 3, WAIT).await;
+    assert_eq!(dead.len(), 3);
+    for d in &dead {
+        assert_eq!(d.header("ferry.error.reason"), Some("schema"), "{d:?}");
+    }
+    let message = |i: usize| dead[i].header("ferry.error.message").unwrap().to_string();
+    assert!(message(0).contains("quantity"), "names the field: {}", message(0));
+    assert!(message(1).contains("colour"), "names the field: {}", message(1));
+    assert!(message(2).contains("inventory.v1.CheckRequest"), "{}", message(2));
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_method_from_a_descriptor_set() {
+    dynamic(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_method_through_reflection() {
+    dynamic(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_service_with_a_ca_file() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+
+    let identity = tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
+    let handler = TestHandler {
+        behaviour: Arc::new(|_| {
+            Ok(Reply {
+                payload: Some(b"over tls".to_vec()),
+                ..action(Action::Reply)
+            })
+        }),
+        seen: Arc::default(),
+        delay_first: None,
+    };
+    let router = tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        .unwrap()
+        .add_service(HandlerServer::new(handler));
+    let (addr, _) = serve(router).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let grpc = format!(
+        "        endpoint: https://localhost:{}\n        ca_file: {}",
+        addr.port(),
+        ca_file.display()
+    );
+    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t, &grpc, 3)))
+        .await
+        .unwrap();
+    kafka.send(&t.source, None, Some("k"), "v", &[]).await;
+    let replies = kafka.read(&t.reply, 1, WAIT).await;
+    assert_eq!(replies[0].value.as_deref(), Some("over tls"));
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+
+    // A CA that did not sign the service's certificate: nothing gets through.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let wrong = other.self_signed(&other_key).unwrap();
+    std::fs::write(&ca_file, wrong.pem()).unwrap();
+    let t2 = topics(&kafka, 1).await;
+    let grpc = format!(
+        "        endpoint: https://localhost:{}\n        ca_file: {}",
+        addr.port(),
+        ca_file.display()
+    );
+    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t2, &grpc, 2)))
+        .await
+        .unwrap();
+    kafka.send(&t2.source, None, Some("k"), "v", &[]).await;
+    let dead = kafka.read(&t2.dlq, 1, WAIT).await;
+    assert_eq!(
+        dead[0].header("ferry.error.reason"),
+        Some("connect"),
+        "a wrong CA is refused: {dead:?}"
+    );
+    assert!(kafka.read_all(&t2.reply).await.is_empty());
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
