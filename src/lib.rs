@@ -23,7 +23,7 @@
 //! - [`record`]: the owned record that travels;
 //! - [`dispatch`]: lanes (one per partition) that keep order;
 //! - [`route`]: one record's way through its route;
-//! - [`call`]: the service, over HTTP;
+//! - [`call`]: the service, over HTTP or gRPC;
 //! - [`outcome`]: answer → decision (pure), and the outcome and reason vocabulary;
 //! - [`retry`]: when to try again;
 //! - [`produce`]: reply and dead-letter records, acknowledged by the broker;
