@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::{Buf, BufMut, Bytes};
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
@@ -181,42 +180,21 @@ fn event(record: &Record, attempt: u32) -> proto::Event {
     }
 }
 
-/// The same metadata as the HTTP request headers (SPEC §3).
+/// The same metadata as the HTTP request headers (SPEC §3), where the value is ASCII text.
 fn metadata(record: &Record, attempt: u32) -> MetadataMap {
     let mut m = MetadataMap::new();
-    let mut put = |name: &str, value: &str| {
-        if let (Ok(k), Ok(v)) = (
-            name.parse::<AsciiMetadataKey>(),
-            value.parse::<AsciiMetadataValue>(),
-        ) {
-            m.insert(k, v);
-        }
-    };
-    put("ferry-topic", &record.topic);
-    put("ferry-partition", &record.partition.to_string());
-    put("ferry-offset", &record.offset.to_string());
-    if let Some(ts) = record.timestamp_ms {
-        put("ferry-timestamp", &ts.to_string());
-    }
-    if let Some(key) = &record.key {
-        match std::str::from_utf8(key) {
-            Ok(k) if k.parse::<AsciiMetadataValue>().is_ok() => put("ferry-key", k),
-            _ => put(
-                "ferry-key-base64",
-                &base64::engine::general_purpose::STANDARD.encode(key),
-            ),
-        }
-    }
-    put("ferry-attempt", &attempt.to_string());
-    put("idempotency-key", &record.idempotency_key());
-    for (name, value) in &record.headers {
-        if let Ok(v) = std::str::from_utf8(value) {
-            if name == "traceparent" || name == "tracestate" {
-                put(name, v);
+    super::describe(record, attempt, |name, value| {
+        let value = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<AsciiMetadataValue>().ok());
+        match (name.parse::<AsciiMetadataKey>(), value) {
+            (Ok(k), Some(v)) => {
+                m.append(k, v);
+                true
             }
-            put(&format!("ferry-header-{}", name.to_ascii_lowercase()), v);
+            _ => false,
         }
-    }
+    });
     m
 }
 

@@ -2,7 +2,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -57,54 +56,28 @@ impl Http {
 
     fn request(&self, record: &Record, attempt: u32) -> reqwest::RequestBuilder {
         let mut h = self.headers.clone();
-        let mut put = |name: &str, value: &str| {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                h.insert(n, v);
-            }
-        };
         let content_type = record
             .header("content-type")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .unwrap_or("application/octet-stream");
-        put("content-type", content_type);
-        put("ferry-topic", &record.topic);
-        put("ferry-partition", &record.partition.to_string());
-        put("ferry-offset", &record.offset.to_string());
-        if let Some(ts) = record.timestamp_ms {
-            put("ferry-timestamp", &ts.to_string());
-        }
-        if let Some(key) = &record.key {
-            match std::str::from_utf8(key) {
-                Ok(k) if HeaderValue::from_str(k).is_ok() => put("ferry-key", k),
-                _ => put(
-                    "ferry-key-base64",
-                    &base64::engine::general_purpose::STANDARD.encode(key),
-                ),
-            }
-        }
-        put("ferry-attempt", &attempt.to_string());
-        put("idempotency-key", &record.idempotency_key());
-        for (name, value) in &record.headers {
-            let Ok(v) = HeaderValue::from_bytes(value) else {
-                // Binary header values cannot travel in HTTP headers.
-                tracing::debug!(header = %name, "Header value is not valid in HTTP, not forwarded");
-                continue;
-            };
-            match name.as_str() {
-                "traceparent" | "tracestate" => {
-                    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                        h.insert(n, v.clone());
+            .and_then(|v| HeaderValue::from_bytes(v).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+        h.insert(reqwest::header::CONTENT_TYPE, content_type);
+        super::describe(record, attempt, |name, value| {
+            match (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                (Ok(n), Ok(v)) => {
+                    // Record headers may repeat; everything else is set once.
+                    if name.starts_with("ferry-header-") {
+                        h.append(n, v);
+                    } else {
+                        h.insert(n, v);
                     }
+                    true
                 }
-                _ => {}
+                _ => false,
             }
-            if let Ok(n) = HeaderName::from_bytes(format!("ferry-header-{name}").as_bytes()) {
-                h.append(n, v);
-            }
-        }
+        });
         let body = record.value.clone().unwrap_or_default();
         self.client
             .request(self.method.clone(), self.url.render(record))

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 
 use crate::config::Action;
@@ -79,6 +80,37 @@ pub enum CallError {
     /// The answer cannot be understood (an undecodable response message).
     #[error("{0}")]
     Contract(String),
+}
+
+/// The request metadata SPEC §3 lists, for either transport: `put(name, value)` adds one entry
+/// and says whether the transport could carry it (a key that cannot travel as text goes as
+/// `ferry-key-base64`; a record header that cannot travel is left out, with a debug line).
+pub(crate) fn describe(record: &Record, attempt: u32, mut put: impl FnMut(&str, &[u8]) -> bool) {
+    put("ferry-topic", record.topic.as_bytes());
+    put("ferry-partition", record.partition.to_string().as_bytes());
+    put("ferry-offset", record.offset.to_string().as_bytes());
+    if let Some(ts) = record.timestamp_ms {
+        put("ferry-timestamp", ts.to_string().as_bytes());
+    }
+    if let Some(key) = &record.key {
+        let printable = std::str::from_utf8(key).is_ok_and(|k| !k.chars().any(char::is_control));
+        if !(printable && put("ferry-key", key)) {
+            put(
+                "ferry-key-base64",
+                base64::engine::general_purpose::STANDARD.encode(key).as_bytes(),
+            );
+        }
+    }
+    put("ferry-attempt", attempt.to_string().as_bytes());
+    put("idempotency-key", record.idempotency_key().as_bytes());
+    for (name, value) in &record.headers {
+        if name == "traceparent" || name == "tracestate" {
+            put(name, value);
+        }
+        if !put(&format!("ferry-header-{}", name.to_ascii_lowercase()), value) {
+            tracing::debug!(header = %name, "Header cannot travel to the service, not forwarded");
+        }
+    }
 }
 
 pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Answer, CallError>> + Send + 'a>>;
