@@ -20,15 +20,11 @@ use regex::Regex;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::config::{Route, Start};
+use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
 use crate::offsets::{Tp, Tracker};
 use crate::record::Record;
 use crate::telemetry::RouteStats;
-
-/// A partition is paused when this many records lie between its watermark and the newest taken,
-/// and resumed when half of them are gone.
-pub const MAX_WINDOW: usize = 256;
 
 /// Which route reads which topic.
 pub struct RouteTable {
@@ -87,7 +83,9 @@ pub struct Context {
     tracker: Arc<Tracker>,
     routes: Arc<RouteTable>,
     stats: Arc<Vec<Arc<RouteStats>>>,
-    lanes: Mutex<Lanes>,
+    lanes: Lanes,
+    /// Each route's in-flight bounds.
+    bounds: Vec<Concurrency>,
     paused: Mutex<HashSet<Tp>>,
     /// Held while offsets are taken from the tracker and committed, so a periodic commit can
     /// never land after the final commit of a revoked partition.
@@ -129,7 +127,11 @@ impl ConsumerContext for Context {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.choose_start_offsets(c, tpl);
-                self.tracker.assign(&tps);
+                let with_routes: Vec<(Tp, usize)> = tps
+                    .iter()
+                    .filter_map(|tp| self.routes.route_for(&tp.0).map(|r| (tp.clone(), r)))
+                    .collect();
+                self.tracker.assign(&with_routes);
                 tracing::info!(partitions = %describe(&tps), "Partitions assigned");
                 if cooperative {
                     c.incremental_assign(tpl)
@@ -163,7 +165,6 @@ impl Context {
     /// commits what is final and forgets them; late results are then discarded.
     fn drain(&self, c: &BaseConsumer<Self>, tps: &[Tp], commit_final: bool) {
         self.tracker.revoke(tps);
-        lock(&self.lanes).close(tps);
         {
             let mut paused = lock(&self.paused);
             for tp in tps {
@@ -316,6 +317,11 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             if all_latest { "latest" } else { "earliest" },
         )
         .set("isolation.level", "read_committed");
+    if client.get("partition.assignment.strategy").is_none() {
+        // Cooperative rebalancing moves only the partitions that change owner; the others keep
+        // flowing during a scale-out.
+        client.set("partition.assignment.strategy", "cooperative-sticky");
+    }
     if client.get("queued.max.messages.kbytes").is_none() {
         // librdkafka's default prefetch is 64 MiB; ferry's own window bounds the rest.
         client.set("queued.max.messages.kbytes", "8192");
@@ -324,7 +330,8 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         tracker: setup.tracker.clone(),
         routes: routes.clone(),
         stats: setup.stats.clone(),
-        lanes: Mutex::new(setup.lanes),
+        lanes: setup.lanes,
+        bounds: setup.routes.iter().map(|r| r.concurrency.clone()).collect(),
         paused: Mutex::new(HashSet::new()),
         commit_lock: Mutex::new(()),
         drain_timeout: setup.drain_timeout,
@@ -370,7 +377,6 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         let _ = consumer.pause(&a);
     }
     setup.tracker.revoke(&assigned);
-    lock(&consumer.context().lanes).close_all();
     let deadline = Instant::now() + setup.drain_timeout;
     while setup.tracker.live() > 0 && Instant::now() < deadline {
         setup.health.beat();
@@ -429,14 +435,20 @@ fn take(
     let ctx = consumer.context();
     let tp: Tp = (topic.clone(), msg.partition());
     // `None`: the partition is being revoked or this offset was seen; not ours to handle.
-    let Some(lease) = ctx.tracker.track(&tp, msg.offset()) else {
+    let size = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
+    let Some(lease) = ctx.tracker.track(&tp, msg.offset(), size) else {
         return;
     };
     stats[route]
         .received
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    lock(&ctx.lanes).dispatch(Record::from_message(msg, topic, route, lease));
-    if ctx.tracker.window_len(&tp) >= MAX_WINDOW && lock(&ctx.paused).insert(tp.clone()) {
+    ctx.lanes.dispatch(Record::from_message(msg, topic, route, lease));
+    let bounds = &ctx.bounds[route];
+    let load = ctx.tracker.load(&tp);
+    let full = load.window >= bounds.per_partition
+        || load.route_window >= bounds.total
+        || load.route_bytes as u64 >= bounds.max_bytes.0;
+    if full && lock(&ctx.paused).insert(tp.clone()) {
         set_paused(consumer, &tp, true);
     }
 }
@@ -445,7 +457,17 @@ fn resume_drained(consumer: &BaseConsumer<Context>) {
     let ctx = consumer.context();
     let ready: Vec<Tp> = lock(&ctx.paused)
         .iter()
-        .filter(|tp| ctx.tracker.window_len(tp) <= MAX_WINDOW / 2)
+        .filter(|tp| {
+            // Hysteresis: resume once half the partition's room is free and the route is
+            // below its bounds, so a partition does not flap between paused and fetching.
+            let Some(route) = ctx.routes.route_for(&tp.0) else {
+                return true;
+            };
+            let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
+            load.window <= b.per_partition / 2
+                && load.route_window < b.total
+                && (load.route_bytes as u64) < b.max_bytes.0
+        })
         .cloned()
         .collect();
     for tp in ready {

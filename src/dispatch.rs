@@ -1,26 +1,95 @@
 //! Lanes: which records may run concurrently and which must wait for each other.
 //!
-//! Fed by the consumer thread with records in partition order; feeds the route handlers. Each
-//! partition is one lane here: its records are handled strictly one after another, so replies
-//! keep the partition's order and an in-place retry holds back only its own partition.
+//! Fed by the consumer thread with records in partition order; feeds the route handlers. A lane
+//! is a sequence of records handled strictly one after another: one per key (`ordering: key`,
+//! with each null-key record a lane of its own), one per partition (`partition`), or one per
+//! record (`none`). A lane that has work has exactly one task running it; an in-place retry holds
+//! back only its own lane. How many records are taken at all is bounded upstream, by pausing the
+//! partition (see `consume`), never by blocking the poll loop.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
 
+use crate::config::Ordering;
 use crate::offsets::Tp;
 use crate::record::Record;
 use crate::route::RouteHandler;
 
-/// The open lanes, owned by the consumer thread.
+/// Which lane a record belongs to, within its partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Key(Bytes),
+    /// A record that waits for nothing (null key in `key` mode, any record in `none` mode).
+    Alone(i64),
+    Partition,
+}
+
+impl Lane {
+    pub fn of(record: &Record, ordering: Ordering) -> Lane {
+        match (ordering, &record.key) {
+            (Ordering::Key, Some(k)) => Lane::Key(k.clone()),
+            (Ordering::Key, None) | (Ordering::None, _) => Lane::Alone(record.offset),
+            (Ordering::Partition, _) => Lane::Partition,
+        }
+    }
+}
+
+/// The queues of busy lanes: pure bookkeeping, property-tested below.
+pub struct Scheduler<T> {
+    /// A lane is busy while it has an entry; the queue holds what waits behind the running one.
+    busy: HashMap<(Tp, Lane), VecDeque<T>>,
+}
+
+impl<T> Default for Scheduler<T> {
+    fn default() -> Self {
+        Scheduler { busy: HashMap::new() }
+    }
+}
+
+impl<T> Scheduler<T> {
+    /// Queues `item`; returns it back when its lane was idle and it should start now.
+    pub fn push(&mut self, tp: &Tp, lane: Lane, item: T) -> Option<T> {
+        match self.busy.get_mut(&(tp.clone(), lane.clone())) {
+            Some(queue) => {
+                queue.push_back(item);
+                None
+            }
+            None => {
+                self.busy.insert((tp.clone(), lane), VecDeque::new());
+                Some(item)
+            }
+        }
+    }
+
+    /// The running item of a lane finished; returns the next one to start, if any.
+    pub fn done(&mut self, tp: &Tp, lane: &Lane) -> Option<T> {
+        let key = (tp.clone(), lane.clone());
+        let next = self.busy.get_mut(&key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            self.busy.remove(&key);
+        }
+        next
+    }
+
+    /// Busy lanes (for tests and status).
+    pub fn busy(&self) -> usize {
+        self.busy.len()
+    }
+}
+
+/// The lanes of every route, shared by the consumer thread (which adds records) and the lane
+/// tasks (which take the next record of their lane).
 pub struct Lanes {
     runtime: Handle,
     handlers: Arc<Vec<RouteHandler>>,
-    /// One sender per partition lane. The channel is unbounded because the in-flight bound is
-    /// enforced upstream by pausing the partition, never by blocking the poll loop.
-    lanes: HashMap<Tp, mpsc::UnboundedSender<Record>>,
+    scheduler: Arc<Mutex<Scheduler<Record>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lanes {
@@ -28,42 +97,77 @@ impl Lanes {
         Lanes {
             runtime,
             handlers,
-            lanes: HashMap::new(),
+            scheduler: Arc::default(),
         }
     }
 
-    /// Queues `record` on its lane, opening the lane if needed.
-    pub fn dispatch(&mut self, record: Record) {
+    /// Queues `record` on its lane; starts a task for the lane if it was idle.
+    pub fn dispatch(&self, record: Record) {
+        let ordering = self.handlers[record.route].config.ordering;
+        let lane = Lane::of(&record, ordering);
         let tp = record.lease.tp.clone();
-        let record = match self.lanes.get(&tp) {
-            Some(tx) => match tx.send(record) {
-                Ok(()) => return,
-                // The lane ended (it never does while its sender lives, but be safe).
-                Err(mpsc::error::SendError(r)) => r,
-            },
-            None => record,
+        let Some(first) = lock(&self.scheduler).push(&tp, lane.clone(), record) else {
+            return;
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
         let handlers = self.handlers.clone();
+        let scheduler = self.scheduler.clone();
         self.runtime.spawn(async move {
-            while let Some(r) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(r) = next {
                 handlers[r.route].handle(r).await;
+                next = lock(&scheduler).done(&tp, &lane);
             }
         });
-        // A fresh channel's receiver is alive, so this send cannot fail.
-        let _ = tx.send(record);
-        self.lanes.insert(tp, tx);
     }
+}
 
-    /// Closes the lanes of these partitions; their tasks end once their queue is handled (queued
-    /// records of a revoked partition are abandoned quickly, see `RouteHandler::handle`).
-    pub fn close(&mut self, tps: &[Tp]) {
-        for tp in tps {
-            self.lanes.remove(tp);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the keys and the completion order: at most one record per lane runs at a
+        /// time, and each lane's records start in the order they were pushed.
+        #[test]
+        fn lanes_keep_order_and_exclusivity(
+            keys in proptest::collection::vec(0u8..6, 1..150),
+            picks in proptest::collection::vec(any::<proptest::sample::Index>(), 150),
+        ) {
+            let tp: Tp = (Arc::from("t"), 0);
+            let mut s: Scheduler<(u8, usize)> = Scheduler::default();
+            let mut running: Vec<(u8, usize)> = Vec::new();
+            let mut started: HashMap<u8, Vec<usize>> = HashMap::new();
+            let lane = |k: u8| Lane::Key(Bytes::from(vec![k]));
+            let mut pick = picks.iter().cycle();
+            for (i, &k) in keys.iter().enumerate() {
+                if let Some(item) = s.push(&tp, lane(k), (k, i)) {
+                    prop_assert!(!running.iter().any(|(rk, _)| *rk == k), "two records of key {} at once", k);
+                    running.push(item);
+                    started.entry(k).or_default().push(i);
+                }
+                // Finish a random running record now and then.
+                if i % 2 == 0 && !running.is_empty() {
+                    let (k, _) = running.swap_remove(pick.next().unwrap().index(running.len()));
+                    if let Some(next) = s.done(&tp, &lane(k)) {
+                        running.push(next);
+                        started.entry(k).or_default().push(next.1);
+                    }
+                }
+            }
+            while !running.is_empty() {
+                let (k, _) = running.swap_remove(pick.next().unwrap().index(running.len()));
+                if let Some(next) = s.done(&tp, &lane(k)) {
+                    prop_assert!(!running.iter().any(|(rk, _)| *rk == k));
+                    running.push(next);
+                    started.entry(k).or_default().push(next.1);
+                }
+            }
+            prop_assert_eq!(s.busy(), 0);
+            for (k, order) in started {
+                let pushed: Vec<usize> = keys.iter().enumerate().filter(|(_, x)| **x == k).map(|(i, _)| i).collect();
+                prop_assert_eq!(order, pushed, "key {} out of order", k);
+            }
         }
-    }
-
-    pub fn close_all(&mut self) {
-        self.lanes.clear();
     }
 }

@@ -32,16 +32,24 @@ enum Slot {
 /// any order, and the watermark moves only over a prefix of finished records.
 #[derive(Debug, Default)]
 pub struct Window {
-    slots: VecDeque<(i64, Slot)>,
+    /// Offset, state and size in bytes of each record.
+    slots: VecDeque<(i64, Slot, usize)>,
     committable: Option<i64>,
     live: usize,
+    /// Bytes held by live records (final ones no longer hold their data).
+    live_bytes: usize,
 }
 
 impl Window {
     /// Records that `offset` was taken. Offsets at or below the newest taken are ignored (a
     /// repeat delivery after a seek), and `false` is returned.
     pub fn push(&mut self, offset: i64) -> bool {
-        if let Some(&(last, _)) = self.slots.back() {
+        self.push_sized(offset, 0)
+    }
+
+    /// As `push`, for a record of `size` bytes.
+    pub fn push_sized(&mut self, offset: i64, size: usize) -> bool {
+        if let Some(&(last, _, _)) = self.slots.back() {
             if offset <= last {
                 return false;
             }
@@ -50,8 +58,9 @@ impl Window {
                 return false;
             }
         }
-        self.slots.push_back((offset, Slot::Live));
+        self.slots.push_back((offset, Slot::Live, size));
         self.live += 1;
+        self.live_bytes += size;
         true
     }
 
@@ -60,7 +69,7 @@ impl Window {
         if !self.set(offset, Slot::Final) {
             return false;
         }
-        while let Some(&(o, Slot::Final)) = self.slots.front() {
+        while let Some(&(o, Slot::Final, _)) = self.slots.front() {
             self.committable = Some(o + 1);
             self.slots.pop_front();
         }
@@ -73,7 +82,7 @@ impl Window {
     }
 
     fn set(&mut self, offset: i64, to: Slot) -> bool {
-        let Ok(i) = self.slots.binary_search_by_key(&offset, |&(o, _)| o) else {
+        let Ok(i) = self.slots.binary_search_by_key(&offset, |&(o, _, _)| o) else {
             return false;
         };
         if self.slots[i].1 != Slot::Live {
@@ -81,6 +90,7 @@ impl Window {
         }
         self.slots[i].1 = to;
         self.live -= 1;
+        self.live_bytes -= self.slots[i].2;
         true
     }
 
@@ -92,6 +102,10 @@ impl Window {
     /// Records taken and not yet final (queued, being handled).
     pub fn live(&self) -> usize {
         self.live
+    }
+
+    pub fn live_bytes(&self) -> usize {
+        self.live_bytes
     }
 
     /// Every record between the watermark and the newest taken, finished ones included: what
@@ -122,6 +136,8 @@ impl Lease {
 }
 
 struct Partition {
+    /// Index of the route that reads this partition's topic.
+    route: usize,
     generation: u64,
     cancel: CancellationToken,
     window: Window,
@@ -136,6 +152,14 @@ struct Partition {
 struct State {
     partitions: HashMap<Tp, Partition>,
     next_generation: u64,
+}
+
+/// The in-flight load that decides pausing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    pub window: usize,
+    pub route_window: usize,
+    pub route_bytes: usize,
 }
 
 /// What the status of a partition looks like from outside.
@@ -173,10 +197,11 @@ impl Tracker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts tracking newly assigned partitions, each with a fresh generation.
-    pub fn assign(&self, tps: &[Tp]) {
+    /// Starts tracking newly assigned partitions, each with a fresh generation, with the index
+    /// of the route that reads them.
+    pub fn assign(&self, tps: &[(Tp, usize)]) {
         let mut s = self.lock();
-        for tp in tps {
+        for (tp, route) in tps {
             s.next_generation += 1;
             let generation = s.next_generation;
             if let Some(old) = s.partitions.get(tp) {
@@ -185,6 +210,7 @@ impl Tracker {
             s.partitions.insert(
                 tp.clone(),
                 Partition {
+                    route: *route,
                     generation,
                     cancel: self.stopping.child_token(),
                     window: Window::default(),
@@ -198,10 +224,10 @@ impl Tracker {
 
     /// Records that `offset` was taken; `None` when the partition is not assigned or the
     /// offset was seen already.
-    pub fn track(&self, tp: &Tp, offset: i64) -> Option<Lease> {
+    pub fn track(&self, tp: &Tp, offset: i64, size: usize) -> Option<Lease> {
         let mut s = self.lock();
         let p = s.partitions.get_mut(tp)?;
-        if p.cancel.is_cancelled() || !p.window.push(offset) {
+        if p.cancel.is_cancelled() || !p.window.push_sized(offset, size) {
             return None;
         }
         Some(Lease {
@@ -336,15 +362,28 @@ impl Tracker {
         }
     }
 
-    /// Records between the watermark and the newest taken for `tp`.
-    pub fn window_len(&self, tp: &Tp) -> usize {
-        self.lock().partitions.get(tp).map_or(0, |p| p.window.len())
-    }
-
     pub fn set_paused(&self, tp: &Tp, paused: bool) {
         if let Some(p) = self.lock().partitions.get_mut(tp) {
             p.paused = paused;
         }
+    }
+
+    /// What the in-flight bounds look at for `tp`: its window, and the windows and live bytes of
+    /// all partitions of its route.
+    pub fn load(&self, tp: &Tp) -> Load {
+        let s = self.lock();
+        let Some(route) = s.partitions.get(tp).map(|p| p.route) else {
+            return Load::default();
+        };
+        let mut load = Load::default();
+        for (t, p) in s.partitions.iter().filter(|(_, p)| p.route == route) {
+            if t == tp {
+                load.window = p.window.len();
+            }
+            load.route_window += p.window.len();
+            load.route_bytes += p.window.live_bytes();
+        }
+        load
     }
 
     /// Live records across every partition.
@@ -412,15 +451,15 @@ mod tests {
     fn late_results_of_a_released_partition_are_discarded() {
         let t = Tracker::new(CancellationToken::new());
         let tp: Tp = (Arc::from("t"), 0);
-        t.assign(std::slice::from_ref(&tp));
-        let old = t.track(&tp, 5).unwrap();
+        t.assign(&[(tp.clone(), 0)]);
+        let old = t.track(&tp, 5, 10).unwrap();
         t.revoke(std::slice::from_ref(&tp));
         assert!(old.is_cancelled());
         let (commits, live) = t.release(std::slice::from_ref(&tp));
         assert!(commits.is_empty());
         assert_eq!(live, 1);
-        t.assign(std::slice::from_ref(&tp));
-        let new = t.track(&tp, 5).unwrap();
+        t.assign(&[(tp.clone(), 0)]);
+        let new = t.track(&tp, 5, 10).unwrap();
         assert!(!t.finish(&old, 5), "the old generation's result is dropped");
         assert!(t.finish(&new, 5));
         assert_eq!(t.take_commits(), vec![(tp.clone(), 6)]);

@@ -487,10 +487,10 @@ async fn commit_waits_for_the_broker_to_acknowledge_the_reply() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partitions_are_handled_in_order_and_all_committed() {
+async fn partition_mode_handles_each_partition_in_order() {
     let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
     let log = seen.clone();
-    let b = Bench::start(3, "", move |req: Req| {
+    let b = Bench::start(3, "    ordering: partition\n", move |req: Req| {
         let log = log.clone();
         async move {
             let key = req.header("ferry-partition").unwrap_or("?").to_string();
@@ -614,4 +614,50 @@ fn rfc3339(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_mode_keeps_each_keys_order_and_runs_keys_concurrently() {
+    let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (log, now, peak) = (seen.clone(), in_flight.clone(), most.clone());
+    let b = Bench::start(1, "", move |req: Req| {
+        let (log, now, peak) = (log.clone(), now.clone(), peak.clone());
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = now.fetch_add(1, SeqCst) + 1;
+            peak.fetch_max(n, SeqCst);
+            let key = req.header("ferry-key").unwrap_or("?").to_string();
+            log.lock().unwrap().entry(key).or_default().push(req.body.clone());
+            // Uneven latency: a key's later record would overtake its earlier one if lanes leaked.
+            let jitter = req.body.len() as u64 % 3 * 7;
+            tokio::time::sleep(Duration::from_millis(5 + jitter)).await;
+            now.fetch_sub(1, SeqCst);
+            Resp::new(200, &req.body)
+        }
+    })
+    .await;
+    let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+    for i in 0..80 {
+        let key = format!("k{}", i % 5);
+        let v = format!("{key}-{}", "x".repeat(i % 4));
+        let v = format!("{v}-{i}");
+        b.kafka.send(&b.source, None, Some(&key), &v, &[]).await;
+        sent.entry(key).or_default().push(v);
+    }
+    b.wait_committed(80).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, sent, "every key's records were called in input order");
+    let replies = b.kafka.read_all(&b.reply).await;
+    let mut replied: HashMap<String, Vec<String>> = HashMap::new();
+    for r in replies {
+        replied.entry(r.key.unwrap()).or_default().push(r.value.unwrap());
+    }
+    assert_eq!(replied, sent, "every key's replies were published in input order");
+    assert!(
+        most.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "different keys of one partition ran concurrently"
+    );
+    b.stop().await;
 }

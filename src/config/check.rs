@@ -211,6 +211,28 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             }
         }
 
+        let c = &route.concurrency;
+        if c.per_partition == 0 {
+            say(at("concurrency.per_partition"), "must be at least 1".into());
+        }
+        if c.total < c.per_partition {
+            say(
+                at("concurrency.total"),
+                format!("is below concurrency.per_partition ({})", c.per_partition),
+            );
+        }
+        if c.max_bytes.0 == 0 {
+            say(
+                at("concurrency.max_bytes"),
+                "must be above zero, e.g. 16MiB".into(),
+            );
+        }
+        if !(c.rate >= 0.0 && c.rate.is_finite()) {
+            say(
+                at("concurrency.rate"),
+                "calls per second: 0 (unlimited) or more".into(),
+            );
+        }
         let r = &route.retry;
         if r.max_attempts == 0 {
             say(

@@ -69,6 +69,11 @@ pub struct Route {
     /// Unique; used in logs, metrics, dead-letter headers and `ferry redrive --route`.
     pub name: String,
     pub from: From,
+    /// Which records must wait for each other.
+    #[serde(default)]
+    pub ordering: Ordering,
+    #[serde(default)]
+    pub concurrency: Concurrency,
     pub call: Call,
     #[serde(default)]
     pub retry: Retry,
@@ -78,6 +83,100 @@ pub struct Route {
     /// First match wins; consulted after an explicit `ferry-action` and before the defaults.
     #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+/// SPEC §1 ordering modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// Records with the same key one after another; different keys concurrently. A null key is
+    /// a lane of its own.
+    #[default]
+    Key,
+    /// Strictly one after another per partition.
+    Partition,
+    /// Any order, as many at once as the bounds allow.
+    None,
+}
+
+/// The in-flight bounds of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// Records of one partition between its committed watermark and the newest taken, finished
+    /// ones included: past this the partition is paused.
+    #[serde(default = "default_per_partition")]
+    pub per_partition: usize,
+    /// The same count over all of the route's partitions.
+    #[serde(default = "default_total")]
+    pub total: usize,
+    /// Bytes (key, value, headers) of the records in flight on the route.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Calls per second towards the service; 0 = unlimited.
+    #[serde(default)]
+    pub rate: f64,
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency {
+            per_partition: default_per_partition(),
+            total: default_total(),
+            max_bytes: default_max_bytes(),
+            rate: 0.0,
+        }
+    }
+}
+
+fn default_per_partition() -> usize {
+    32
+}
+
+fn default_total() -> usize {
+    256
+}
+
+fn default_max_bytes() -> ByteSize {
+    ByteSize(16 * 1024 * 1024)
+}
+
+/// A size written as `512KiB`, `16MiB`, `1GiB`, `64kB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Option<u64> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let n: u64 = s[..split].parse().ok()?;
+        let scale: u64 = match s[split..].trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "kB" | "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return None,
+        };
+        n.checked_mul(scale)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let text = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        ByteSize::parse(&text).map(ByteSize).ok_or_else(|| {
+            de::Error::custom(format!(
+                "`{text}` is not a size: write bytes, or a number with KiB, MiB or GiB, such as 16MiB"
+            ))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -517,6 +616,16 @@ mod tests {
         for bad in ["", "5", "5 s", "s", "5d", "-1s"] {
             assert_eq!(Dur::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("16MiB"), Some(16 << 20));
+        assert_eq!(ByteSize::parse("512 KiB"), Some(512 << 10));
+        assert_eq!(ByteSize::parse("100"), Some(100));
+        assert_eq!(ByteSize::parse("64kB"), Some(64_000));
+        assert_eq!(ByteSize::parse("lots"), None);
+        assert_eq!(ByteSize::parse("5TiB"), None);
     }
 
     #[test]
