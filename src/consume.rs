@@ -114,6 +114,8 @@ pub fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
     use RDKafkaLogLevel::*;
     match level {
         Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        // The shared properties reach both clients; each warns about the other's, harmlessly.
+        Warning if fac == "CONFWARN" => tracing::debug!(target: "librdkafka", fac, "{message}"),
         Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
         Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
         Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
@@ -322,6 +324,10 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         // flowing during a scale-out.
         client.set("partition.assignment.strategy", "cooperative-sticky");
     }
+    if client.get("fetch.queue.backoff.ms").is_none() {
+        // After a resume librdkafka otherwise waits up to a second before fetching again.
+        client.set("fetch.queue.backoff.ms", "10");
+    }
     if client.get("queued.max.messages.kbytes").is_none() {
         // librdkafka's default prefetch is 64 MiB; ferry's own window bounds the rest.
         client.set("queued.max.messages.kbytes", "8192");
@@ -356,7 +362,9 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     };
     while !setup.shutdown.is_cancelled() {
         setup.health.beat();
-        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+        // While a partition is paused, turn quickly so it resumes as soon as room frees.
+        let idle = if lock(&consumer.context().paused).is_empty() { 100 } else { 5 };
+        if let Some(result) = consumer.poll(Duration::from_millis(idle)) {
             match result {
                 Ok(msg) => take(&consumer, &msg, &routes, &mut topics, &setup.stats),
                 // librdkafka recovers from these by itself; they are worth a line, not a stop.
@@ -442,6 +450,7 @@ fn take(
     stats[route]
         .received
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::trace!(partition = tp.1, offset = msg.offset(), "Took record");
     ctx.lanes.dispatch(Record::from_message(msg, topic, route, lease));
     let bounds = &ctx.bounds[route];
     let load = ctx.tracker.load(&tp);

@@ -24,6 +24,36 @@ pub struct RouteHandler {
     pub producer: Producer,
     pub tracker: Arc<Tracker>,
     pub stats: Arc<RouteStats>,
+    /// `concurrency.rate`: spaces calls towards the service.
+    pub pace: Pace,
+}
+
+/// Spaces calls evenly at a fixed rate (no bursts): each call takes the next free slot.
+pub struct Pace {
+    interval: Option<Duration>,
+    next: std::sync::Mutex<Instant>,
+}
+
+impl Pace {
+    /// `rate` calls per second; 0 means unlimited.
+    pub fn new(rate: f64) -> Pace {
+        Pace {
+            interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
+            next: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for this call's slot.
+    pub async fn wait(&self) {
+        let Some(interval) = self.interval else { return };
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = (*next).max(Instant::now());
+            *next = slot + interval;
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
 }
 
 impl RouteHandler {
@@ -44,6 +74,7 @@ impl RouteHandler {
             let now = epoch_ms();
             attempts.first_at_ms.get_or_insert(now);
             attempts.last_at_ms = Some(now);
+            self.pace.wait().await;
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             let result = self.call.call(&record, attempts.count).await;
             let failure = match outcome::decide(&result, &policy) {

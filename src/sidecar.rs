@@ -22,7 +22,7 @@ use crate::consume::{self, ConsumerSetup};
 use crate::dispatch::Lanes;
 use crate::offsets::{PartitionStatus, Tracker};
 use crate::produce::Producer;
-use crate::route::RouteHandler;
+use crate::route::{Pace, RouteHandler};
 use crate::telemetry::{RouteStats, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +115,7 @@ impl Sidecar {
                 producer: producer.clone(),
                 tracker: tracker.clone(),
                 stats: stats[i].clone(),
+                pace: Pace::new(route.concurrency.rate),
             });
         }
         let mut consumer_config = client;

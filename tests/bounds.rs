@@ -1,0 +1,98 @@
+//! In-flight bounds: a hung service pauses the partition at its bound while the poll loop keeps
+//! the group membership, and the rate caps calls per second.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry::sidecar::Sidecar;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_service_pauses_the_partition_at_its_bound_without_leaving_the_group() {
+    let kafka = Kafka::start();
+    let source = kafka.topic("in", 1).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+    let group = unique("group");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let service = Service::start(move |req: Req| {
+        let held = held.clone();
+        async move {
+            let _p = held.acquire().await;
+            Resp::new(200, &req.body)
+        }
+    })
+    .await;
+    // The service hangs for longer than max.poll.interval.ms: a sidecar that stopped polling
+    // would be thrown out of the group and its partitions handed over.
+    let extra = "    ordering: none\n    concurrency: { per_partition: 8, total: 8 }\n";
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, extra)
+        .replace("    heartbeat.interval.ms: 500\n", "    heartbeat.interval.ms: 500\n    max.poll.interval.ms: 6000\n")
+        .replace("        timeout: 2s", "        timeout: 30s");
+    for i in 0..2000 {
+        kafka.send(&source, None, Some(&format!("k{i}")), &format!("v{i}"), &[]).await;
+    }
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    eventually(WAIT, "the partition paused at its bound", || async {
+        sidecar.partitions().first().filter(|p| p.paused).map(|_| ())
+    })
+    .await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        let p = sidecar.partitions();
+        assert_eq!(p.len(), 1, "the partition stays assigned: {p:?}");
+        assert!(p[0].window <= 8, "records held past the bound: {p:?}");
+        assert!(sidecar.snapshot()[0].received <= 8, "{:?}", sidecar.snapshot());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(service.requests().len() <= 8);
+    gate.add_permits(10_000);
+    eventually(WAIT, "all 2000 committed", || async {
+        (kafka.committed_total(&group, &source, 1).await == 2000).then_some(())
+    })
+    .await;
+    let s = sidecar.snapshot().remove(0);
+    assert_eq!(s.abandoned, 0, "never revoked: {s:?}");
+    assert_eq!(s.received, 2000, "each record taken once: {s:?}");
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_caps_calls_per_second() {
+    let kafka = Kafka::start();
+    let source = kafka.topic("in", 2).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+    let group = unique("group");
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let log = calls.clone();
+    let service = Service::start(move |req: Req| {
+        log.lock().unwrap().push(Instant::now());
+        async move { Resp::new(200, &req.body) }
+    })
+    .await;
+    let extra = "    ordering: none\n    concurrency: { rate: 20 }\n";
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, extra);
+    for i in 0..40 {
+        kafka.send(&source, Some(i % 2), Some("k"), "v", &[]).await;
+    }
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    eventually(WAIT, "all 40 committed", || async {
+        (kafka.committed_total(&group, &source, 2).await == 40).then_some(())
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    // However slow the machine, no second holds more than the rate (plus the one at its edge).
+    for (i, t) in calls.iter().enumerate() {
+        let within = calls[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
+        assert!(within <= 21, "{within} calls within one second at a rate of 20/s");
+    }
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
