@@ -4,12 +4,13 @@
 //! bounded drain while a revoke or shutdown is in progress. Feeds the dispatch lanes with
 //! records and the offset tracker with what was taken; commits what the tracker says is final.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -86,7 +87,12 @@ pub struct Context {
     lanes: Lanes,
     /// Each route's in-flight bounds.
     bounds: Vec<Concurrency>,
-    paused: Mutex<HashSet<Tp>>,
+    /// The consumer itself, to split each assigned partition's queue off before assigning it.
+    consumer: OnceLock<Weak<BaseConsumer<Context>>>,
+    /// Queues split off by the last assignment, for the poll loop to adopt.
+    new_queues: Mutex<Vec<(Tp, PartitionQueue<Context>)>>,
+    /// Partitions revoked since the poll loop last looked; their queues are dropped.
+    gone: Mutex<Vec<Tp>>,
     /// Held while offsets are taken from the tracker and committed, so a periodic commit can
     /// never land after the final commit of a revoked partition.
     commit_lock: Mutex<()>,
@@ -134,6 +140,7 @@ impl ConsumerContext for Context {
                     .filter_map(|tp| self.routes.route_for(&tp.0).map(|r| (tp.clone(), r)))
                     .collect();
                 self.tracker.assign(&with_routes);
+                self.split_queues(&tps);
                 tracing::info!(partitions = %describe(&tps), "Partitions assigned");
                 if cooperative {
                     c.incremental_assign(tpl)
@@ -167,12 +174,7 @@ impl Context {
     /// commits what is final and forgets them; late results are then discarded.
     fn drain(&self, c: &BaseConsumer<Self>, tps: &[Tp], commit_final: bool) {
         self.tracker.revoke(tps);
-        {
-            let mut paused = lock(&self.paused);
-            for tp in tps {
-                paused.remove(tp);
-            }
-        }
+        lock(&self.gone).extend(tps.iter().cloned());
         if !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
             tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
         }
@@ -183,6 +185,25 @@ impl Context {
         }
         if commit_final {
             commit(c, &offsets);
+        }
+    }
+
+    /// Gives each partition its own queue before it is assigned, so its records wait in
+    /// librdkafka (bounded by `queued.max.messages.kbytes`) whenever ferry has no room for them,
+    /// instead of pausing the partition: a pause throws the prefetched records away and a resume
+    /// fetches them again, slowly.
+    fn split_queues(&self, tps: &[Tp]) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let mut new = lock(&self.new_queues);
+        for tp in tps {
+            match consumer.split_partition_queue(&tp.0, tp.1) {
+                Some(q) => new.push((tp.clone(), q)),
+                None => {
+                    tracing::error!(topic = %tp.0, partition = tp.1, "Cannot split the partition's queue")
+                }
+            }
         }
     }
 
@@ -324,10 +345,6 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         // flowing during a scale-out.
         client.set("partition.assignment.strategy", "cooperative-sticky");
     }
-    if client.get("fetch.queue.backoff.ms").is_none() {
-        // After a resume librdkafka otherwise waits up to a second before fetching again.
-        client.set("fetch.queue.backoff.ms", "10");
-    }
     if client.get("queued.max.messages.kbytes").is_none() {
         // librdkafka's default prefetch is 64 MiB; ferry's own window bounds the rest.
         client.set("queued.max.messages.kbytes", "8192");
@@ -338,19 +355,21 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         stats: setup.stats.clone(),
         lanes: setup.lanes,
         bounds: setup.routes.iter().map(|r| r.concurrency.clone()).collect(),
-        paused: Mutex::new(HashSet::new()),
+        consumer: OnceLock::new(),
+        new_queues: Mutex::new(Vec::new()),
+        gone: Mutex::new(Vec::new()),
         commit_lock: Mutex::new(()),
         drain_timeout: setup.drain_timeout,
         default_start,
     };
     let consumer: Arc<BaseConsumer<Context>> = Arc::new(client.create_with_context(context)?);
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     let subscription = RouteTable::subscription(&setup.routes);
     let subs: Vec<&str> = subscription.iter().map(String::as_str).collect();
     consumer.subscribe(&subs)?;
     setup.health.set_subscribed(true);
     tracing::info!(topics = %subscription.join(","), "Subscribed");
 
-    let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
     let committer = {
         let consumer = consumer.clone();
         let stop = setup.shutdown.clone();
@@ -360,18 +379,39 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             .spawn(move || periodic_commits(&consumer, &stop, interval))
             .map_err(|e| KafkaError::Subscription(format!("cannot start the commit thread: {e}")))?
     };
+
+    let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
+    let mut queues: HashMap<Tp, PartitionQueue<Context>> = HashMap::new();
     while !setup.shutdown.is_cancelled() {
         setup.health.beat();
-        // While a partition is paused, turn quickly so it resumes as soon as room frees.
-        let idle = if lock(&consumer.context().paused).is_empty() { 100 } else { 5 };
-        if let Some(result) = consumer.poll(Duration::from_millis(idle)) {
-            match result {
-                Ok(msg) => take(&consumer, &msg, &routes, &mut topics, &setup.stats),
-                // librdkafka recovers from these by itself; they are worth a line, not a stop.
-                Err(e) => tracing::warn!(error = %e, "Consumer error"),
-            }
+        let ctx = consumer.context();
+        for tp in lock(&ctx.gone).drain(..) {
+            queues.remove(&tp);
         }
-        resume_drained(&consumer);
+        queues.extend(lock(&ctx.new_queues).drain(..));
+        let mut took = 0;
+        for (tp, queue) in &queues {
+            // Take what the bounds allow; the rest waits in librdkafka's queue.
+            let mut turn = 0;
+            while turn < TURN && has_room(ctx, tp) {
+                match queue.poll(Duration::ZERO) {
+                    Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics, &setup.stats),
+                    Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
+                    None => break,
+                }
+                turn += 1;
+            }
+            took += turn;
+        }
+        // Serves rebalances, errors and commits; records arrive here only for partitions whose
+        // queue could not be split.
+        let wait = if took > 0 { Duration::ZERO } else { IDLE };
+        match consumer.poll(wait) {
+            Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics, &setup.stats),
+            // librdkafka recovers from these by itself; they are worth a line, not a stop.
+            Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
+            None => {}
+        }
     }
     let _ = committer.join();
 
@@ -391,6 +431,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         // Keep serving the group protocol while waiting; records fetched now are not taken.
         let _ = consumer.poll(Duration::from_millis(20));
     }
+    drop(queues);
     let (offsets, live) = setup.tracker.release(&assigned);
     if live > 0 {
         tracing::warn!(
@@ -401,6 +442,8 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     }
     commit(&consumer, &offsets);
     consumer.unsubscribe();
+    // Queues split off and not yet adopted hold the consumer; let them go.
+    lock(&consumer.context().new_queues).clear();
     tracing::info!("Unsubscribed; leaving the consumer group");
     Ok(())
 }
@@ -421,8 +464,29 @@ fn periodic_commits(consumer: &BaseConsumer<Context>, stop: &CancellationToken, 
     }
 }
 
+/// Records taken from one partition queue per turn, so one busy partition cannot starve the
+/// others or the group protocol.
+const TURN: usize = 64;
+
+/// How long the loop waits for events when no partition had records.
+const IDLE: Duration = Duration::from_millis(5);
+
+/// Whether `tp` may take another record under its route's bounds. A partition without room is
+/// reported as paused (reason: in-flight bound).
+fn has_room(ctx: &Context, tp: &Tp) -> bool {
+    let Some(route) = ctx.routes.route_for(&tp.0) else {
+        return true;
+    };
+    let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
+    let room = load.window < b.per_partition
+        && load.route_window < b.total
+        && (load.route_bytes as u64) < b.max_bytes.0;
+    ctx.tracker.set_paused(tp, !room);
+    room
+}
+
 fn take(
-    consumer: &BaseConsumer<Context>,
+    ctx: &Context,
     msg: &BorrowedMessage<'_>,
     routes: &RouteTable,
     topics: &mut HashMap<String, (Arc<str>, usize)>,
@@ -440,64 +504,14 @@ fn take(
             entry
         }
     };
-    let ctx = consumer.context();
     let tp: Tp = (topic.clone(), msg.partition());
-    // `None`: the partition is being revoked or this offset was seen; not ours to handle.
     let size = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
+    // `None`: the partition is being revoked or this offset was seen; not ours to handle.
     let Some(lease) = ctx.tracker.track(&tp, msg.offset(), size) else {
         return;
     };
     stats[route]
         .received
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::trace!(partition = tp.1, offset = msg.offset(), "Took record");
     ctx.lanes.dispatch(Record::from_message(msg, topic, route, lease));
-    let bounds = &ctx.bounds[route];
-    let load = ctx.tracker.load(&tp);
-    let full = load.window >= bounds.per_partition
-        || load.route_window >= bounds.total
-        || load.route_bytes as u64 >= bounds.max_bytes.0;
-    if full && lock(&ctx.paused).insert(tp.clone()) {
-        set_paused(consumer, &tp, true);
-    }
-}
-
-fn resume_drained(consumer: &BaseConsumer<Context>) {
-    let ctx = consumer.context();
-    let ready: Vec<Tp> = lock(&ctx.paused)
-        .iter()
-        .filter(|tp| {
-            // Hysteresis: resume once half the partition's room is free and the route is
-            // below its bounds, so a partition does not flap between paused and fetching.
-            let Some(route) = ctx.routes.route_for(&tp.0) else {
-                return true;
-            };
-            let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
-            load.window <= b.per_partition / 2
-                && load.route_window < b.total
-                && (load.route_bytes as u64) < b.max_bytes.0
-        })
-        .cloned()
-        .collect();
-    for tp in ready {
-        lock(&ctx.paused).remove(&tp);
-        set_paused(consumer, &tp, false);
-    }
-}
-
-fn set_paused(consumer: &BaseConsumer<Context>, tp: &Tp, paused: bool) {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&tp.0, tp.1);
-    let result = if paused {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    match result {
-        Ok(()) => {
-            consumer.context().tracker.set_paused(tp, paused);
-            tracing::debug!(topic = %tp.0, partition = tp.1, paused, "In-flight bound");
-        }
-        Err(e) => tracing::warn!(error = %e, "Cannot pause or resume a partition"),
-    }
 }

@@ -32,10 +32,15 @@ async fn a_hung_service_pauses_the_partition_at_its_bound_without_leaving_the_gr
     // would be thrown out of the group and its partitions handed over.
     let extra = "    ordering: none\n    concurrency: { per_partition: 8, total: 8 }\n";
     let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, extra)
-        .replace("    heartbeat.interval.ms: 500\n", "    heartbeat.interval.ms: 500\n    max.poll.interval.ms: 6000\n")
+        .replace(
+            "    heartbeat.interval.ms: 500\n",
+            "    heartbeat.interval.ms: 500\n    max.poll.interval.ms: 6000\n",
+        )
         .replace("        timeout: 2s", "        timeout: 30s");
     for i in 0..2000 {
-        kafka.send(&source, None, Some(&format!("k{i}")), &format!("v{i}"), &[]).await;
+        kafka
+            .send(&source, None, Some(&format!("k{i}")), &format!("v{i}"), &[])
+            .await;
     }
     let sidecar = Sidecar::start(parse(&text)).await.unwrap();
     eventually(WAIT, "the partition paused at its bound", || async {
@@ -90,7 +95,10 @@ async fn rate_caps_calls_per_second() {
     let calls = calls.lock().unwrap().clone();
     // However slow the machine, no second holds more than the rate (plus the one at its edge).
     for (i, t) in calls.iter().enumerate() {
-        let within = calls[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
+        let within = calls[i..]
+            .iter()
+            .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .count();
         assert!(within <= 21, "{within} calls within one second at a rate of 20/s");
     }
     sidecar.shutdown();

@@ -80,8 +80,16 @@ async fn setup(partitions: i32, service: &Service) -> Setup {
     let dlq = kafka.topic("dlq", 1).await;
     let group = unique("group");
     let admin = free_port();
-    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "")
-        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{admin}"));
+    let text = config_text(
+        &kafka,
+        &group,
+        &source,
+        &service.url("/"),
+        &reply,
+        &dlq,
+        "    ordering: partition\n",
+    )
+    .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{admin}"));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferry.yaml");
     std::fs::write(&config, text).unwrap();
