@@ -74,6 +74,21 @@ impl<T> Scheduler<T> {
         next
     }
 
+    /// As `done`, keeping only the newest queued item: the older ones are returned to be
+    /// finished without running (freshness.conflate).
+    pub fn done_conflated(&mut self, tp: &Tp, lane: &Lane) -> (Option<T>, Vec<T>) {
+        let key = (tp.clone(), lane.clone());
+        let Some(queue) = self.busy.get_mut(&key) else {
+            return (None, Vec::new());
+        };
+        let newest = queue.pop_back();
+        let skipped = queue.drain(..).collect();
+        if newest.is_none() {
+            self.busy.remove(&key);
+        }
+        (newest, skipped)
+    }
+
     /// Busy lanes (for tests and status).
     pub fn busy(&self) -> usize {
         self.busy.len()
@@ -111,11 +126,27 @@ impl Lanes {
         };
         let handlers = self.handlers.clone();
         let scheduler = self.scheduler.clone();
+        // Conflating only makes sense among records of one key.
+        let conflate = matches!(lane, Lane::Key(_))
+            && handlers[first.route]
+                .config
+                .freshness
+                .as_ref()
+                .is_some_and(|f| f.conflate);
         self.runtime.spawn(async move {
             let mut next = Some(first);
             while let Some(r) = next {
-                handlers[r.route].handle(r).await;
-                next = lock(&scheduler).done(&tp, &lane);
+                let handler = &handlers[r.route];
+                handler.handle(r).await;
+                next = if conflate {
+                    let (newest, older) = lock(&scheduler).done_conflated(&tp, &lane);
+                    for r in older {
+                        handler.expire(&r);
+                    }
+                    newest
+                } else {
+                    lock(&scheduler).done(&tp, &lane)
+                };
             }
         });
     }
@@ -125,6 +156,20 @@ impl Lanes {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn conflating_keeps_the_newest_queued_item() {
+        let tp: Tp = (Arc::from("t"), 0);
+        let lane = Lane::Key(Bytes::from_static(b"k"));
+        let mut s: Scheduler<u32> = Scheduler::default();
+        assert_eq!(s.push(&tp, lane.clone(), 0), Some(0));
+        for i in 1..=4 {
+            assert_eq!(s.push(&tp, lane.clone(), i), None);
+        }
+        assert_eq!(s.done_conflated(&tp, &lane), (Some(4), vec![1, 2, 3]));
+        assert_eq!(s.done_conflated(&tp, &lane), (None, vec![]));
+        assert_eq!(s.busy(), 0);
+    }
 
     proptest! {
         /// Whatever the keys and the completion order: at most one record per lane runs at a

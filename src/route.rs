@@ -63,6 +63,9 @@ impl RouteHandler {
         if record.lease.is_cancelled() {
             return self.abandon(&record);
         }
+        if self.too_old(&record) {
+            return self.expire(&record);
+        }
         let policy = Policy {
             rules: &self.config.rules,
             reply: &self.config.reply,
@@ -213,6 +216,22 @@ impl RouteHandler {
         }
         // Otherwise the partition was released while this record was live; it was counted as
         // abandoned then and its new owner handles it again.
+    }
+
+    /// Ends a record without calling the service: too old, or superseded by a newer record of
+    /// its key.
+    pub fn expire(&self, record: &Record) {
+        self.finish(record, Outcome::Expired, None);
+    }
+
+    fn too_old(&self, record: &Record) -> bool {
+        let (Some(max), Some(ts)) = (
+            self.config.freshness.as_ref().and_then(|f| f.max_age),
+            record.timestamp_ms,
+        ) else {
+            return false;
+        };
+        epoch_ms().saturating_sub(ts) > max.0.as_millis() as i64
     }
 
     fn abandon(&self, record: &Record) {

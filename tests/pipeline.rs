@@ -661,3 +661,62 @@ async fn key_mode_keeps_each_keys_order_and_runs_keys_concurrently() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_older_than_max_age_expire_without_a_call() {
+    let extra = "    freshness: { max_age: 5s }\n";
+    let b = Bench::start(1, extra, |req: Req| async move { Resp::new(200, &req.body) }).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    b.kafka.send_at(&b.source, "k", "stale", now - 60_000).await;
+    b.kafka.send_at(&b.source, "k", "fresh", now).await;
+    b.wait_committed(2).await;
+    b.wait_outcome(Outcome::Expired, 1).await;
+    let bodies: Vec<String> = b.service.requests().iter().map(|r| r.body.clone()).collect();
+    assert_eq!(bodies, vec!["fresh"], "the stale record was never called");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflate_calls_only_the_newest_queued_record_of_a_key() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let extra = "    freshness: { conflate: true }\n";
+    let b = Bench::start(1, extra, move |req: Req| {
+        let held = held.clone();
+        async move {
+            if req.body == "price-0" {
+                let _p = held.acquire().await;
+            }
+            Resp::new(200, &req.body)
+        }
+    })
+    .await;
+    for i in 0..6 {
+        b.kafka
+            .send(&b.source, None, Some("EURUSD"), &format!("price-{i}"), &[])
+            .await;
+    }
+    b.kafka
+        .send(&b.source, None, Some("GBPUSD"), "other-0", &[])
+        .await;
+    eventually(WAIT, "all 7 records taken", || async {
+        (b.sidecar().snapshot()[0].received == 7).then_some(())
+    })
+    .await;
+    gate.add_permits(1);
+    b.wait_committed(7).await;
+    let mut bodies: Vec<String> = b.service.requests().iter().map(|r| r.body.clone()).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec!["other-0", "price-0", "price-5"],
+        "price-1..4 were superseded by price-5"
+    );
+    let s = &b.sidecar().snapshot()[0];
+    assert_eq!(s.get(Outcome::Expired), 4);
+    assert_eq!(s.get(Outcome::Replied), 3);
+    b.stop().await;
+}

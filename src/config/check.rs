@@ -211,6 +211,17 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             }
         }
 
+        if let Some(f) = &route.freshness {
+            if f.conflate && route.ordering != Ordering::Key {
+                say(
+                    at("freshness.conflate"),
+                    "conflating keeps the newest record of a key: it needs `ordering: key`".into(),
+                );
+            }
+            if f.max_age.is_some_and(|a| a.0.is_zero()) {
+                say(at("freshness.max_age"), "must be above zero, e.g. 5s".into());
+            }
+        }
         let c = &route.concurrency;
         if c.per_partition == 0 {
             say(at("concurrency.per_partition"), "must be at least 1".into());

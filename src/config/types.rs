@@ -74,6 +74,8 @@ pub struct Route {
     pub ordering: Ordering,
     #[serde(default)]
     pub concurrency: Concurrency,
+    /// For "latest value wins" streams.
+    pub freshness: Option<Freshness>,
     pub call: Call,
     #[serde(default)]
     pub retry: Retry,
@@ -97,6 +99,18 @@ pub enum Ordering {
     Partition,
     /// Any order, as many at once as the bounds allow.
     None,
+}
+
+/// Skipping records whose moment has passed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Freshness {
+    /// Records older than this (by their timestamp) are not called: outcome `expired`.
+    pub max_age: Option<Dur>,
+    /// Of several queued records of one key, only the newest is called; the older ones are
+    /// `expired`. Needs `ordering: key`.
+    #[serde(default)]
+    pub conflate: bool,
 }
 
 /// The in-flight bounds of a route.

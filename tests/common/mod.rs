@@ -162,6 +162,19 @@ impl Kafka {
         (d.partition, d.offset)
     }
 
+    /// Sends one record with the given timestamp (ms).
+    pub async fn send_at(&self, topic: &str, key: &str, value: &str, timestamp_ms: i64) {
+        let r: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+            .key(key)
+            .payload(value)
+            .timestamp(timestamp_ms);
+        self.producer
+            .send(r, Timeout::After(Duration::from_secs(20)))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("send");
+    }
+
     /// Reads every record of `topic` until `want` arrived or `within` passed.
     pub async fn read(&self, topic: &str, want: usize, within: Duration) -> Vec<Rec> {
         let brokers = self.brokers.clone();
