@@ -28,6 +28,8 @@ pub struct Health {
     draining: AtomicBool,
     /// Why ferry is not ready, for the `/readyz` body and the logs.
     problem: Mutex<Option<String>>,
+    /// The service's readiness, when a probe is configured.
+    service: std::sync::OnceLock<Arc<crate::ready::Gate>>,
 }
 
 impl Health {
@@ -40,6 +42,7 @@ impl Health {
             topics_checked: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             problem: Mutex::new(None),
+            service: std::sync::OnceLock::new(),
         })
     }
 
@@ -55,6 +58,11 @@ impl Health {
     pub fn set_topics_checked(&self, problem: Option<String>) {
         self.topics_checked.store(problem.is_none(), Ordering::Relaxed);
         *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
+    /// Makes readiness follow the service's readiness gate.
+    pub fn watch_service(&self, gate: Arc<crate::ready::Gate>) {
+        let _ = self.service.set(gate);
     }
 
     pub fn set_draining(&self) {
@@ -74,6 +82,9 @@ impl Health {
         if !self.topics_checked.load(Ordering::Relaxed) {
             let problem = self.problem.lock().unwrap_or_else(|p| p.into_inner()).clone();
             return Err(problem.unwrap_or_else(|| "checking topics".into()));
+        }
+        if self.service.get().is_some_and(|g| !g.is_open()) {
+            return Err("the service is not ready".into());
         }
         if !self.subscribed.load(Ordering::Relaxed) {
             return Err("not subscribed yet".into());

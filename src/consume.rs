@@ -24,6 +24,7 @@ use crate::admin::Health;
 use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
 use crate::offsets::{Tp, Tracker};
+use crate::ready::Gate;
 use crate::record::Record;
 use crate::telemetry::RouteStats;
 
@@ -87,6 +88,7 @@ pub struct Context {
     lanes: Lanes,
     /// Each route's in-flight bounds.
     bounds: Vec<Concurrency>,
+    gate: Arc<Gate>,
     /// The consumer itself, to split each assigned partition's queue off before assigning it.
     consumer: OnceLock<Weak<BaseConsumer<Context>>>,
     /// Queues split off by the last assignment, for the poll loop to adopt.
@@ -319,6 +321,8 @@ pub struct ConsumerSetup {
     pub commit_interval: Duration,
     /// Cancelled on SIGTERM: stop fetching, drain, commit, leave the group.
     pub shutdown: CancellationToken,
+    /// Closed while the service is not ready: no new records are taken.
+    pub gate: Arc<Gate>,
 }
 
 /// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
@@ -355,6 +359,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         stats: setup.stats.clone(),
         lanes: setup.lanes,
         bounds: setup.routes.iter().map(|r| r.concurrency.clone()).collect(),
+        gate: setup.gate.clone(),
         consumer: OnceLock::new(),
         new_queues: Mutex::new(Vec::new()),
         gone: Mutex::new(Vec::new()),
@@ -478,7 +483,8 @@ fn has_room(ctx: &Context, tp: &Tp) -> bool {
         return true;
     };
     let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
-    let room = load.window < b.per_partition
+    let room = ctx.gate.is_open()
+        && load.window < b.per_partition
         && load.route_window < b.total
         && (load.route_bytes as u64) < b.max_bytes.0;
     ctx.tracker.set_paused(tp, !room);

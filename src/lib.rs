@@ -24,6 +24,7 @@
 //! - [`dispatch`]: lanes (one per partition) that keep order;
 //! - [`route`]: one record's way through its route;
 //! - [`call`]: the service, over HTTP or gRPC;
+//! - [`ready`]: the service's readiness gate;
 //! - [`outcome`]: answer → decision (pure), and the outcome and reason vocabulary;
 //! - [`retry`]: when to try again;
 //! - [`produce`]: reply and dead-letter records, acknowledged by the broker;
@@ -40,6 +41,7 @@ pub mod record;
 pub mod dispatch;
 pub mod route;
 pub mod call;
+pub mod ready;
 pub mod outcome;
 pub mod retry;
 pub mod produce;

@@ -22,6 +22,7 @@ use crate::consume::{self, ConsumerSetup};
 use crate::dispatch::Lanes;
 use crate::offsets::{PartitionStatus, Tracker};
 use crate::produce::Producer;
+use crate::ready::{self, Gate, Probe};
 use crate::route::{Pace, RouteHandler};
 use crate::telemetry::{RouteStats, Snapshot};
 
@@ -120,6 +121,8 @@ impl Sidecar {
         }
         let mut consumer_config = client;
         consumer_config.set("group.id", &config.kafka.group_id);
+        let gate = Arc::new(Gate::new(config.service.ready.is_none()));
+        health.watch_service(gate.clone());
         let lanes = Lanes::new(tokio::runtime::Handle::current(), Arc::new(handlers));
         let setup = ConsumerSetup {
             client: consumer_config,
@@ -131,6 +134,7 @@ impl Sidecar {
             drain_timeout,
             commit_interval: config.kafka.commit_interval.0,
             shutdown: shutdown.clone(),
+            gate: gate.clone(),
         };
         let task = tokio::spawn(pipeline(
             config.clone(),
@@ -227,6 +231,24 @@ async fn pipeline(
                 return Ok(());
             }
         }
+    }
+    // With a readiness probe: subscribe only once the service answers, then keep watching it.
+    if let Some(ready) = &config.service.ready {
+        let probe = Probe::new(ready).map_err(|message| RunError::Route {
+            route: "service.ready".into(),
+            message,
+        })?;
+        if !ready::wait_until_ready(&probe, ready, &shutdown, &health).await {
+            admin_stop.cancel();
+            return Ok(());
+        }
+        setup.gate.set(true);
+        tokio::spawn(ready::watch(
+            probe,
+            ready.clone(),
+            setup.gate.clone(),
+            shutdown.clone(),
+        ));
     }
     let consumed = tokio::task::spawn_blocking(move || consume::run(setup)).await;
     let flushed = {

@@ -129,7 +129,11 @@ impl Grpc {
         };
         let mut request = tonic::Request::new(body);
         *request.metadata_mut() = metadata(record, attempt);
-        request.set_timeout(self.timeout);
+        // The server learns the deadline too (grpc-timeout), with a little slack so that ferry's
+        // own clock decides: a server enforcing it answers CANCELLED, which is not the service's
+        // verdict on the record.
+        request.set_timeout(self.timeout + self.timeout / 10 + Duration::from_millis(20));
+        let started = std::time::Instant::now();
         let call = async {
             let mut client = tonic::client::Grpc::new(self.channel.clone());
             client
@@ -144,6 +148,12 @@ impl Grpc {
         let response = match tokio::time::timeout(self.timeout, call).await {
             Err(_) => return Err(CallError::Timeout(self.timeout)),
             Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status))
+                if matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
+                    && started.elapsed() >= self.timeout =>
+            {
+                return Err(CallError::Timeout(self.timeout));
+            }
             Ok(Err(status)) => return failed(status),
         };
         match descriptor {

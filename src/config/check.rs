@@ -114,6 +114,40 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             "must be above zero, e.g. 1s".into(),
         );
     }
+    if let Some(r) = &config.service.ready {
+        match (&r.http, &r.grpc) {
+            (Some(_), Some(_)) => say(
+                "service.ready".into(),
+                "give either `http` or `grpc`, not both".into(),
+            ),
+            (None, None) => say(
+                "service.ready".into(),
+                "say how to probe: `http: URL` or `grpc: URL`".into(),
+            ),
+            (Some(u), None) | (None, Some(u)) => {
+                if reqwest::Url::parse(u).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                    let key = if r.http.is_some() {
+                        "service.ready.http"
+                    } else {
+                        "service.ready.grpc"
+                    };
+                    say(key.into(), format!("`{u}` is not an http:// or https:// URL"));
+                }
+            }
+        }
+        if r.failure_threshold == 0 {
+            say(
+                "service.ready.failure_threshold".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if r.interval.0.is_zero() {
+            say(
+                "service.ready.interval".into(),
+                "must be above zero, e.g. 2s".into(),
+            );
+        }
+    }
     if config.routes.is_empty() {
         say("routes".into(), "at least one route is needed".into());
     }

@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer, de};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub kafka: Kafka,
+    /// The co-located service, when ferry should wait for it.
+    #[serde(default)]
+    pub service: Service,
     pub routes: Vec<Route>,
     #[serde(default)]
     pub delivery: Delivery,
@@ -54,6 +57,35 @@ impl<'de> Deserialize<'de> for PropertyValue {
             )),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub ready: Option<Ready>,
+}
+
+/// A readiness probe of the service: ferry subscribes only once it answers, and stops taking
+/// records after `failure_threshold` failed probes in a row, until one succeeds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    /// An HTTP URL that answers 2xx when the service is ready.
+    pub http: Option<String>,
+    /// A gRPC endpoint serving `grpc.health.v1.Health/Check` (overall status, service "").
+    pub grpc: Option<String>,
+    #[serde(default = "default_ready_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+fn default_ready_interval() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+
+fn default_failure_threshold() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -1,0 +1,142 @@
+//! The service's readiness gate (`service.ready`): ferry subscribes only once the service answers
+//! its probe, and stops taking records after `failure_threshold` failed probes in a row, until a
+//! probe succeeds again. Records already taken finish (or retry) as usual.
+//!
+//! Fed by a probe loop; read by the consumer loop (no room while closed) and by `/readyz`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Health;
+use crate::config::Ready;
+
+/// Open when the service is ready (or no probe is configured).
+#[derive(Debug)]
+pub struct Gate {
+    open: AtomicBool,
+}
+
+impl Gate {
+    pub fn new(open: bool) -> Self {
+        Gate {
+            open: AtomicBool::new(open),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, open: bool) {
+        if self.open.swap(open, Ordering::Relaxed) != open {
+            if open {
+                tracing::info!("Service is ready: taking records");
+            } else {
+                tracing::warn!("Service is not ready: no new records until it is");
+            }
+        }
+    }
+}
+
+/// One way of asking the service whether it is ready.
+pub enum Probe {
+    Http { client: reqwest::Client, url: String },
+    Grpc { channel: tonic::transport::Channel },
+}
+
+impl Probe {
+    pub fn new(config: &Ready) -> Result<Probe, String> {
+        let timeout = config.interval.0.min(Duration::from_secs(5));
+        if let Some(url) = &config.http {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| format!("cannot build the probe client: {e}"))?;
+            return Ok(Probe::Http {
+                client,
+                url: url.clone(),
+            });
+        }
+        let url = config.grpc.clone().unwrap_or_default();
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| format!("`{url}` is not a gRPC endpoint: {e}"))?
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Probe::Grpc { channel })
+    }
+
+    /// `Ok` when the service says it is ready, else why not.
+    pub async fn check(&self) -> Result<(), String> {
+        match self {
+            Probe::Http { client, url } => match client.get(url).send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("{url} answered {}", r.status())),
+                Err(e) => Err(format!("{url}: {e}")),
+            },
+            Probe::Grpc { channel } => {
+                use tonic_health::pb::health_check_response::ServingStatus;
+                use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+                let mut client = HealthClient::new(channel.clone());
+                match client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
+                    Ok(r) => Err(format!("health status {}", r.get_ref().status)),
+                    Err(s) => Err(format!("health check failed: {}", s.message())),
+                }
+            }
+        }
+    }
+}
+
+/// Probes until the service is ready for the first time; `false` if `stop` came first.
+pub async fn wait_until_ready(
+    probe: &Probe,
+    config: &Ready,
+    stop: &CancellationToken,
+    health: &Health,
+) -> bool {
+    loop {
+        // Waiting for the service is progress, not a stuck process: stay live.
+        health.beat();
+        match probe.check().await {
+            Ok(()) => return true,
+            Err(why) => tracing::info!(why = %why, "Waiting for the service to be ready"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.interval.0) => {}
+            _ = stop.cancelled() => return false,
+        }
+    }
+}
+
+/// Keeps probing: closes `gate` after `failure_threshold` failures in a row, opens it on the next
+/// success.
+pub async fn watch(probe: Probe, config: Ready, gate: std::sync::Arc<Gate>, stop: CancellationToken) {
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(config.interval.0) => {}
+            _ = stop.cancelled() => return,
+        }
+        match probe.check().await {
+            Ok(()) => {
+                failures = 0;
+                gate.set(true);
+            }
+            Err(why) => {
+                failures += 1;
+                tracing::debug!(why = %why, failures, "Readiness probe failed");
+                if failures >= config.failure_threshold {
+                    gate.set(false);
+                }
+            }
+        }
+    }
+}
