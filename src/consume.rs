@@ -484,6 +484,7 @@ fn has_room(ctx: &Context, tp: &Tp) -> bool {
     };
     let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
     let room = ctx.gate.is_open()
+        && ctx.lanes.accepting(route)
         && load.window < b.per_partition
         && load.route_window < b.total
         && (load.route_bytes as u64) < b.max_bytes.0;

@@ -116,6 +116,11 @@ impl Lanes {
         }
     }
 
+    /// Whether `route` takes new records: not while its circuit is open.
+    pub fn accepting(&self, route: usize) -> bool {
+        self.handlers[route].circuit.is_closed()
+    }
+
     /// Queues `record` on its lane; starts a task for the lane if it was idle.
     pub fn dispatch(&self, record: Record) {
         let ordering = self.handlers[record.route].config.ordering;

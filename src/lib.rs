@@ -27,6 +27,7 @@
 //! - [`ready`]: the service's readiness gate;
 //! - [`outcome`]: answer → decision (pure), and the outcome and reason vocabulary;
 //! - [`retry`]: when to try again;
+//! - [`circuit`]: the route's circuit breaker;
 //! - [`produce`]: reply and dead-letter records, acknowledged by the broker;
 //! - [`offsets`]: per-partition completion; the only place that decides a commit;
 //! - [`admin`]: `/healthz` and `/readyz`;
@@ -44,6 +45,7 @@ pub mod call;
 pub mod ready;
 pub mod outcome;
 pub mod retry;
+pub mod circuit;
 pub mod produce;
 pub mod offsets;
 pub mod admin;

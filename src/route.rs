@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::call::Call;
+use crate::circuit::{Admission, Breaker};
 use crate::config::Route;
 use crate::offsets::Tracker;
 use crate::outcome::{self, Decision, Failure, Outcome, Policy, Reason};
@@ -26,6 +27,8 @@ pub struct RouteHandler {
     pub stats: Arc<RouteStats>,
     /// `concurrency.rate`: spaces calls towards the service.
     pub pace: Pace,
+    /// Opens when most calls fail for a retryable reason.
+    pub circuit: Arc<Breaker>,
 }
 
 /// Spaces calls evenly at a fixed rate (no bursts): each call takes the next free slot.
@@ -72,7 +75,16 @@ impl RouteHandler {
         };
         let first = Instant::now();
         let mut attempts = Attempts::default();
+        // Attempts that count towards max_attempts: not the probes of an open circuit.
+        let mut counted = 0;
         loop {
+            let admission = tokio::select! {
+                a = self.circuit.admit() => a,
+                _ = record.lease.cancel.cancelled() => return self.abandon(&record),
+            };
+            if admission == Admission::Call {
+                counted += 1;
+            }
             attempts.count += 1;
             let now = epoch_ms();
             attempts.first_at_ms.get_or_insert(now);
@@ -80,7 +92,10 @@ impl RouteHandler {
             self.pace.wait().await;
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             let result = self.call.call(&record, attempts.count).await;
-            let failure = match outcome::decide(&result, &policy) {
+            let decision = outcome::decide(&result, &policy);
+            let retryable = matches!(&decision, Decision::Retry(f) if f.reason != Reason::ServiceSaid);
+            self.circuit.record(admission, retryable);
+            let failure = match decision {
                 Decision::Reply {
                     topic,
                     key,
@@ -97,7 +112,7 @@ impl RouteHandler {
             };
             let delay = match retry::next(
                 &self.config.retry,
-                attempts.count,
+                counted,
                 first.elapsed(),
                 failure.retry_after,
                 rand::random(),

@@ -17,6 +17,7 @@ use crate::admin::{self, Health};
 use crate::call::Call;
 use crate::call::grpc::Grpc;
 use crate::call::http::Http;
+use crate::circuit::Breaker;
 use crate::config::Config;
 use crate::consume::{self, ConsumerSetup};
 use crate::dispatch::Lanes;
@@ -117,6 +118,7 @@ impl Sidecar {
                 tracker: tracker.clone(),
                 stats: stats[i].clone(),
                 pace: Pace::new(route.concurrency.rate),
+                circuit: Arc::new(Breaker::new(route.circuit.clone())),
             });
         }
         let mut consumer_config = client;

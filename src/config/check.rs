@@ -256,6 +256,22 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
                 say(at("freshness.max_age"), "must be above zero, e.g. 5s".into());
             }
         }
+        let cb = &route.circuit;
+        if !(cb.failure_ratio > 0.0 && cb.failure_ratio <= 1.0) {
+            say(
+                at("circuit.failure_ratio"),
+                "a share of calls: above 0 and at most 1, e.g. 0.5".into(),
+            );
+        }
+        if cb.min_calls == 0 {
+            say(at("circuit.min_calls"), "must be at least 1".into());
+        }
+        if cb.window.0.is_zero() || cb.probe_every.0.is_zero() {
+            say(
+                at("circuit"),
+                "`window` and `probe_every` must be above zero".into(),
+            );
+        }
         let c = &route.concurrency;
         if c.per_partition == 0 {
             say(at("concurrency.per_partition"), "must be at least 1".into());

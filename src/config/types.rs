@@ -112,6 +112,8 @@ pub struct Route {
     #[serde(default)]
     pub retry: Retry,
     #[serde(default)]
+    pub circuit: Circuit,
+    #[serde(default)]
     pub reply: Reply,
     pub dead_letter: DeadLetter,
     /// First match wins; consulted after an explicit `ferry-action` and before the defaults.
@@ -427,6 +429,50 @@ pub enum Jitter {
     /// Half the backoff plus a random part of the other half.
     Equal,
     None,
+}
+
+/// When the service, not the record, is the problem: most calls fail for a retryable reason.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Circuit {
+    /// Share of retryable failures among the calls of the window that opens the circuit.
+    #[serde(default = "default_failure_ratio")]
+    pub failure_ratio: f64,
+    /// Calls the window must hold before the ratio counts.
+    #[serde(default = "default_min_calls")]
+    pub min_calls: u32,
+    #[serde(default = "default_circuit_window")]
+    pub window: Dur,
+    /// While open, one probe call this often.
+    #[serde(default = "default_probe_every")]
+    pub probe_every: Dur,
+}
+
+impl Default for Circuit {
+    fn default() -> Self {
+        Circuit {
+            failure_ratio: default_failure_ratio(),
+            min_calls: default_min_calls(),
+            window: default_circuit_window(),
+            probe_every: default_probe_every(),
+        }
+    }
+}
+
+fn default_failure_ratio() -> f64 {
+    0.5
+}
+
+fn default_min_calls() -> u32 {
+    20
+}
+
+fn default_circuit_window() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_probe_every() -> Dur {
+    Dur(Duration::from_secs(2))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1,0 +1,197 @@
+//! The circuit breaker of a route (SPEC §1, "the service is down, not the record").
+//!
+//! Fed with the result of every call; consulted before every call. When most calls in the window
+//! fail for a retryable reason the circuit opens: the route takes no new records, one probe call
+//! at a time tests the service (every `probe_every`), and the attempts made meanwhile do not count
+//! towards `max_attempts`. A successful probe closes it. A service restart therefore never turns
+//! a backlog into dead letters.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::config;
+
+/// What a caller may do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The circuit is closed: call, and the attempt counts.
+    Call,
+    /// The circuit is open and this call is its probe: the attempt does not count.
+    Probe,
+}
+
+#[derive(Debug)]
+enum State {
+    Closed,
+    /// Since when, and whether a probe is out.
+    Open {
+        next_probe: Instant,
+        probing: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    /// Recent calls: when, and whether they failed for a retryable reason.
+    calls: VecDeque<(Instant, bool)>,
+}
+
+pub struct Breaker {
+    config: config::Circuit,
+    inner: Mutex<Inner>,
+    /// Wakes callers waiting for the circuit to close or for their turn to probe.
+    changed: Notify,
+}
+
+impl Breaker {
+    pub fn new(config: config::Circuit) -> Self {
+        Breaker {
+            config,
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                calls: VecDeque::new(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.lock().state, State::Closed)
+    }
+
+    /// Waits until a call may be made.
+    pub async fn admit(&self) -> Admission {
+        loop {
+            let notified = self.changed.notified();
+            let wait = {
+                let mut inner = self.lock();
+                match &mut inner.state {
+                    State::Closed => return Admission::Call,
+                    State::Open { next_probe, probing } => {
+                        let now = Instant::now();
+                        if !*probing && now >= *next_probe {
+                            *probing = true;
+                            return Admission::Probe;
+                        }
+                        // Until the next probe is due (or until something changes).
+                        next_probe
+                            .saturating_duration_since(now)
+                            .max(Duration::from_millis(10))
+                    }
+                }
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Records the result of a call admitted as `admission`. `failed`: it failed for a
+    /// retryable reason (connection, timeout, 5xx, 408, 429, retryable gRPC codes).
+    pub fn record(&self, admission: Admission, failed: bool) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        match (admission, &inner.state) {
+            (Admission::Probe, _) if !failed => {
+                inner.state = State::Closed;
+                inner.calls.clear();
+                tracing::info!("Circuit closed: the service answers again");
+            }
+            (Admission::Probe, _) => {
+                inner.state = State::Open {
+                    next_probe: now + self.config.probe_every.0,
+                    probing: false,
+                };
+            }
+            (Admission::Call, State::Closed) => {
+                inner.calls.push_back((now, failed));
+                while inner
+                    .calls
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > self.config.window.0)
+                {
+                    inner.calls.pop_front();
+                }
+                let total = inner.calls.len();
+                let failures = inner.calls.iter().filter(|(_, f)| *f).count();
+                if total >= self.config.min_calls as usize
+                    && failures as f64 >= self.config.failure_ratio * total as f64
+                {
+                    inner.state = State::Open {
+                        next_probe: now + self.config.probe_every.0,
+                        probing: false,
+                    };
+                    tracing::warn!(
+                        failures,
+                        calls = total,
+                        "Circuit open: the service is failing; probing it before taking more records"
+                    );
+                }
+            }
+            // A call admitted before the circuit opened: its result is already accounted for.
+            (Admission::Call, State::Open { .. }) => {}
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> config::Circuit {
+        config::Circuit {
+            failure_ratio: 0.5,
+            min_calls: 4,
+            window: config::Dur(Duration::from_secs(10)),
+            probe_every: config::Dur(Duration::from_millis(50)),
+        }
+    }
+
+    #[tokio::test]
+    async fn opens_on_failures_probes_one_at_a_time_and_closes_on_success() {
+        let b = Breaker::new(config());
+        for failed in [false, true, true] {
+            assert_eq!(b.admit().await, Admission::Call);
+            b.record(Admission::Call, failed);
+        }
+        assert!(b.is_closed(), "below min_calls");
+        b.record(Admission::Call, true);
+        assert!(!b.is_closed(), "3 of 4 failed");
+
+        let first = b.admit().await;
+        assert_eq!(first, Admission::Probe);
+        // A second caller waits while the probe is out.
+        let second = tokio::time::timeout(Duration::from_millis(100), b.admit()).await;
+        assert!(second.is_err(), "only one probe at a time");
+        b.record(Admission::Probe, true);
+        assert!(!b.is_closed());
+        assert_eq!(
+            b.admit().await,
+            Admission::Probe,
+            "the next probe, after probe_every"
+        );
+        b.record(Admission::Probe, false);
+        assert!(b.is_closed());
+        assert_eq!(b.admit().await, Admission::Call);
+    }
+
+    #[tokio::test]
+    async fn successes_keep_it_closed() {
+        let b = Breaker::new(config());
+        for i in 0..20 {
+            b.record(Admission::Call, i % 3 == 1);
+        }
+        assert!(b.is_closed(), "a third failing is below the ratio");
+    }
+}

@@ -1,0 +1,72 @@
+//! The service is down, not the record: an outage under load opens the route's circuit, and
+//! afterwards nothing was dead-lettered and every record ended as a reply.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use ferry::outcome::Outcome;
+use ferry::sidecar::Sidecar;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_under_load_dead_letters_nothing() {
+    let kafka = Kafka::start();
+    let source = kafka.topic("in", 2).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+    let group = unique("group");
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = down.clone();
+    let service = Service::start(move |req: Req| {
+        let down = flag.load(Ordering::SeqCst);
+        async move {
+            if down {
+                Resp::new(503, "restarting")
+            } else {
+                Resp::new(200, &req.body)
+            }
+        }
+    })
+    .await;
+    let extra = "    circuit: { failure_ratio: 0.5, min_calls: 5, window: 5s, probe_every: 200ms }\n";
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, extra);
+    for i in 0..200 {
+        kafka
+            .send(
+                &source,
+                Some(i % 2),
+                Some(&format!("k{i}")),
+                &format!("v{i}"),
+                &[],
+            )
+            .await;
+    }
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    // Without the circuit, three failed attempts 10-50 ms apart would dead-letter every record.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = service.requests().len();
+    assert!(
+        sidecar.partitions().iter().all(|p| p.paused),
+        "an open circuit stops taking records: {:?}",
+        sidecar.partitions()
+    );
+    down.store(false, Ordering::SeqCst);
+    eventually(WAIT, "all 200 committed", || async {
+        (kafka.committed_total(&group, &source, 2).await == 200).then_some(())
+    })
+    .await;
+    let s = sidecar.snapshot().remove(0);
+    assert_eq!(s.get(Outcome::DeadLettered), 0, "{s:?}");
+    assert_eq!(s.get(Outcome::Replied), 200, "{s:?}");
+    assert!(kafka.read_all(&dlq).await.is_empty());
+    assert_eq!(kafka.read_all(&reply).await.len(), 200);
+    // While open, the service saw probes, not a storm: a few calls per probe interval.
+    assert!(during < 150, "{during} calls during a 3 s outage");
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
