@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Health;
 use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
-use crate::offsets::{Tp, Tracker};
+use crate::offsets::{PauseReason, Tp, Tracker};
 use crate::ready::Gate;
 use crate::record::Record;
 use crate::telemetry::RouteStats;
@@ -430,6 +430,9 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         let _ = consumer.pause(&a);
     }
     setup.tracker.revoke(&assigned);
+    for tp in &assigned {
+        setup.tracker.set_paused(tp, vec![PauseReason::Drain]);
+    }
     let deadline = Instant::now() + setup.drain_timeout;
     while setup.tracker.live() > 0 && Instant::now() < deadline {
         setup.health.beat();
@@ -476,19 +479,28 @@ const TURN: usize = 64;
 /// How long the loop waits for events when no partition had records.
 const IDLE: Duration = Duration::from_millis(5);
 
-/// Whether `tp` may take another record under its route's bounds. A partition without room is
-/// reported as paused (reason: in-flight bound).
+/// Whether `tp` may take another record: only when no pause reason holds. The reasons are
+/// recorded for status.
 fn has_room(ctx: &Context, tp: &Tp) -> bool {
     let Some(route) = ctx.routes.route_for(&tp.0) else {
         return true;
     };
     let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
-    let room = ctx.gate.is_open()
-        && ctx.lanes.accepting(route)
-        && load.window < b.per_partition
-        && load.route_window < b.total
-        && (load.route_bytes as u64) < b.max_bytes.0;
-    ctx.tracker.set_paused(tp, !room);
+    let mut reasons = Vec::new();
+    if !ctx.gate.is_open() {
+        reasons.push(PauseReason::Unready);
+    }
+    if !ctx.lanes.accepting(route) {
+        reasons.push(PauseReason::Circuit);
+    }
+    if load.window >= b.per_partition
+        || load.route_window >= b.total
+        || load.route_bytes as u64 >= b.max_bytes.0
+    {
+        reasons.push(PauseReason::Bound);
+    }
+    let room = reasons.is_empty();
+    ctx.tracker.set_paused(tp, reasons);
     room
 }
 

@@ -145,7 +145,8 @@ struct Partition {
     requested: Option<i64>,
     /// The last offset the broker confirmed as committed.
     committed: Option<i64>,
-    paused: bool,
+    /// Why ferry takes no records from this partition now (empty: it does).
+    paused: Vec<PauseReason>,
 }
 
 #[derive(Default)]
@@ -170,7 +171,32 @@ pub struct PartitionStatus {
     pub committable: Option<i64>,
     pub in_flight: usize,
     pub window: usize,
-    pub paused: bool,
+    /// Why ferry takes no records from this partition now; empty when it does.
+    pub paused: Vec<PauseReason>,
+}
+
+/// SPEC §1: pauses have reasons, and a partition resumes only when every reason has cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseReason {
+    /// An in-flight bound (`concurrency`) is reached.
+    Bound,
+    /// The service's readiness probe fails.
+    Unready,
+    /// The route's circuit is open.
+    Circuit,
+    /// ferry is stopping or the partition is being revoked.
+    Drain,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Bound => "bound",
+            PauseReason::Unready => "unready",
+            PauseReason::Circuit => "circuit",
+            PauseReason::Drain => "drain",
+        }
+    }
 }
 
 /// The shared tracker of every assigned partition.
@@ -216,7 +242,7 @@ impl Tracker {
                     window: Window::default(),
                     requested: None,
                     committed: None,
-                    paused: false,
+                    paused: Vec::new(),
                 },
             );
         }
@@ -362,9 +388,9 @@ impl Tracker {
         }
     }
 
-    pub fn set_paused(&self, tp: &Tp, paused: bool) {
+    pub fn set_paused(&self, tp: &Tp, reasons: Vec<PauseReason>) {
         if let Some(p) = self.lock().partitions.get_mut(tp) {
-            p.paused = paused;
+            p.paused = reasons;
         }
     }
 
@@ -406,7 +432,7 @@ impl Tracker {
                 committable: p.window.committable(),
                 in_flight: p.window.live(),
                 window: p.window.len(),
-                paused: p.paused,
+                paused: p.paused.clone(),
             })
             .collect();
         v.sort_by(|a, b| a.tp.cmp(&b.tp));

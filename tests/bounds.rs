@@ -44,7 +44,11 @@ async fn a_hung_service_pauses_the_partition_at_its_bound_without_leaving_the_gr
     }
     let sidecar = Sidecar::start(parse(&text)).await.unwrap();
     eventually(WAIT, "the partition paused at its bound", || async {
-        sidecar.partitions().first().filter(|p| p.paused).map(|_| ())
+        sidecar
+            .partitions()
+            .first()
+            .filter(|p| p.paused == vec![ferry::offsets::PauseReason::Bound])
+            .map(|_| ())
     })
     .await;
     let started = Instant::now();

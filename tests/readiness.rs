@@ -72,7 +72,13 @@ async fn http_probe_gates_subscription_and_pauses_while_the_service_is_unready()
     kafka.send(&source, None, Some("k"), "while-down", &[]).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(work(&service), 1, "no call while the service is unready");
-    assert!(sidecar.partitions()[0].paused, "{:?}", sidecar.partitions());
+    assert!(
+        sidecar.partitions()[0]
+            .paused
+            .contains(&ferry::offsets::PauseReason::Unready),
+        "{:?}",
+        sidecar.partitions()
+    );
 
     healthy.store(true, Ordering::SeqCst);
     kafka.read(&reply, 2, WAIT).await;
