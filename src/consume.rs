@@ -274,16 +274,19 @@ impl Context {
 /// The one seam through which offsets reach the broker. Synchronous, so the tracker learns
 /// what the broker confirmed; the periodic commits run on their own thread to keep this
 /// round trip off the poll loop.
-fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) {
+fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
     if offsets.is_empty() {
-        return;
+        return true;
     }
     let mut tpl = TopicPartitionList::new();
     for ((t, p), o) in offsets {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
     }
     match c.commit(&tpl, CommitMode::Sync) {
-        Ok(()) => c.context().tracker.committed(offsets),
+        Ok(()) => {
+            c.context().tracker.committed(offsets);
+            true
+        }
         Err(e) => {
             // Expected while the group rebalances; the revoke's final commit covers it.
             if e.rdkafka_error_code() == Some(RDKafkaErrorCode::RebalanceInProgress) {
@@ -292,6 +295,7 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) {
                 tracing::warn!(error = %e, "Commit failed; it will be repeated");
             }
             c.context().tracker.commit_failed(offsets);
+            false
         }
     }
 }
@@ -448,7 +452,13 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         );
         consumer.context().count_abandoned(&assigned, live);
     }
-    commit(&consumer, &offsets);
+    // A rebalance in progress (another member joining or leaving) refuses commits for a while;
+    // keep serving the group protocol and try again rather than leave them to be repeated.
+    let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
+    while !commit(&consumer, &offsets) && Instant::now() < deadline {
+        setup.health.beat();
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
     consumer.unsubscribe();
     // Queues split off and not yet adopted hold the consumer; let them go.
     lock(&consumer.context().new_queues).clear();
