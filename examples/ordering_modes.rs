@@ -48,11 +48,16 @@ async fn run(service: std::net::SocketAddr, ordering: &str, per_partition: usize
     for (t, p) in [("in", PARTITIONS), ("out", PARTITIONS), ("dlq", 1)] {
         broker.create_topic(t, p)?;
     }
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker.bootstrap_servers()).create()?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()?;
     for i in 0..RECORDS {
         let key = format!("key-{}", i % KEYS);
         producer
-            .send(FutureRecord::to("in").key(&key).payload("{}"), Duration::from_secs(10))
+            .send(
+                FutureRecord::to("in").key(&key).payload("{}"),
+                Duration::from_secs(10),
+            )
             .await
             .map_err(|(e, _)| e)?;
     }
@@ -64,7 +69,11 @@ async fn run(service: std::net::SocketAddr, ordering: &str, per_partition: usize
          \x20   reply: {{ to: out }}\n    dead_letter: {{ to: dlq }}\nadmin: {{ listen: null }}\n",
         b = broker.bootstrap_servers()
     );
-    let config = config::parse(&yaml, std::path::Path::new("bench.yaml"), &Interpolator::from_pairs(&[]))?;
+    let config = config::parse(
+        &yaml,
+        std::path::Path::new("bench.yaml"),
+        &Interpolator::from_pairs(&[]),
+    )?;
     let sidecar = Sidecar::start(config).await?;
     // Timed from the first record taken, so the group join is not counted.
     while sidecar.snapshot()[0].received == 0 {

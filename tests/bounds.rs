@@ -108,3 +108,76 @@ async fn rate_caps_calls_per_second() {
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_while_a_hung_service_holds_a_large_backlog() {
+    let kafka = Kafka::start();
+    let source = kafka.topic("in", 2).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+    let group = unique("group");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let service = Service::start(move |_req: Req| {
+        let held = held.clone();
+        async move {
+            let _p = held.acquire().await;
+            Resp::new(204, "")
+        }
+    })
+    .await;
+    // 3000 records of 32 KiB: about 94 MiB waiting in the topic.
+    let value = "x".repeat(32 * 1024);
+    for i in 0..3000 {
+        kafka
+            .send(&source, Some(i % 2), Some(&format!("k{i}")), &value, &[])
+            .await;
+    }
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "")
+        .replace("        timeout: 2s", "        timeout: 60s");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(&config, text).unwrap();
+    let log = std::fs::File::create(dir.path().join("ferry.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    eventually(WAIT, "the service holds calls", || async {
+        (service.requests().len() >= 2).then_some(())
+    })
+    .await;
+    let mut peak = 0;
+    for _ in 0..20 {
+        peak = peak.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    gate.add_permits(100_000);
+    eprintln!(
+        "peak RSS with a hung service and ~94 MiB waiting: {} MiB",
+        peak >> 20
+    );
+    // ferry holds at most per_partition records per partition (2 x 32 x 32 KiB = 2 MiB) and
+    // librdkafka prefetches at most 8 MiB; the rest is the process itself.
+    assert!(peak > 0, "RSS was read");
+    assert!(
+        peak < 64 << 20,
+        "RSS {} MiB: the backlog leaked into memory",
+        peak >> 20
+    );
+}
