@@ -38,6 +38,9 @@ struct Inner {
     state: State,
     /// Recent calls: when, and whether they failed for a retryable reason.
     calls: VecDeque<(Instant, bool)>,
+    /// Retryable failures in a row, whatever the window holds: a sudden outage after a long
+    /// run of successes must open the circuit at once, not after as many failures.
+    consecutive: u32,
 }
 
 pub struct Breaker {
@@ -54,6 +57,7 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 calls: VecDeque::new(),
+                consecutive: 0,
             }),
             changed: Notify::new(),
         }
@@ -104,6 +108,7 @@ impl Breaker {
             (Admission::Probe, _) if !failed => {
                 inner.state = State::Closed;
                 inner.calls.clear();
+                inner.consecutive = 0;
                 tracing::info!("Circuit closed: the service answers again");
             }
             (Admission::Probe, _) => {
@@ -113,6 +118,7 @@ impl Breaker {
                 };
             }
             (Admission::Call, State::Closed) => {
+                inner.consecutive = if failed { inner.consecutive + 1 } else { 0 };
                 inner.calls.push_back((now, failed));
                 while inner
                     .calls
@@ -123,9 +129,9 @@ impl Breaker {
                 }
                 let total = inner.calls.len();
                 let failures = inner.calls.iter().filter(|(_, f)| *f).count();
-                if total >= self.config.min_calls as usize
-                    && failures as f64 >= self.config.failure_ratio * total as f64
-                {
+                let mostly_failing = total >= self.config.min_calls as usize
+                    && failures as f64 >= self.config.failure_ratio * total as f64;
+                if mostly_failing || inner.consecutive >= self.config.min_calls {
                     inner.state = State::Open {
                         next_probe: now + self.config.probe_every.0,
                         probing: false,
@@ -184,6 +190,18 @@ mod tests {
         b.record(Admission::Probe, false);
         assert!(b.is_closed());
         assert_eq!(b.admit().await, Admission::Call);
+    }
+
+    #[tokio::test]
+    async fn a_sudden_outage_after_many_successes_opens_it_at_once() {
+        let b = Breaker::new(config());
+        for _ in 0..1000 {
+            b.record(Admission::Call, false);
+        }
+        for _ in 0..4 {
+            b.record(Admission::Call, true);
+        }
+        assert!(!b.is_closed(), "min_calls failures in a row open it");
     }
 
     #[tokio::test]

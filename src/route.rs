@@ -95,6 +95,10 @@ impl RouteHandler {
             let decision = outcome::decide(&result, &policy);
             let retryable = matches!(&decision, Decision::Retry(f) if f.reason != Reason::ServiceSaid);
             self.circuit.record(admission, retryable);
+            if retryable && admission == Admission::Call && !self.circuit.is_closed() {
+                // This failure belongs to the outage that opened the circuit: not the record's.
+                counted -= 1;
+            }
             let failure = match decision {
                 Decision::Reply {
                     topic,

@@ -73,3 +73,102 @@ async fn an_outage_under_load_dead_letters_nothing() {
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
+
+/// An HTTP service that can be stopped (connections refused) and started again on its port.
+struct Restartable {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio_util::sync::CancellationToken>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Restartable {
+    async fn start(addr: &str) -> Restartable {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut r = Restartable {
+            addr,
+            stop: None,
+            calls: Arc::default(),
+        };
+        r.serve(listener);
+        r
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let calls = self.calls.clone();
+        let app = axum::Router::new().fallback(move |body: String| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move { body }
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+        });
+        self.stop = Some(stop);
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.cancel();
+        }
+    }
+
+    async fn restart(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_stops_for_20_seconds_under_load_dead_letters_nothing() {
+    let kafka = Kafka::start();
+    let source = kafka.topic("in", 2).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+    let group = unique("group");
+    let mut service = Restartable::start("127.0.0.1:0").await;
+    let url = format!("http://{}/", service.addr);
+    let extra = "    circuit: { failure_ratio: 0.5, min_calls: 5, window: 5s, probe_every: 500ms }\n";
+    let text = config_text(&kafka, &group, &source, &url, &reply, &dlq, extra);
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    // Load before, during and after the outage.
+    for i in 0..100 {
+        kafka
+            .send(
+                &source,
+                Some(i % 2),
+                Some(&format!("k{i}")),
+                &format!("v{i}"),
+                &[],
+            )
+            .await;
+    }
+    kafka.read(&reply, 50, WAIT).await;
+    service.stop();
+    for i in 100..300 {
+        kafka
+            .send(
+                &source,
+                Some(i % 2),
+                Some(&format!("k{i}")),
+                &format!("v{i}"),
+                &[],
+            )
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    service.restart().await;
+    eventually(WAIT, "all 300 committed", || async {
+        (kafka.committed_total(&group, &source, 2).await == 300).then_some(())
+    })
+    .await;
+    let s = sidecar.snapshot().remove(0);
+    assert_eq!(s.get(Outcome::DeadLettered), 0, "{s:?}");
+    assert_eq!(s.get(Outcome::Replied), 300, "{s:?}");
+    assert!(kafka.read_all(&dlq).await.is_empty());
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
