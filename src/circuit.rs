@@ -71,6 +71,16 @@ impl Breaker {
         matches!(self.lock().state, State::Closed)
     }
 
+    /// Whether the route should take a new record: always while closed, and while open only when
+    /// a probe is due and none is out — so an open circuit with nothing in flight (all of it
+    /// revoked, say) still gets its probe from the next record.
+    pub fn takes_records(&self) -> bool {
+        match self.lock().state {
+            State::Closed => true,
+            State::Open { next_probe, probing } => !probing && Instant::now() >= next_probe,
+        }
+    }
+
     /// Waits until a call may be made.
     pub async fn admit(&self) -> Admission {
         loop {

@@ -180,7 +180,9 @@ impl Context {
         if !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
             tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
         }
-        let _committing = lock(&self.commit_lock);
+        // Only a final commit needs to keep the periodic one out; a lost assignment commits
+        // nothing and must not wait behind a commit to an unreachable coordinator.
+        let _committing = commit_final.then(|| lock(&self.commit_lock));
         let (offsets, live) = self.tracker.release(tps);
         if live > 0 {
             self.count_abandoned(tps, live);
@@ -435,7 +437,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     }
     setup.tracker.revoke(&assigned);
     for tp in &assigned {
-        setup.tracker.set_paused(tp, vec![PauseReason::Drain]);
+        setup.tracker.set_paused(tp, &[PauseReason::Drain]);
     }
     let deadline = Instant::now() + setup.drain_timeout;
     while setup.tracker.live() > 0 && Instant::now() < deadline {
@@ -455,9 +457,15 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     // A rebalance in progress (another member joining or leaving) refuses commits for a while;
     // keep serving the group protocol and try again rather than leave them to be repeated.
     let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
+    let mut offsets = offsets;
     while !commit(&consumer, &offsets) && Instant::now() < deadline {
         setup.health.beat();
         let _ = consumer.poll(Duration::from_millis(100));
+        // A partition handed to another member meanwhile is theirs to commit: ours would set
+        // their offset back.
+        if let Ok(assignment) = consumer.assignment() {
+            offsets.retain(|((t, p), _)| assignment.find_partition(t, *p).is_some());
+        }
     }
     consumer.unsubscribe();
     // Queues split off and not yet adopted hold the consumer; let them go.
@@ -510,7 +518,7 @@ fn has_room(ctx: &Context, tp: &Tp) -> bool {
         reasons.push(PauseReason::Bound);
     }
     let room = reasons.is_empty();
-    ctx.tracker.set_paused(tp, reasons);
+    ctx.tracker.set_paused(tp, &reasons);
     room
 }
 

@@ -118,7 +118,7 @@ impl Lanes {
 
     /// Whether `route` takes new records: not while its circuit is open.
     pub fn accepting(&self, route: usize) -> bool {
-        self.handlers[route].circuit.is_closed()
+        self.handlers[route].circuit.takes_records()
     }
 
     /// Queues `record` on its lane; starts a task for the lane if it was idle.

@@ -153,6 +153,29 @@ struct Partition {
 struct State {
     partitions: HashMap<Tp, Partition>,
     next_generation: u64,
+    /// Per route: the windows and live bytes of all its partitions, kept up to date on every
+    /// change so the per-record bound check is O(1).
+    routes: HashMap<usize, RouteLoad>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RouteLoad {
+    window: usize,
+    bytes: usize,
+}
+
+impl State {
+    /// Applies `f` to a partition's window and carries the change into its route's totals.
+    fn change<R>(&mut self, tp: &Tp, f: impl FnOnce(&mut Partition) -> R) -> Option<R> {
+        let p = self.partitions.get_mut(tp)?;
+        let (len, bytes) = (p.window.len(), p.window.live_bytes());
+        let r = f(p);
+        let (len2, bytes2) = (p.window.len(), p.window.live_bytes());
+        let load = self.routes.entry(p.route).or_default();
+        load.window = load.window + len2 - len;
+        load.bytes = load.bytes + bytes2 - bytes;
+        Some(r)
+    }
 }
 
 /// The in-flight load that decides pausing.
@@ -230,8 +253,11 @@ impl Tracker {
         for (tp, route) in tps {
             s.next_generation += 1;
             let generation = s.next_generation;
-            if let Some(old) = s.partitions.get(tp) {
+            if let Some(old) = s.partitions.remove(tp) {
                 old.cancel.cancel();
+                let load = s.routes.entry(old.route).or_default();
+                load.window -= old.window.len();
+                load.bytes -= old.window.live_bytes();
             }
             s.partitions.insert(
                 tp.clone(),
@@ -252,15 +278,17 @@ impl Tracker {
     /// offset was seen already.
     pub fn track(&self, tp: &Tp, offset: i64, size: usize) -> Option<Lease> {
         let mut s = self.lock();
-        let p = s.partitions.get_mut(tp)?;
-        if p.cancel.is_cancelled() || !p.window.push_sized(offset, size) {
-            return None;
-        }
-        Some(Lease {
-            tp: tp.clone(),
-            generation: p.generation,
-            cancel: p.cancel.clone(),
+        s.change(tp, |p| {
+            if p.cancel.is_cancelled() || !p.window.push_sized(offset, size) {
+                return None;
+            }
+            Some(Lease {
+                tp: tp.clone(),
+                generation: p.generation,
+                cancel: p.cancel.clone(),
+            })
         })
+        .flatten()
     }
 
     /// Marks a record final. `false` means its partition was released meanwhile and the result
@@ -276,10 +304,11 @@ impl Tracker {
 
     fn update(&self, lease: &Lease, f: impl FnOnce(&mut Window) -> bool) -> bool {
         let mut s = self.lock();
-        let done = match s.partitions.get_mut(&lease.tp) {
-            Some(p) if p.generation == lease.generation => f(&mut p.window),
-            _ => false,
-        };
+        let done = s
+            .change(&lease.tp, |p| {
+                p.generation == lease.generation && f(&mut p.window)
+            })
+            .unwrap_or(false);
         drop(s);
         if done {
             self.quiet.notify_all();
@@ -330,6 +359,9 @@ impl Tracker {
         let mut live = 0;
         for tp in tps {
             if let Some(p) = s.partitions.remove(tp) {
+                let load = s.routes.entry(p.route).or_default();
+                load.window -= p.window.len();
+                load.bytes -= p.window.live_bytes();
                 p.cancel.cancel();
                 live += p.window.live();
                 if let Some(c) = p.window.committable() {
@@ -388,9 +420,11 @@ impl Tracker {
         }
     }
 
-    pub fn set_paused(&self, tp: &Tp, reasons: Vec<PauseReason>) {
+    pub fn set_paused(&self, tp: &Tp, reasons: &[PauseReason]) {
         if let Some(p) = self.lock().partitions.get_mut(tp) {
-            p.paused = reasons;
+            if p.paused != reasons {
+                p.paused = reasons.to_vec();
+            }
         }
     }
 
@@ -398,18 +432,15 @@ impl Tracker {
     /// all partitions of its route.
     pub fn load(&self, tp: &Tp) -> Load {
         let s = self.lock();
-        let Some(route) = s.partitions.get(tp).map(|p| p.route) else {
+        let Some(p) = s.partitions.get(tp) else {
             return Load::default();
         };
-        let mut load = Load::default();
-        for (t, p) in s.partitions.iter().filter(|(_, p)| p.route == route) {
-            if t == tp {
-                load.window = p.window.len();
-            }
-            load.route_window += p.window.len();
-            load.route_bytes += p.window.live_bytes();
+        let route = s.routes.get(&p.route).copied().unwrap_or_default();
+        Load {
+            window: p.window.len(),
+            route_window: route.window,
+            route_bytes: route.bytes,
         }
-        load
     }
 
     /// Live records across every partition.
@@ -492,6 +523,61 @@ mod tests {
         assert!(
             t.take_commits().is_empty(),
             "unchanged offsets are not handed out twice"
+        );
+    }
+
+    #[test]
+    fn route_totals_follow_every_change() {
+        let t = Tracker::new(CancellationToken::new());
+        let (a, b): (Tp, Tp) = ((Arc::from("t"), 0), (Arc::from("t"), 1));
+        t.assign(&[(a.clone(), 7), (b.clone(), 7)]);
+        let la = t.track(&a, 0, 100).unwrap();
+        let _ = t.track(&a, 1, 50).unwrap();
+        let lb = t.track(&b, 0, 10).unwrap();
+        assert_eq!(
+            t.load(&a),
+            Load {
+                window: 2,
+                route_window: 3,
+                route_bytes: 160
+            }
+        );
+        assert!(t.finish(&la, 0));
+        assert_eq!(
+            t.load(&b),
+            Load {
+                window: 1,
+                route_window: 2,
+                route_bytes: 60
+            }
+        );
+        assert!(t.abandon(&lb, 0));
+        assert_eq!(
+            t.load(&a),
+            Load {
+                window: 1,
+                route_window: 2,
+                route_bytes: 50
+            }
+        );
+        t.release(std::slice::from_ref(&b));
+        assert_eq!(
+            t.load(&a),
+            Load {
+                window: 1,
+                route_window: 1,
+                route_bytes: 50
+            }
+        );
+        t.assign(&[(a.clone(), 7)]);
+        assert_eq!(
+            t.load(&a),
+            Load {
+                window: 0,
+                route_window: 0,
+                route_bytes: 0
+            },
+            "a reassignment starts afresh"
         );
     }
 

@@ -77,11 +77,15 @@ impl RouteHandler {
         let mut attempts = Attempts::default();
         // Attempts that count towards max_attempts: not the probes of an open circuit.
         let mut counted = 0;
+        let mut outage = Duration::ZERO;
         loop {
+            let waiting = Instant::now();
             let admission = tokio::select! {
                 a = self.circuit.admit() => a,
                 _ = record.lease.cancel.cancelled() => return self.abandon(&record),
             };
+            // Time the service was known to be down is not the record's age.
+            outage += waiting.elapsed();
             if admission == Admission::Call {
                 counted += 1;
             }
@@ -89,7 +93,10 @@ impl RouteHandler {
             let now = epoch_ms();
             attempts.first_at_ms.get_or_insert(now);
             attempts.last_at_ms = Some(now);
-            self.pace.wait().await;
+            tokio::select! {
+                _ = self.pace.wait() => {}
+                _ = record.lease.cancel.cancelled() => return self.abandon(&record),
+            }
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             let result = self.call.call(&record, attempts.count).await;
             let decision = outcome::decide(&result, &policy);
@@ -117,7 +124,7 @@ impl RouteHandler {
             let delay = match retry::next(
                 &self.config.retry,
                 counted,
-                first.elapsed(),
+                first.elapsed().saturating_sub(outage),
                 failure.retry_after,
                 rand::random(),
             ) {
@@ -187,10 +194,16 @@ impl RouteHandler {
                     out.headers
                         .push(("ferry.error.payload_omitted".into(), "too_large".into()));
                 }
+                Err(e) if out.headers.iter().any(|(k, _)| !k.starts_with("ferry.")) || out.key.is_some() => {
+                    // Last resort: the record's own headers and key; ferry's lineage stays.
+                    tracing::warn!(error = %e, "Dead letter still too large, sending it without the record's headers and key");
+                    out.headers.retain(|(k, _)| k.starts_with("ferry."));
+                    out.key = None;
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, record.offset = record.offset, "Dead letter cannot be written even without its payload; will retry");
+                    tracing::error!(error = %e, record.offset = record.offset, "Dead letter cannot be written even without payload, headers and key; will retry");
                     if !self.pause_or_abandon(record, Duration::from_secs(5)).await {
-                        return;
+                        return self.abandon(record);
                     }
                 }
             }
