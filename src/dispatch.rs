@@ -8,9 +8,11 @@
 //! partition (see `consume`), never by blocking the poll loop.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::runtime::Handle;
 
 use crate::config::Ordering;
@@ -142,7 +144,13 @@ impl Lanes {
             let mut next = Some(first);
             while let Some(r) = next {
                 let handler = &handlers[r.route];
-                handler.handle(r).await;
+                let (lease, offset) = (r.lease.clone(), r.offset);
+                // A bug must not wedge the lane: give the record up (the next owner or the next
+                // run repeats it) and go on with the lane.
+                if AssertUnwindSafe(handler.handle(r)).catch_unwind().await.is_err() {
+                    tracing::error!(topic = %lease.tp.0, partition = lease.tp.1, offset, "Handling a record panicked; it is left uncommitted");
+                    handler.give_up(&lease, offset);
+                }
                 next = if conflate {
                     let (newest, older) = lock(&scheduler).done_conflated(&tp, &lane);
                     for r in older {

@@ -266,6 +266,13 @@ impl RouteHandler {
         epoch_ms().saturating_sub(ts) > max.0.as_millis() as i64
     }
 
+    /// Abandons a record known only by its lease and offset (after a panic while handling it).
+    pub fn give_up(&self, lease: &crate::offsets::Lease, offset: i64) {
+        if self.tracker.abandon(lease, offset) {
+            self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn abandon(&self, record: &Record) {
         if self.tracker.abandon(&record.lease, record.offset) {
             self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
