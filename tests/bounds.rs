@@ -181,3 +181,59 @@ async fn memory_stays_bounded_while_a_hung_service_holds_a_large_backlog() {
         peak >> 20
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_when_the_broker_goes_away() {
+    let mut kafka = Kafka::start();
+    if kafka.is_external() {
+        eprintln!("skipped: this test stops the embedded broker");
+        return;
+    }
+    let source = kafka.topic("in", 2).await;
+    let reply = kafka.topic("out", 1).await;
+    let dlq = kafka.topic("dlq", 1).await;
+    let group = unique("group");
+    // Every answer is a 32 KiB reply that, once the broker is gone, cannot be written.
+    let body = "y".repeat(32 * 1024);
+    let service = Service::start(move |_req: Req| {
+        let body = body.clone();
+        async move { Resp::new(200, &body) }
+    })
+    .await;
+    let value = "x".repeat(32 * 1024);
+    for i in 0..3000 {
+        kafka
+            .send(&source, Some(i % 2), Some(&format!("k{i}")), &value, &[])
+            .await;
+    }
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(&config, text).unwrap();
+    let log = std::fs::File::create(dir.path().join("ferry.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    kafka.read(&reply, 20, WAIT).await;
+    // The broker vanishes mid-stream.
+    kafka.embedded = None;
+    let mut peak = 0;
+    for _ in 0..25 {
+        peak = peak.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("peak RSS with the broker gone: {} MiB", peak >> 20);
+    assert!(alive, "ferry keeps running without its broker");
+    assert!(
+        peak > 0 && peak < 64 << 20,
+        "RSS {} MiB with the broker gone",
+        peak >> 20
+    );
+}
