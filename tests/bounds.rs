@@ -14,10 +14,12 @@ const WAIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_service_pauses_the_partition_at_its_bound_without_leaving_the_group() {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", 1).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(1).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let held = gate.clone();
     let service = Service::start(move |req: Req| {
@@ -75,10 +77,12 @@ async fn a_hung_service_pauses_the_partition_at_its_bound_without_leaving_the_gr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_caps_calls_per_second() {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", 2).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(2).await;
     let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let log = calls.clone();
     let service = Service::start(move |req: Req| {
@@ -122,10 +126,12 @@ fn rss(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_while_a_hung_service_holds_a_large_backlog() {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", 2).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(2).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let held = gate.clone();
     let service = Service::start(move |_req: Req| {
@@ -189,10 +195,12 @@ async fn memory_stays_bounded_when_the_broker_goes_away() {
         eprintln!("skipped: this test stops the embedded broker");
         return;
     }
-    let source = kafka.topic("in", 2).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(2).await;
     // Every answer is a 32 KiB reply that, once the broker is gone, cannot be written.
     let body = "y".repeat(32 * 1024);
     let service = Service::start(move |_req: Req| {

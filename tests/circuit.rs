@@ -16,10 +16,12 @@ const WAIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_under_load_dead_letters_nothing() {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", 2).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(2).await;
     let down = Arc::new(AtomicBool::new(true));
     let flag = down.clone();
     let service = Service::start(move |req: Req| {
@@ -125,10 +127,12 @@ impl Restartable {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_stops_for_20_seconds_under_load_dead_letters_nothing() {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", 2).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(2).await;
     let mut service = Restartable::start("127.0.0.1:0").await;
     let url = format!("http://{}/", service.addr);
     let extra = "    circuit: { failure_ratio: 0.5, min_calls: 5, window: 5s, probe_every: 500ms }\n";

@@ -75,10 +75,12 @@ struct Setup {
 
 async fn setup(partitions: i32, service: &Service) -> Setup {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", partitions).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(partitions).await;
     let admin = free_port();
     let text = config_text(
         &kafka,

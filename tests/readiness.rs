@@ -23,10 +23,12 @@ async fn readyz(addr: std::net::SocketAddr) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_probe_gates_subscription_and_pauses_while_the_service_is_unready() {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", 1).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(1).await;
     let healthy = Arc::new(AtomicBool::new(false));
     let flag = healthy.clone();
     let service = Service::start(move |req: Req| {
@@ -90,10 +92,12 @@ async fn http_probe_gates_subscription_and_pauses_while_the_service_is_unready()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_probe_gates_subscription() {
     let kafka = Kafka::start();
-    let source = kafka.topic("in", 1).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(1).await;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)

@@ -19,10 +19,12 @@ async fn a_second_instance_takes_over_partitions_without_losing_records() {
         Resp::new(200, &req.body)
     })
     .await;
-    let source = kafka.topic("in", 4).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(4).await;
     let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "");
 
     let mut sent = HashSet::new();
@@ -98,10 +100,12 @@ async fn three_instances_keep_each_keys_order_across_handovers() {
         Resp::new(200, &req.body)
     })
     .await;
-    let source = kafka.topic("in", 6).await;
-    let reply = kafka.topic("out", 1).await;
-    let dlq = kafka.topic("dlq", 1).await;
-    let group = unique("group");
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(6).await;
     let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "");
     let keys = 20;
     let mut next = vec![0u32; keys];

@@ -83,6 +83,17 @@ impl Kafka {
         name
     }
 
+    /// A route's topics and group, all fresh: a source with `partitions`, one-partition reply
+    /// and dead-letter topics.
+    pub async fn route_topics(&self, partitions: i32) -> RouteTopics {
+        RouteTopics {
+            source: self.topic("in", partitions).await,
+            reply: self.topic("out", 1).await,
+            dlq: self.topic("dlq", 1).await,
+            group: unique("group"),
+        }
+    }
+
     pub async fn create(&self, name: &str, partitions: i32) {
         match &self.embedded {
             Some(e) => e.create_topic(name, partitions).expect("create topic"),
@@ -287,6 +298,14 @@ fn read_blocking(brokers: &str, topic: &str, want: usize, within: Duration) -> V
         }
     }
     out
+}
+
+/// The topics and group of one test route.
+pub struct RouteTopics {
+    pub source: String,
+    pub reply: String,
+    pub dlq: String,
+    pub group: String,
 }
 
 /// A record read back.
