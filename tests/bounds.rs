@@ -154,14 +154,8 @@ async fn memory_stays_bounded_while_a_hung_service_holds_a_large_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferry.yaml");
     std::fs::write(&config, text).unwrap();
-    let log = std::fs::File::create(dir.path().join("ferry.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["run", "-c"])
-        .arg(&config)
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    let ferry = Ferry::spawn(&config, &dir.path().join("ferry.log"));
+    let pid = ferry.pid();
     eventually(WAIT, "the service holds calls", || async {
         (service.requests().len() >= 2).then_some(())
     })
@@ -171,8 +165,7 @@ async fn memory_stays_bounded_while_a_hung_service_holds_a_large_backlog() {
         peak = peak.max(rss(pid));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(ferry);
     gate.add_permits(100_000);
     eprintln!(
         "peak RSS with a hung service and ~94 MiB waiting: {} MiB",
@@ -218,14 +211,8 @@ async fn memory_stays_bounded_when_the_broker_goes_away() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferry.yaml");
     std::fs::write(&config, text).unwrap();
-    let log = std::fs::File::create(dir.path().join("ferry.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["run", "-c"])
-        .arg(&config)
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    let mut ferry = Ferry::spawn(&config, &dir.path().join("ferry.log"));
+    let pid = ferry.pid();
     kafka.read(&reply, 20, WAIT).await;
     // The broker vanishes mid-stream.
     kafka.embedded = None;
@@ -234,9 +221,8 @@ async fn memory_stays_bounded_when_the_broker_goes_away() {
         peak = peak.max(rss(pid));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let alive = child.try_wait().unwrap().is_none();
-    let _ = child.kill();
-    let _ = child.wait();
+    let alive = ferry.alive();
+    drop(ferry);
     eprintln!("peak RSS with the broker gone: {} MiB", peak >> 20);
     assert!(alive, "ferry keeps running without its broker");
     assert!(

@@ -4,56 +4,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A ferry process, killed when dropped.
-struct Ferry(Child);
-
-impl Ferry {
-    fn spawn(config: &std::path::Path, log: &std::path::Path) -> Ferry {
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["run", "-c"])
-            .arg(config)
-            .env("FERRY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("ferry starts");
-        Ferry(child)
-    }
-
-    fn signal(&self, sig: i32) {
-        unsafe {
-            libc::kill(self.0.id() as i32, sig);
-        }
-    }
-
-    /// Waits for the exit code, up to `within`.
-    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status.code();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("ferry did not exit within {within:?}");
-    }
-}
-
-impl Drop for Ferry {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

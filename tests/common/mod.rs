@@ -503,3 +503,56 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A ferry process, killed when dropped.
+pub struct Ferry(pub std::process::Child);
+
+impl Ferry {
+    /// `ferry run -c config`, its stderr in `log`.
+    pub fn spawn(config: &std::path::Path, log: &std::path::Path) -> Ferry {
+        let log = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("FERRY_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("ferry starts");
+        Ferry(child)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.0.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the exit code, up to `within`.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("ferry did not exit within {within:?}");
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
