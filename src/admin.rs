@@ -1,7 +1,11 @@
-//! The admin endpoint: `GET /healthz` and `GET /readyz` for Kubernetes probes.
+//! The admin endpoint (SPEC §6): probes, metrics and status for anyone, and the control verbs
+//! (pause, resume, drain) for whoever may use them.
 //!
 //! Liveness means the process makes progress (the poll loop beats), never merely that the broker
-//! or the service is down. Readiness means subscribed, topics checked and not draining.
+//! or the service is down. Readiness means subscribed, topics checked, the service ready and not
+//! draining. Status and the scrape-time metrics are read from the offset tracker, the circuits
+//! and the control flags; the control verbs set flags that the consumer loop reads before it
+//! takes each record.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,11 +14,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::circuit::Breaker;
+use crate::config::Secret;
+use crate::offsets::{PauseReason, Tracker};
+use crate::telemetry::Metrics;
 
 /// What the probes read, written by the consumer loop and the start-up checks.
 pub struct Health {
@@ -26,6 +37,8 @@ pub struct Health {
     subscribed: AtomicBool,
     topics_checked: AtomicBool,
     draining: AtomicBool,
+    /// Set by `POST /drain` without a route, cleared by `POST /resume`.
+    drained_by_operator: AtomicBool,
     /// Why ferry is not ready, for the `/readyz` body and the logs.
     problem: Mutex<Option<String>>,
     /// The service's readiness, when a probe is configured.
@@ -41,6 +54,7 @@ impl Health {
             subscribed: AtomicBool::new(false),
             topics_checked: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            drained_by_operator: AtomicBool::new(false),
             problem: Mutex::new(None),
             service: std::sync::OnceLock::new(),
         })
@@ -69,6 +83,19 @@ impl Health {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    pub fn set_drained_by_operator(&self, v: bool) {
+        self.drained_by_operator.store(v, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.drained_by_operator.load(Ordering::Relaxed)
+    }
+
+    /// Whether the service's readiness probe passes (`true` when none is configured).
+    pub fn service_ready(&self) -> bool {
+        self.service.get().is_none_or(|g| g.is_open())
+    }
+
     pub fn live(&self) -> bool {
         let last = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last) < self.stall_after
@@ -76,7 +103,7 @@ impl Health {
 
     /// `Ok` when ready, else why not.
     pub fn ready(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.is_draining() {
             return Err("draining".into());
         }
         if !self.topics_checked.load(Ordering::Relaxed) {
@@ -93,18 +120,117 @@ impl Health {
     }
 }
 
+/// Operator pauses and drains, per route, read by the consumer loop before it takes a record.
+pub struct Control {
+    routes: Vec<Flags>,
+}
+
+#[derive(Default)]
+struct Flags {
+    paused: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Control {
+    pub fn new(routes: usize) -> Arc<Control> {
+        Arc::new(Control {
+            routes: (0..routes).map(|_| Flags::default()).collect(),
+        })
+    }
+
+    /// Why an operator holds `route`, if one does.
+    pub fn held(&self, route: usize) -> Option<PauseReason> {
+        let f = self.routes.get(route)?;
+        if f.draining.load(Ordering::Relaxed) {
+            Some(PauseReason::Drain)
+        } else if f.paused.load(Ordering::Relaxed) {
+            Some(PauseReason::Operator)
+        } else {
+            None
+        }
+    }
+
+    fn set(&self, route: usize, paused: bool, draining: bool) {
+        if let Some(f) = self.routes.get(route) {
+            f.paused.store(paused, Ordering::Relaxed);
+            f.draining.store(draining, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_paused(&self, route: usize) -> bool {
+        self.routes
+            .get(route)
+            .is_some_and(|f| f.paused.load(Ordering::Relaxed))
+    }
+
+    pub fn is_draining(&self, route: usize) -> bool {
+        self.routes
+            .get(route)
+            .is_some_and(|f| f.draining.load(Ordering::Relaxed))
+    }
+}
+
+/// Who may use the control verbs (SPEC §6).
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// The listener is on loopback: only processes of the pod reach it.
+    Loopback,
+    /// Off loopback with a token: `Authorization: Bearer <token>`.
+    Token(Secret),
+    /// Off loopback without a token: the verbs answer 403.
+    Disabled,
+}
+
+impl Access {
+    pub fn new(listen: SocketAddr, token: Option<Secret>) -> Access {
+        match token {
+            _ if listen.ip().is_loopback() => Access::Loopback,
+            Some(t) => Access::Token(t),
+            None => Access::Disabled,
+        }
+    }
+}
+
+/// What the admin endpoint reads and steers.
+pub struct Admin {
+    pub health: Arc<Health>,
+    pub control: Arc<Control>,
+    pub tracker: Arc<Tracker>,
+    pub metrics: Arc<Metrics>,
+    /// Per route, in config order: its name and its circuit.
+    pub routes: Vec<(String, Arc<Breaker>)>,
+    pub access: Access,
+    /// How long `POST /drain` waits for in-flight records.
+    pub drain_timeout: Duration,
+    /// Serialises the refresh of the gauges with the rendering of `/metrics`.
+    pub scrape: Mutex<()>,
+}
+
 /// Binds the admin listener now (so a taken port fails the start) and serves until `stop`.
 pub async fn serve(
     addr: SocketAddr,
-    health: Arc<Health>,
+    admin: Arc<Admin>,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    match &admin.access {
+        Access::Loopback => {}
+        Access::Token(_) => tracing::info!("Control endpoints need the admin token"),
+        Access::Disabled => tracing::warn!(
+            addr = %local,
+            "Control endpoints (POST /pause, /resume, /drain) are disabled: the admin endpoint is not on loopback and admin.token is not set"
+        ),
+    }
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(health);
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
+        .route("/drain", post(drain))
+        .with_state(admin);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -117,17 +243,361 @@ pub async fn serve(
     Ok(local)
 }
 
-async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if h.live() {
+async fn healthz(State(a): State<Arc<Admin>>) -> (StatusCode, &'static str) {
+    if a.health.live() {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "the poll loop is stuck\n")
     }
 }
 
-async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    match h.ready() {
+async fn readyz(State(a): State<Arc<Admin>>) -> (StatusCode, String) {
+    match a.health.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
+}
+
+async fn metrics(State(a): State<Arc<Admin>>) -> Response {
+    let text = {
+        let _one_at_a_time = a.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        a.refresh(&a.tracker.status());
+        a.metrics.render()
+    };
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
+}
+
+async fn status(State(a): State<Arc<Admin>>) -> Response {
+    axum::Json(a.status()).into_response()
+}
+
+/// `GET /status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub live: bool,
+    pub ready: bool,
+    /// Why not, when not ready.
+    pub not_ready: Option<String>,
+    pub draining: bool,
+    pub service_ready: bool,
+    pub routes: Vec<RouteStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RouteStatus {
+    pub name: String,
+    /// Paused by an operator (`POST /pause`).
+    pub paused: bool,
+    /// Drained by an operator (`POST /drain`).
+    pub draining: bool,
+    /// `closed`, `open` or `half_open`.
+    pub circuit: String,
+    pub in_flight: u64,
+    pub oldest_in_flight_seconds: Option<f64>,
+    /// Summed over the route's partitions with a known lag.
+    pub lag: i64,
+    pub received: u64,
+    /// Records by outcome.
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// Dead letters by reason.
+    pub dead_letters: std::collections::BTreeMap<String, u64>,
+    pub retries: u64,
+    pub abandoned: u64,
+    pub partitions: Vec<PartitionView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PartitionView {
+    pub topic: String,
+    pub partition: i32,
+    pub committed: Option<i64>,
+    pub high_watermark: Option<i64>,
+    pub lag: Option<i64>,
+    pub in_flight: u64,
+    pub oldest_in_flight_seconds: Option<f64>,
+    /// Why ferry takes nothing from it now: `bound`, `unready`, `circuit`, `drain`, `operator`.
+    pub paused: Vec<String>,
+}
+
+impl Admin {
+    pub fn status(&self) -> Status {
+        let partitions = self.tracker.status();
+        {
+            let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+            self.refresh(&partitions);
+        }
+        let routes = self
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, circuit))| {
+                let mine: Vec<_> = partitions.iter().filter(|p| p.route == i).collect();
+                let counts = self.metrics.snapshot(name);
+                RouteStatus {
+                    name: name.clone(),
+                    paused: self.control.is_paused(i),
+                    draining: self.control.is_draining(i),
+                    circuit: circuit.state_name().to_string(),
+                    in_flight: mine.iter().map(|p| p.in_flight as u64).sum(),
+                    oldest_in_flight_seconds: mine
+                        .iter()
+                        .filter_map(|p| p.oldest_in_flight)
+                        .max()
+                        .map(|d| d.as_secs_f64()),
+                    lag: mine.iter().filter_map(|p| p.lag).sum(),
+                    received: counts.received,
+                    outcomes: counts
+                        .outcomes
+                        .iter()
+                        .map(|(o, n)| (o.as_str().to_string(), *n))
+                        .collect(),
+                    dead_letters: counts.dead_letter_reasons,
+                    retries: counts.retries,
+                    abandoned: counts.abandoned,
+                    partitions: mine
+                        .iter()
+                        .map(|p| PartitionView {
+                            topic: p.tp.0.to_string(),
+                            partition: p.tp.1,
+                            committed: p.committed,
+                            high_watermark: p.high_watermark,
+                            lag: p.lag,
+                            in_flight: p.in_flight as u64,
+                            oldest_in_flight_seconds: p.oldest_in_flight.map(|d| d.as_secs_f64()),
+                            paused: p.paused.iter().map(|r| r.as_str().to_string()).collect(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let ready = self.health.ready();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            live: self.health.live(),
+            ready: ready.is_ok(),
+            not_ready: ready.err(),
+            draining: self.health.is_draining(),
+            service_ready: self.health.service_ready(),
+            routes,
+        }
+    }
+
+    /// Sets the scrape-time gauges from the tracker's view of the partitions.
+    fn refresh(&self, partitions: &[crate::offsets::PartitionStatus]) {
+        let m = &self.metrics;
+        for g in [&m.lag, &m.committed, &m.high_watermark, &m.paused] {
+            g.reset();
+        }
+        m.oldest_in_flight.reset();
+        for (i, (name, circuit)) in self.routes.iter().enumerate() {
+            let mine = || partitions.iter().filter(move |p| p.route == i);
+            m.in_flight
+                .with_label_values(&[name.as_str()])
+                .set(mine().map(|p| p.in_flight as i64).sum());
+            if let Some(oldest) = mine().filter_map(|p| p.oldest_in_flight).max() {
+                m.oldest_in_flight
+                    .with_label_values(&[name.as_str()])
+                    .set(oldest.as_secs_f64());
+            }
+            let state = circuit.state_name();
+            for s in ["closed", "open", "half_open"] {
+                m.circuit
+                    .with_label_values(&[name.as_str(), s])
+                    .set(i64::from(s == state));
+            }
+            for p in mine() {
+                let partition = p.tp.1.to_string();
+                let labels = [name.as_str(), &p.tp.0, partition.as_str()];
+                if let Some(c) = p.committed {
+                    m.committed.with_label_values(&labels).set(c);
+                }
+                if let Some(h) = p.high_watermark {
+                    m.high_watermark.with_label_values(&labels).set(h);
+                }
+                if let Some(l) = p.lag {
+                    m.lag.with_label_values(&labels).set(l);
+                }
+                for r in &p.paused {
+                    m.paused.with_label_values(&[name.as_str(), r.as_str()]).inc();
+                }
+            }
+        }
+        m.ready.set(i64::from(self.health.ready().is_ok()));
+        m.draining.set(i64::from(self.health.is_draining()));
+    }
+
+    /// The routes a control request names: all of them, or the one in `?route=`.
+    fn targets(&self, route: Option<&str>) -> Result<Vec<usize>, Response> {
+        match route {
+            None => Ok((0..self.routes.len()).collect()),
+            Some(name) => match self.routes.iter().position(|(n, _)| n == name) {
+                Some(i) => Ok(vec![i]),
+                None => {
+                    let known: Vec<&str> = self.routes.iter().map(|(n, _)| n.as_str()).collect();
+                    Err(problem(
+                        StatusCode::NOT_FOUND,
+                        format!("no route named `{name}`; routes are: {}", known.join(", ")),
+                    ))
+                }
+            },
+        }
+    }
+
+    /// Checks a control request's credentials.
+    fn authorize(&self, headers: &HeaderMap, verb: &str) -> Result<(), Response> {
+        match &self.access {
+            Access::Loopback => Ok(()),
+            Access::Disabled => Err(problem(
+                StatusCode::FORBIDDEN,
+                "control endpoints are disabled: the admin endpoint is not on loopback and admin.token is not set".into(),
+            )),
+            Access::Token(token) => {
+                let given = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+                if given.is_some_and(|g| token.matches(g)) {
+                    return Ok(());
+                }
+                self.metrics.admin_unauthorized.inc();
+                tracing::warn!(verb, "Control request refused: missing or wrong admin token");
+                let mut r = problem(
+                    StatusCode::UNAUTHORIZED,
+                    "send the admin token as `Authorization: Bearer <token>`".into(),
+                );
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                Err(r)
+            }
+        }
+    }
+}
+
+/// An error answer: `{"error": "..."}`.
+fn problem(code: StatusCode, error: String) -> Response {
+    (code, axum::Json(serde_json::json!({ "error": error }))).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct Target {
+    route: Option<String>,
+}
+
+/// The answer to a control verb.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Done {
+    pub routes: Vec<String>,
+    pub paused: bool,
+    pub draining: bool,
+    /// `POST /drain` only: whether every record in flight finished and its offset was committed
+    /// before the drain timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drained: Option<bool>,
+    pub in_flight: u64,
+}
+
+impl Admin {
+    fn done(&self, routes: &[usize], drained: Option<bool>) -> Done {
+        let partitions = self.tracker.status();
+        Done {
+            routes: routes.iter().map(|&i| self.routes[i].0.clone()).collect(),
+            paused: routes.iter().all(|&i| self.control.is_paused(i)),
+            draining: routes.iter().all(|&i| self.control.is_draining(i)),
+            drained,
+            in_flight: partitions
+                .iter()
+                .filter(|p| routes.contains(&p.route))
+                .map(|p| p.in_flight as u64)
+                .sum(),
+        }
+    }
+
+    /// Whether nothing of these routes is in flight and everything final is committed.
+    fn settled(&self, routes: &[usize]) -> bool {
+        self.tracker
+            .status()
+            .iter()
+            .filter(|p| routes.contains(&p.route))
+            .all(|p| p.in_flight == 0 && (p.committable.is_none() || p.committed >= p.committable))
+    }
+}
+
+async fn pause(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
+    control(&a, &headers, t.route.as_deref(), "pause", |a, routes| {
+        for &i in routes {
+            a.control.set(i, true, a.control.is_draining(i));
+        }
+        tracing::info!(routes = ?names(a, routes), "Paused by an operator");
+    })
+}
+
+async fn resume(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
+    control(&a, &headers, t.route.as_deref(), "resume", |a, routes| {
+        for &i in routes {
+            a.control.set(i, false, false);
+        }
+        if routes.len() == a.routes.len() {
+            a.health.set_drained_by_operator(false);
+        }
+        tracing::info!(routes = ?names(a, routes), "Resumed by an operator");
+    })
+}
+
+async fn drain(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
+    if let Err(r) = a.authorize(&headers, "drain") {
+        return r;
+    }
+    let routes = match a.targets(t.route.as_deref()) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    for &i in &routes {
+        a.control.set(i, a.control.is_paused(i), true);
+    }
+    if t.route.is_none() {
+        // A whole drain takes the pod out of rotation (preStop, upgrades).
+        a.health.set_drained_by_operator(true);
+    }
+    tracing::info!(routes = ?names(&a, &routes), "Draining by an operator's request");
+    let deadline = tokio::time::Instant::now() + a.drain_timeout;
+    let drained = loop {
+        if a.settled(&routes) {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let done = a.done(&routes, Some(drained));
+    tracing::info!(drained, in_flight = done.in_flight, "Drain finished");
+    let code = if drained {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    (code, axum::Json(done)).into_response()
+}
+
+fn control(
+    a: &Admin,
+    headers: &HeaderMap,
+    route: Option<&str>,
+    verb: &str,
+    apply: impl FnOnce(&Admin, &[usize]),
+) -> Response {
+    if let Err(r) = a.authorize(headers, verb) {
+        return r;
+    }
+    match a.targets(route) {
+        Ok(routes) => {
+            apply(a, &routes);
+            axum::Json(a.done(&routes, None)).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+fn names(a: &Admin, routes: &[usize]) -> Vec<String> {
+    routes.iter().map(|&i| a.routes[i].0.clone()).collect()
 }

@@ -71,6 +71,15 @@ impl Breaker {
         matches!(self.lock().state, State::Closed)
     }
 
+    /// `closed`, `open`, or `half_open` while a probe is out: for status and metrics.
+    pub fn state_name(&self) -> &'static str {
+        match self.lock().state {
+            State::Closed => "closed",
+            State::Open { probing: true, .. } => "half_open",
+            State::Open { probing: false, .. } => "open",
+        }
+    }
+
     /// Whether the route should take a new record: always while closed, and while open only when
     /// a probe is due and none is out — so an open circuit with nothing in flight (all of it
     /// revoked, say) still gets its probe from the next record.

@@ -20,13 +20,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use regex::Regex;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Health;
+use crate::admin::{Control, Health};
 use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
 use crate::offsets::{PauseReason, Tp, Tracker};
 use crate::ready::Gate;
 use crate::record::Record;
-use crate::telemetry::RouteStats;
+use crate::telemetry::trace::Tracing;
+use crate::telemetry::{Metrics, RouteMetrics};
 
 /// Which route reads which topic.
 pub struct RouteTable {
@@ -84,11 +85,17 @@ impl RouteTable {
 pub struct Context {
     tracker: Arc<Tracker>,
     routes: Arc<RouteTable>,
-    stats: Arc<Vec<Arc<RouteStats>>>,
+    /// Per route, in config order.
+    route_metrics: Arc<Vec<Arc<RouteMetrics>>>,
+    metrics: Arc<Metrics>,
+    /// Ends the traces of records once a commit covers them.
+    tracing: Arc<Tracing>,
     lanes: Lanes,
     /// Each route's in-flight bounds.
     bounds: Vec<Concurrency>,
     gate: Arc<Gate>,
+    /// Operator pauses and drains.
+    control: Arc<Control>,
     /// The consumer itself, to split each assigned partition's queue off before assigning it.
     consumer: OnceLock<Weak<BaseConsumer<Context>>>,
     /// Queues split off by the last assignment, for the poll loop to adopt.
@@ -190,6 +197,7 @@ impl Context {
         if commit_final {
             commit(c, &offsets);
         }
+        self.tracing.forget(tps);
     }
 
     /// Gives each partition its own queue before it is assigned, so its records wait in
@@ -214,9 +222,7 @@ impl Context {
     fn count_abandoned(&self, tps: &[Tp], live: usize) {
         // Attributed to the first revoked partition's route: the totals are what reconcile.
         if let Some(route) = tps.first().and_then(|(t, _)| self.routes.route_for(t)) {
-            self.stats[route]
-                .abandoned
-                .fetch_add(live as u64, std::sync::atomic::Ordering::Relaxed);
+            self.route_metrics[route].abandoned(live as u64);
         }
     }
 
@@ -284,9 +290,13 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
     for ((t, p), o) in offsets {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
     }
-    match c.commit(&tpl, CommitMode::Sync) {
+    let ctx = c.context();
+    let committed = c.commit(&tpl, CommitMode::Sync);
+    ctx.metrics.commit(committed.is_ok());
+    match committed {
         Ok(()) => {
-            c.context().tracker.committed(offsets);
+            ctx.tracker.committed(offsets);
+            ctx.tracing.committed(offsets);
             true
         }
         Err(e) => {
@@ -296,7 +306,7 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
             } else {
                 tracing::warn!(error = %e, "Commit failed; it will be repeated");
             }
-            c.context().tracker.commit_failed(offsets);
+            ctx.tracker.commit_failed(offsets);
             false
         }
     }
@@ -321,7 +331,12 @@ pub struct ConsumerSetup {
     pub routes: Vec<Route>,
     pub tracker: Arc<Tracker>,
     pub lanes: Lanes,
-    pub stats: Arc<Vec<Arc<RouteStats>>>,
+    /// Per route, in config order.
+    pub route_metrics: Arc<Vec<Arc<RouteMetrics>>>,
+    pub metrics: Arc<Metrics>,
+    pub tracing: Arc<Tracing>,
+    /// Operator pauses and drains, per route.
+    pub control: Arc<Control>,
     pub health: Arc<Health>,
     pub drain_timeout: Duration,
     pub commit_interval: Duration,
@@ -362,10 +377,13 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     let context = Context {
         tracker: setup.tracker.clone(),
         routes: routes.clone(),
-        stats: setup.stats.clone(),
+        route_metrics: setup.route_metrics.clone(),
+        metrics: setup.metrics.clone(),
+        tracing: setup.tracing.clone(),
         lanes: setup.lanes,
         bounds: setup.routes.iter().map(|r| r.concurrency.clone()).collect(),
         gate: setup.gate.clone(),
+        control: setup.control.clone(),
         consumer: OnceLock::new(),
         new_queues: Mutex::new(Vec::new()),
         gone: Mutex::new(Vec::new()),
@@ -393,9 +411,14 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
 
     let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
     let mut queues: HashMap<Tp, PartitionQueue<Context>> = HashMap::new();
+    let mut next_watermarks = Instant::now();
     while !setup.shutdown.is_cancelled() {
         setup.health.beat();
         let ctx = consumer.context();
+        if Instant::now() >= next_watermarks {
+            next_watermarks = Instant::now() + WATERMARKS_EVERY;
+            read_high_watermarks(&consumer, &setup.tracker);
+        }
         for tp in lock(&ctx.gone).drain(..) {
             queues.remove(&tp);
         }
@@ -406,7 +429,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             let mut turn = 0;
             while turn < TURN && has_room(ctx, tp) {
                 match queue.poll(Duration::ZERO) {
-                    Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics, &setup.stats),
+                    Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics),
                     Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
                     None => break,
                 }
@@ -418,7 +441,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         // queue could not be split.
         let wait = if took > 0 { Duration::ZERO } else { IDLE };
         match consumer.poll(wait) {
-            Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics, &setup.stats),
+            Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics),
             // librdkafka recovers from these by itself; they are worth a line, not a stop.
             Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
             None => {}
@@ -467,6 +490,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             offsets.retain(|((t, p), _)| assignment.find_partition(t, *p).is_some());
         }
     }
+    consumer.context().tracing.forget(&assigned);
     consumer.unsubscribe();
     // Queues split off and not yet adopted hold the consumer; let them go.
     lock(&consumer.context().new_queues).clear();
@@ -497,6 +521,37 @@ const TURN: usize = 64;
 /// How long the loop waits for events when no partition had records.
 const IDLE: Duration = Duration::from_millis(5);
 
+/// How often the high watermarks (for lag) are read from librdkafka's cache.
+const WATERMARKS_EVERY: Duration = Duration::from_secs(1);
+
+/// Copies the high watermarks librdkafka learnt from its last fetch of each assigned partition
+/// into the tracker. Reads a local cache: no request to the broker.
+fn read_high_watermarks(consumer: &BaseConsumer<Context>, tracker: &Tracker) {
+    let mut marks = Vec::new();
+    for tp in tracker.assigned() {
+        let Ok(topic) = std::ffi::CString::new(tp.0.as_bytes()) else {
+            continue;
+        };
+        let (mut low, mut high) = (0i64, 0i64);
+        // SAFETY: the client pointer is valid while `consumer` lives, the topic is a valid C
+        // string for the call's duration, and the outputs are plain integers we own.
+        let err = unsafe {
+            rdkafka_sys::rd_kafka_get_watermark_offsets(
+                consumer.client().native_ptr(),
+                topic.as_ptr(),
+                tp.1,
+                &mut low,
+                &mut high,
+            )
+        };
+        // Before the first fetch the cache holds an invalid offset (negative).
+        if err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0 {
+            marks.push((tp, high));
+        }
+    }
+    tracker.set_high_watermarks(&marks);
+}
+
 /// Whether `tp` may take another record: only when no pause reason holds. The reasons are
 /// recorded for status.
 fn has_room(ctx: &Context, tp: &Tp) -> bool {
@@ -505,6 +560,9 @@ fn has_room(ctx: &Context, tp: &Tp) -> bool {
     };
     let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
     let mut reasons = Vec::new();
+    if let Some(held) = ctx.control.held(route) {
+        reasons.push(held);
+    }
     if !ctx.gate.is_open() {
         reasons.push(PauseReason::Unready);
     }
@@ -527,7 +585,6 @@ fn take(
     msg: &BorrowedMessage<'_>,
     routes: &RouteTable,
     topics: &mut HashMap<String, (Arc<str>, usize)>,
-    stats: &[Arc<RouteStats>],
 ) {
     let (topic, route) = match topics.get(msg.topic()) {
         Some(entry) => entry.clone(),
@@ -547,8 +604,6 @@ fn take(
     let Some(lease) = ctx.tracker.track(&tp, msg.offset(), size) else {
         return;
     };
-    stats[route]
-        .received
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.route_metrics[route].received();
     ctx.lanes.dispatch(Record::from_message(msg, topic, route, lease));
 }

@@ -26,14 +26,24 @@ enum Slot {
     Abandoned,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    offset: i64,
+    slot: Slot,
+    /// Bytes it holds in memory while live.
+    size: usize,
+    /// When it was taken, for the age of the oldest record in flight.
+    taken: Instant,
+}
+
 /// The records of one partition between its committable offset and the newest taken.
 ///
 /// Offsets arrive in increasing order (with gaps: compaction, transaction markers), complete in
 /// any order, and the watermark moves only over a prefix of finished records.
 #[derive(Debug, Default)]
 pub struct Window {
-    /// Offset, state and size in bytes of each record.
-    slots: VecDeque<(i64, Slot, usize)>,
+    /// Each taken record, in offset order.
+    slots: VecDeque<Entry>,
     committable: Option<i64>,
     live: usize,
     /// Bytes held by live records (final ones no longer hold their data).
@@ -49,8 +59,8 @@ impl Window {
 
     /// As `push`, for a record of `size` bytes.
     pub fn push_sized(&mut self, offset: i64, size: usize) -> bool {
-        if let Some(&(last, _, _)) = self.slots.back() {
-            if offset <= last {
+        if let Some(last) = self.slots.back() {
+            if offset <= last.offset {
                 return false;
             }
         } else if let Some(c) = self.committable {
@@ -58,7 +68,12 @@ impl Window {
                 return false;
             }
         }
-        self.slots.push_back((offset, Slot::Live, size));
+        self.slots.push_back(Entry {
+            offset,
+            slot: Slot::Live,
+            size,
+            taken: Instant::now(),
+        });
         self.live += 1;
         self.live_bytes += size;
         true
@@ -69,7 +84,12 @@ impl Window {
         if !self.set(offset, Slot::Final) {
             return false;
         }
-        while let Some(&(o, Slot::Final, _)) = self.slots.front() {
+        while let Some(&Entry {
+            offset: o,
+            slot: Slot::Final,
+            ..
+        }) = self.slots.front()
+        {
             self.committable = Some(o + 1);
             self.slots.pop_front();
         }
@@ -82,15 +102,16 @@ impl Window {
     }
 
     fn set(&mut self, offset: i64, to: Slot) -> bool {
-        let Ok(i) = self.slots.binary_search_by_key(&offset, |&(o, _, _)| o) else {
+        let Ok(i) = self.slots.binary_search_by_key(&offset, |e| e.offset) else {
             return false;
         };
-        if self.slots[i].1 != Slot::Live {
+        let e = &mut self.slots[i];
+        if e.slot != Slot::Live {
             return false;
         }
-        self.slots[i].1 = to;
+        e.slot = to;
         self.live -= 1;
-        self.live_bytes -= self.slots[i].2;
+        self.live_bytes -= e.size;
         true
     }
 
@@ -106,6 +127,16 @@ impl Window {
 
     pub fn live_bytes(&self) -> usize {
         self.live_bytes
+    }
+
+    /// When the oldest record still in flight was taken.
+    pub fn oldest_live(&self) -> Option<Instant> {
+        self.slots.iter().find(|e| e.slot == Slot::Live).map(|e| e.taken)
+    }
+
+    /// The first offset not yet final: the watermark, or the oldest taken record.
+    pub fn position(&self) -> Option<i64> {
+        self.slots.front().map(|e| e.offset).or(self.committable)
     }
 
     /// Every record between the watermark and the newest taken, finished ones included: what
@@ -145,6 +176,8 @@ struct Partition {
     requested: Option<i64>,
     /// The last offset the broker confirmed as committed.
     committed: Option<i64>,
+    /// The partition's high watermark as of the consumer's last fetch.
+    high_watermark: Option<i64>,
     /// Why ferry takes no records from this partition now (empty: it does).
     paused: Vec<PauseReason>,
 }
@@ -190,10 +223,18 @@ pub struct Load {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionStatus {
     pub tp: Tp,
+    /// Index of the route that reads it.
+    pub route: usize,
     pub committed: Option<i64>,
     pub committable: Option<i64>,
+    pub high_watermark: Option<i64>,
+    /// Records between the group's position (committed, else the oldest not final) and the
+    /// high watermark.
+    pub lag: Option<i64>,
     pub in_flight: usize,
     pub window: usize,
+    /// How long the oldest record in flight has been.
+    pub oldest_in_flight: Option<std::time::Duration>,
     /// Why ferry takes no records from this partition now; empty when it does.
     pub paused: Vec<PauseReason>,
 }
@@ -207,8 +248,10 @@ pub enum PauseReason {
     Unready,
     /// The route's circuit is open.
     Circuit,
-    /// ferry is stopping or the partition is being revoked.
+    /// ferry is stopping, the partition is being revoked, or an operator asked for a drain.
     Drain,
+    /// An operator paused the route (`POST /pause`).
+    Operator,
 }
 
 impl PauseReason {
@@ -218,6 +261,7 @@ impl PauseReason {
             PauseReason::Unready => "unready",
             PauseReason::Circuit => "circuit",
             PauseReason::Drain => "drain",
+            PauseReason::Operator => "operator",
         }
     }
 }
@@ -268,6 +312,7 @@ impl Tracker {
                     window: Window::default(),
                     requested: None,
                     committed: None,
+                    high_watermark: None,
                     paused: Vec::new(),
                 },
             );
@@ -443,6 +488,16 @@ impl Tracker {
         }
     }
 
+    /// Notes the partitions' high watermarks, as the consumer last saw them.
+    pub fn set_high_watermarks(&self, marks: &[(Tp, i64)]) {
+        let mut s = self.lock();
+        for (tp, h) in marks {
+            if let Some(p) = s.partitions.get_mut(tp) {
+                p.high_watermark = Some(*h);
+            }
+        }
+    }
+
     /// Live records across every partition.
     pub fn live(&self) -> usize {
         self.lock().partitions.values().map(|p| p.window.live()).sum()
@@ -457,13 +512,20 @@ impl Tracker {
         let mut v: Vec<_> = s
             .partitions
             .iter()
-            .map(|(tp, p)| PartitionStatus {
-                tp: tp.clone(),
-                committed: p.committed,
-                committable: p.window.committable(),
-                in_flight: p.window.live(),
-                window: p.window.len(),
-                paused: p.paused.clone(),
+            .map(|(tp, p)| {
+                let position = p.committed.or_else(|| p.window.position());
+                PartitionStatus {
+                    tp: tp.clone(),
+                    route: p.route,
+                    committed: p.committed,
+                    committable: p.window.committable(),
+                    high_watermark: p.high_watermark,
+                    lag: p.high_watermark.zip(position).map(|(h, c)| (h - c).max(0)),
+                    in_flight: p.window.live(),
+                    window: p.window.len(),
+                    oldest_in_flight: p.window.oldest_live().map(|t| t.elapsed()),
+                    paused: p.paused.clone(),
+                }
             })
             .collect();
         v.sort_by(|a, b| a.tp.cmp(&b.tp));

@@ -13,7 +13,7 @@ use crate::call::{Answer, CallError, Status};
 use crate::config::{Action, ErrorKind, Reply, Rule};
 
 /// How a record ended. Every record ends in exactly one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Outcome {
     /// A reply record was published.
     Replied,

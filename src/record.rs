@@ -25,6 +25,8 @@ pub struct Record {
     pub headers: Vec<(String, Bytes)>,
     /// Index of the route that reads this record's topic.
     pub route: usize,
+    /// When ferry took it from Kafka.
+    pub taken: std::time::SystemTime,
     /// Ties the record to one assignment of its partition; a late result after a revoke is
     /// recognised by it and discarded.
     pub lease: Lease,
@@ -54,6 +56,7 @@ impl Record {
             value: msg.payload().map(Bytes::copy_from_slice),
             headers,
             route,
+            taken: std::time::SystemTime::now(),
             lease,
         }
     }

@@ -5,10 +5,9 @@
 //! one outcome, or is abandoned when its partition is revoked or ferry stops before it is final.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::call::Call;
+use crate::call::{Attempt, Call};
 use crate::circuit::{Admission, Breaker};
 use crate::config::Route;
 use crate::offsets::Tracker;
@@ -16,7 +15,8 @@ use crate::outcome::{self, Decision, Failure, Outcome, Policy, Reason};
 use crate::produce::{self, Attempts, Outgoing, ProduceError, Producer};
 use crate::record::Record;
 use crate::retry::{self, Next};
-use crate::telemetry::RouteStats;
+use crate::telemetry::RouteMetrics;
+use crate::telemetry::trace::{RecordTrace, Tracing};
 
 /// Everything one route needs to handle a record.
 pub struct RouteHandler {
@@ -24,7 +24,9 @@ pub struct RouteHandler {
     pub call: Box<dyn Call>,
     pub producer: Producer,
     pub tracker: Arc<Tracker>,
-    pub stats: Arc<RouteStats>,
+    pub metrics: Arc<RouteMetrics>,
+    /// Shared by every route and the committer, which ends the traces of committed records.
+    pub tracing: Arc<Tracing>,
     /// `concurrency.rate`: spaces calls towards the service.
     pub pace: Pace,
     /// Opens when most calls fail for a retryable reason.
@@ -63,11 +65,29 @@ impl RouteHandler {
     /// Handles `record` to its end. Never fails: every problem becomes an outcome, a retry, or
     /// (when the partition goes away) an abandoned record that the next owner repeats.
     pub async fn handle(&self, record: Record) {
-        if record.lease.is_cancelled() {
-            return self.abandon(&record);
+        let trace = self.tracing.record(&record, &self.config.name);
+        match self.run(&record, &trace).await {
+            End::Final(outcome, reason) => {
+                if self.finish(&record, outcome, reason) {
+                    let tp = &record.lease.tp;
+                    self.tracing.finished(trace, tp, record.offset, outcome, reason);
+                } else {
+                    trace.abandon();
+                }
+            }
+            End::Abandoned => {
+                self.abandon(&record);
+                trace.abandon();
+            }
         }
-        if self.too_old(&record) {
-            return self.expire(&record);
+    }
+
+    async fn run(&self, record: &Record, trace: &RecordTrace) -> End {
+        if record.lease.is_cancelled() {
+            return End::Abandoned;
+        }
+        if self.too_old(record) {
+            return End::Final(Outcome::Expired, None);
         }
         let policy = Policy {
             rules: &self.config.rules,
@@ -82,7 +102,7 @@ impl RouteHandler {
             let waiting = Instant::now();
             let admission = tokio::select! {
                 a = self.circuit.admit() => a,
-                _ = record.lease.cancel.cancelled() => return self.abandon(&record),
+                _ = record.lease.cancel.cancelled() => return End::Abandoned,
             };
             // Time the service was known to be down is not the record's age.
             outage += waiting.elapsed();
@@ -95,12 +115,22 @@ impl RouteHandler {
             attempts.last_at_ms = Some(now);
             tokio::select! {
                 _ = self.pace.wait() => {}
-                _ = record.lease.cancel.cancelled() => return self.abandon(&record),
+                _ = record.lease.cancel.cancelled() => return End::Abandoned,
             }
-            self.stats.calls.fetch_add(1, Ordering::Relaxed);
-            let result = self.call.call(&record, attempts.count).await;
+            let step = trace.call(&self.config.name, attempts.count);
+            let attempt = Attempt {
+                number: attempts.count,
+                trace: step.headers().cloned(),
+            };
+            let started = Instant::now();
+            let result = self.call.call(record, &attempt).await;
+            self.metrics.call(&result, started.elapsed());
             let decision = outcome::decide(&result, &policy);
             let retryable = matches!(&decision, Decision::Retry(f) if f.reason != Reason::ServiceSaid);
+            step.end(
+                crate::telemetry::metrics::call_result(&result),
+                !matches!(decision, Decision::Reply { .. } | Decision::Done | Decision::Drop),
+            );
             self.circuit.record(admission, retryable);
             if retryable && admission == Admission::Call && !self.circuit.is_closed() {
                 // This failure belongs to the outage that opened the circuit: not the record's.
@@ -113,12 +143,12 @@ impl RouteHandler {
                     headers,
                     value,
                 } => {
-                    let out = produce::reply(&record, topic, key, headers, value);
-                    return self.publish_reply(&record, out, attempts).await;
+                    let out = produce::reply(record, topic, key, headers, value);
+                    return self.publish_reply(record, trace, out, attempts).await;
                 }
-                Decision::Done => return self.finish(&record, Outcome::Done, None),
-                Decision::Drop => return self.finish(&record, Outcome::Dropped, None),
-                Decision::DeadLetter(f) => return self.dead_letter(&record, f, attempts).await,
+                Decision::Done => return End::Final(Outcome::Done, None),
+                Decision::Drop => return End::Final(Outcome::Dropped, None),
+                Decision::DeadLetter(f) => return self.dead_letter(record, trace, f, attempts).await,
                 Decision::Retry(f) => f,
             };
             let delay = match retry::next(
@@ -129,7 +159,7 @@ impl RouteHandler {
                 rand::random(),
             ) {
                 Next::After(d) => d,
-                Next::Exhausted => return self.dead_letter(&record, failure, attempts).await,
+                Next::Exhausted => return self.dead_letter(record, trace, failure, attempts).await,
                 Next::TooOld => {
                     let f = Failure {
                         reason: Reason::TooOld,
@@ -142,7 +172,7 @@ impl RouteHandler {
                         ),
                         ..failure
                     };
-                    return self.dead_letter(&record, f, attempts).await;
+                    return self.dead_letter(record, trace, f, attempts).await;
                 }
             };
             tracing::debug!(
@@ -150,19 +180,25 @@ impl RouteHandler {
                 record.offset = record.offset, attempt = attempts.count, reason = %failure.reason,
                 delay_ms = delay.as_millis() as u64, "Retrying record"
             );
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            self.metrics.retry(failure.reason);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 // The partition is going away: the next owner retries it.
-                _ = record.lease.cancel.cancelled() => return self.abandon(&record),
+                _ = record.lease.cancel.cancelled() => return End::Abandoned,
             }
         }
     }
 
-    async fn publish_reply(&self, record: &Record, out: Outgoing, attempts: Attempts) {
-        match self.publish(record, &out).await {
-            Ok(true) => self.finish(record, Outcome::Replied, None),
-            Ok(false) => self.abandon(record),
+    async fn publish_reply(
+        &self,
+        record: &Record,
+        trace: &RecordTrace,
+        mut out: Outgoing,
+        attempts: Attempts,
+    ) -> End {
+        match self.publish(record, trace, &mut out).await {
+            Ok(true) => End::Final(Outcome::Replied, None),
+            Ok(false) => End::Abandoned,
             Err(e) => {
                 let f = Failure {
                     reason: Reason::TooLarge,
@@ -170,12 +206,18 @@ impl RouteHandler {
                     message: format!("the reply to {} could not be published: {e}", out.topic),
                     retry_after: None,
                 };
-                self.dead_letter(record, f, attempts).await
+                self.dead_letter(record, trace, f, attempts).await
             }
         }
     }
 
-    async fn dead_letter(&self, record: &Record, failure: Failure, attempts: Attempts) {
+    async fn dead_letter(
+        &self,
+        record: &Record,
+        trace: &RecordTrace,
+        failure: Failure,
+        attempts: Attempts,
+    ) -> End {
         let dl = &self.config.dead_letter;
         let mut out = produce::dead_letter(record, &self.config.name, dl, &failure, attempts);
         tracing::info!(
@@ -184,9 +226,9 @@ impl RouteHandler {
             attempts = attempts.count, "Dead-lettering record"
         );
         loop {
-            match self.publish(record, &out).await {
-                Ok(true) => return self.finish(record, Outcome::DeadLettered, Some(failure.reason)),
-                Ok(false) => return self.abandon(record),
+            match self.publish(record, trace, &mut out).await {
+                Ok(true) => return End::Final(Outcome::DeadLettered, Some(failure.reason)),
+                Ok(false) => return End::Abandoned,
                 Err(e) if out.value.is_some() => {
                     // Keep the reason even when the payload cannot travel with it.
                     tracing::warn!(error = %e, "Dead letter too large, sending it without its payload");
@@ -203,7 +245,7 @@ impl RouteHandler {
                 Err(e) => {
                     tracing::error!(error = %e, record.offset = record.offset, "Dead letter cannot be written even without payload, headers and key; will retry");
                     if !self.pause_or_abandon(record, Duration::from_secs(5)).await {
-                        return self.abandon(record);
+                        return End::Abandoned;
                     }
                 }
             }
@@ -213,14 +255,30 @@ impl RouteHandler {
     /// Writes `out` and waits for the broker's acknowledgement, retrying broker trouble until it
     /// succeeds or the partition goes away. `Ok(false)`: given up because the partition went
     /// away. `Err`: the record can never be written as it is.
-    async fn publish(&self, record: &Record, out: &Outgoing) -> Result<bool, ProduceError> {
+    async fn publish(
+        &self,
+        record: &Record,
+        trace: &RecordTrace,
+        out: &mut Outgoing,
+    ) -> Result<bool, ProduceError> {
         let mut backoff = Duration::from_millis(500);
         loop {
+            let step = trace.publish(&out.topic);
+            if let Some(h) = step.headers() {
+                h.replace_in(&mut out.headers);
+            }
             match self.producer.send(out).await {
-                Ok(()) => return Ok(true),
-                Err(e @ ProduceError::TooLarge(_)) => return Err(e),
+                Ok(()) => {
+                    step.end("ok", false);
+                    return Ok(true);
+                }
+                Err(e @ ProduceError::TooLarge(_)) => {
+                    step.end("too_large", true);
+                    return Err(e);
+                }
                 Err(e) => {
-                    self.stats.produce_errors.fetch_add(1, Ordering::Relaxed);
+                    step.end("error", true);
+                    self.metrics.produce_error();
                     tracing::error!(
                         route = %self.config.name, topic = %out.topic, error = %e,
                         "Cannot publish; the record stays uncommitted and will be retried"
@@ -242,16 +300,20 @@ impl RouteHandler {
         }
     }
 
-    fn finish(&self, record: &Record, outcome: Outcome, reason: Option<Reason>) {
-        if self.tracker.finish(&record.lease, record.offset) {
-            self.stats.outcome(outcome, reason);
+    /// Marks the record final and counts its outcome. `false`: the partition was released while
+    /// the record was live; it was counted as abandoned then and its new owner handles it again.
+    fn finish(&self, record: &Record, outcome: Outcome, reason: Option<Reason>) -> bool {
+        if !self.tracker.finish(&record.lease, record.offset) {
+            return false;
         }
-        // Otherwise the partition was released while this record was live; it was counted as
-        // abandoned then and its new owner handles it again.
+        let age = record
+            .timestamp_ms
+            .map(|ts| Duration::from_millis(epoch_ms().saturating_sub(ts).max(0) as u64));
+        self.metrics.outcome(outcome, reason, age);
+        true
     }
 
-    /// Ends a record without calling the service: too old, or superseded by a newer record of
-    /// its key.
+    /// Ends a record without calling the service: superseded by a newer record of its key.
     pub fn expire(&self, record: &Record) {
         self.finish(record, Outcome::Expired, None);
     }
@@ -269,15 +331,21 @@ impl RouteHandler {
     /// Abandons a record known only by its lease and offset (after a panic while handling it).
     pub fn give_up(&self, lease: &crate::offsets::Lease, offset: i64) {
         if self.tracker.abandon(lease, offset) {
-            self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+            self.metrics.abandoned(1);
         }
     }
 
     fn abandon(&self, record: &Record) {
-        if self.tracker.abandon(&record.lease, record.offset) {
-            self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
-        }
+        self.give_up(&record.lease, record.offset);
     }
+}
+
+/// How handling a record ended.
+enum End {
+    /// Its outcome is safely in Kafka (or needs nothing there).
+    Final(Outcome, Option<Reason>),
+    /// Given up because its partition went away; the next owner repeats it.
+    Abandoned,
 }
 
 fn epoch_ms() -> i64 {

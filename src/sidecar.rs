@@ -13,7 +13,7 @@ use rdkafka::error::KafkaError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Health};
+use crate::admin::{self, Access, Admin, Control, Health};
 use crate::call::Call;
 use crate::call::grpc::Grpc;
 use crate::call::http::Http;
@@ -25,7 +25,8 @@ use crate::offsets::{PartitionStatus, Tracker};
 use crate::produce::Producer;
 use crate::ready::{self, Gate, Probe};
 use crate::route::{Pace, RouteHandler};
-use crate::telemetry::{RouteStats, Snapshot};
+use crate::telemetry::trace::Tracing;
+use crate::telemetry::{Metrics, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -46,9 +47,10 @@ pub enum RunError {
 pub struct Sidecar {
     pub health: Arc<Health>,
     pub tracker: Arc<Tracker>,
-    /// Per route, in config order.
-    pub stats: Arc<Vec<Arc<RouteStats>>>,
+    pub metrics: Arc<Metrics>,
     pub route_names: Vec<String>,
+    /// What the admin endpoint reads and steers.
+    pub admin: Arc<Admin>,
     /// Where the admin endpoint listens, when enabled.
     pub admin_addr: Option<SocketAddr>,
     /// Cancelling it starts the graceful shutdown.
@@ -78,37 +80,29 @@ impl Sidecar {
         // A revoke or a shutdown may hold the poll loop for up to the drain timeout.
         let health = Health::new(drain_timeout.max(Duration::from_secs(20)) + Duration::from_secs(10));
         health.beat();
-        let admin_stop = CancellationToken::new();
-        let admin_addr = match config.admin.listen {
-            Some(addr) => Some(
-                admin::serve(addr, health.clone(), admin_stop.clone())
-                    .await
-                    .map_err(|source| RunError::Admin { addr, source })?,
-            ),
-            None => None,
-        };
-
         let client = client_config(&config);
         let mut producer_config = client.clone();
         producer_config.set("client.id", format!("ferry-{}-producer", config.kafka.group_id));
         let producer = Producer::new(producer_config)?;
         let tracker = Tracker::new(shutdown.child_token());
-        let stats: Arc<Vec<Arc<RouteStats>>> = Arc::new(
-            config
-                .routes
-                .iter()
-                .map(|_| Arc::new(RouteStats::default()))
-                .collect(),
+        let metrics = Arc::new(Metrics::new());
+        let tracing = Arc::new(
+            Tracing::start(&config.telemetry.traces, &config.kafka.group_id).map_err(|message| {
+                RunError::Route {
+                    route: "telemetry.traces".into(),
+                    message,
+                }
+            })?,
         );
         let mut handlers = Vec::new();
-        for (i, route) in config.routes.iter().enumerate() {
+        for route in &config.routes {
             let route_error = |message| RunError::Route {
                 route: route.name.clone(),
                 message,
             };
-            let call: Box<dyn Call> = match (&route.call.http, &route.call.grpc) {
-                (Some(http), _) => Box::new(Http::new(http).map_err(route_error)?),
-                (None, Some(grpc)) => Box::new(Grpc::new(grpc).map_err(route_error)?),
+            let (call, transport): (Box<dyn Call>, _) = match (&route.call.http, &route.call.grpc) {
+                (Some(http), _) => (Box::new(Http::new(http).map_err(route_error)?), "http"),
+                (None, Some(grpc)) => (Box::new(Grpc::new(grpc).map_err(route_error)?), "grpc"),
                 (None, None) => return Err(route_error("no call configured".into())),
             };
             handlers.push(RouteHandler {
@@ -116,7 +110,8 @@ impl Sidecar {
                 call,
                 producer: producer.clone(),
                 tracker: tracker.clone(),
-                stats: stats[i].clone(),
+                metrics: Arc::new(metrics.route(&route.name, transport)),
+                tracing: tracing.clone(),
                 pace: Pace::new(route.concurrency.rate),
                 circuit: Arc::new(Breaker::new(route.circuit.clone())),
             });
@@ -125,13 +120,43 @@ impl Sidecar {
         consumer_config.set("group.id", &config.kafka.group_id);
         let gate = Arc::new(Gate::new(config.service.ready.is_none()));
         health.watch_service(gate.clone());
+        let control = Control::new(config.routes.len());
+        let admin = Arc::new(Admin {
+            health: health.clone(),
+            control: control.clone(),
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+            routes: handlers
+                .iter()
+                .map(|h| (h.config.name.clone(), h.circuit.clone()))
+                .collect(),
+            access: match config.admin.listen {
+                Some(addr) => Access::new(addr, config.admin.token.clone()),
+                None => Access::Disabled,
+            },
+            drain_timeout,
+            scrape: std::sync::Mutex::new(()),
+        });
+        let admin_stop = CancellationToken::new();
+        let admin_addr = match config.admin.listen {
+            Some(addr) => Some(
+                admin::serve(addr, admin.clone(), admin_stop.clone())
+                    .await
+                    .map_err(|source| RunError::Admin { addr, source })?,
+            ),
+            None => None,
+        };
+        let route_metrics = Arc::new(handlers.iter().map(|h| h.metrics.clone()).collect());
         let lanes = Lanes::new(tokio::runtime::Handle::current(), Arc::new(handlers));
         let setup = ConsumerSetup {
             client: consumer_config,
             routes: config.routes.clone(),
             tracker: tracker.clone(),
             lanes,
-            stats: stats.clone(),
+            route_metrics,
+            metrics: metrics.clone(),
+            tracing: tracing.clone(),
+            control,
             health: health.clone(),
             drain_timeout,
             commit_interval: config.kafka.commit_interval.0,
@@ -145,11 +170,13 @@ impl Sidecar {
             health.clone(),
             shutdown.clone(),
             admin_stop,
+            tracing,
         ));
         Ok(Sidecar {
             health,
             tracker,
-            stats,
+            metrics,
+            admin,
             route_names: config.routes.iter().map(|r| r.name.clone()).collect(),
             admin_addr,
             _stop_on_drop: shutdown.clone().drop_guard(),
@@ -179,8 +206,21 @@ impl Sidecar {
         }
     }
 
+    /// Each route's counters, as `/metrics` shows them, with its records in flight now.
     pub fn snapshot(&self) -> Vec<Snapshot> {
-        self.stats.iter().map(|s| s.snapshot()).collect()
+        let partitions = self.tracker.status();
+        self.route_names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Snapshot {
+                in_flight: partitions
+                    .iter()
+                    .filter(|p| p.route == i)
+                    .map(|p| p.in_flight as u64)
+                    .sum(),
+                ..self.metrics.snapshot(name)
+            })
+            .collect()
     }
 
     pub fn partitions(&self) -> Vec<PartitionStatus> {
@@ -209,6 +249,7 @@ async fn pipeline(
     health: Arc<Health>,
     shutdown: CancellationToken,
     admin_stop: CancellationToken,
+    tracing: Arc<Tracing>,
 ) -> Result<(), RunError> {
     // Unready, and not consuming, until every topic ferry writes exists.
     loop {
@@ -260,6 +301,8 @@ async fn pipeline(
     if let Ok(Err(e)) = flushed {
         tracing::warn!(error = %e, "Producer flush incomplete");
     }
+    // Sends the spans still buffered; blocking, so off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     admin_stop.cancel();
     let result = match consumed {
         Ok(Ok(())) => Ok(()),

@@ -16,7 +16,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use super::{Answer, Call, CallError, CallFuture, Status};
+use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
 use crate::config::{Action, GrpcCall};
 use crate::record::Record;
 
@@ -112,7 +112,7 @@ impl Grpc {
         })
     }
 
-    async fn call_once(&self, record: &Record, attempt: u32) -> Result<Answer, CallError> {
+    async fn call_once(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
         let (path, body, descriptor) = match &self.target {
             Target::Native => (NATIVE_PATH, event(record, attempt).encode_to_vec().into(), None),
             Target::Dynamic {
@@ -164,12 +164,12 @@ impl Grpc {
 }
 
 impl Call for Grpc {
-    fn call<'a>(&'a self, record: &'a Record, attempt: u32) -> CallFuture<'a> {
+    fn call<'a>(&'a self, record: &'a Record, attempt: &'a Attempt) -> CallFuture<'a> {
         Box::pin(self.call_once(record, attempt))
     }
 }
 
-fn event(record: &Record, attempt: u32) -> proto::Event {
+fn event(record: &Record, attempt: &Attempt) -> proto::Event {
     proto::Event {
         topic: record.topic.to_string(),
         partition: record.partition,
@@ -185,13 +185,13 @@ fn event(record: &Record, attempt: u32) -> proto::Event {
                 value: v.to_vec(),
             })
             .collect(),
-        attempt,
+        attempt: attempt.number,
         idempotency_key: record.idempotency_key(),
     }
 }
 
 /// The same metadata as the HTTP request headers (SPEC §3), where the value is ASCII text.
-fn metadata(record: &Record, attempt: u32) -> MetadataMap {
+fn metadata(record: &Record, attempt: &Attempt) -> MetadataMap {
     let mut m = MetadataMap::new();
     super::describe(record, attempt, |name, value| {
         let value = std::str::from_utf8(value)

@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::template::Template;
-use super::{Answer, Call, CallError, CallFuture, Status};
+use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
 use crate::config::{Action, HttpCall};
 use crate::record::Record;
 
@@ -54,7 +54,7 @@ impl Http {
         })
     }
 
-    fn request(&self, record: &Record, attempt: u32) -> reqwest::RequestBuilder {
+    fn request(&self, record: &Record, attempt: &Attempt) -> reqwest::RequestBuilder {
         let mut h = self.headers.clone();
         let content_type = record
             .header("content-type")
@@ -86,7 +86,7 @@ impl Http {
             .body(body)
     }
 
-    async fn call_once(&self, record: &Record, attempt: u32) -> Result<Answer, CallError> {
+    async fn call_once(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
         let classify = |e: reqwest::Error| {
             if e.is_timeout() {
                 CallError::Timeout(self.timeout)
@@ -111,7 +111,7 @@ impl Http {
 }
 
 impl Call for Http {
-    fn call<'a>(&'a self, record: &'a Record, attempt: u32) -> CallFuture<'a> {
+    fn call<'a>(&'a self, record: &'a Record, attempt: &'a Attempt) -> CallFuture<'a> {
         Box::pin(self.call_once(record, attempt))
     }
 }

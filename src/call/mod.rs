@@ -16,6 +16,16 @@ use bytes::Bytes;
 
 use crate::config::Action;
 use crate::record::Record;
+use crate::telemetry::trace::TraceHeaders;
+
+/// One attempt at calling the service for a record.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    /// Counts from 1.
+    pub number: u32,
+    /// The attempt's own trace context, when ferry traces; otherwise the record's travels on.
+    pub trace: Option<TraceHeaders>,
+}
 
 /// How the call ended, in its transport's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +95,7 @@ pub enum CallError {
 /// The request metadata SPEC §3 lists, for either transport: `put(name, value)` adds one entry
 /// and says whether the transport could carry it (a key that cannot travel as text goes as
 /// `ferry-key-base64`; a record header that cannot travel is left out, with a debug line).
-pub(crate) fn describe(record: &Record, attempt: u32, mut put: impl FnMut(&str, &[u8]) -> bool) {
+pub(crate) fn describe(record: &Record, attempt: &Attempt, mut put: impl FnMut(&str, &[u8]) -> bool) {
     put("ferry-topic", record.topic.as_bytes());
     put("ferry-partition", record.partition.to_string().as_bytes());
     put("ferry-offset", record.offset.to_string().as_bytes());
@@ -101,10 +111,15 @@ pub(crate) fn describe(record: &Record, attempt: u32, mut put: impl FnMut(&str, 
             );
         }
     }
-    put("ferry-attempt", attempt.to_string().as_bytes());
+    put("ferry-attempt", attempt.number.to_string().as_bytes());
     put("idempotency-key", record.idempotency_key().as_bytes());
+    if let Some(trace) = &attempt.trace {
+        for (name, value) in &trace.0 {
+            put(name, value.as_bytes());
+        }
+    }
     for (name, value) in &record.headers {
-        if name == "traceparent" || name == "tracestate" {
+        if attempt.trace.is_none() && (name == "traceparent" || name == "tracestate") {
             put(name, value);
         }
         if !put(&format!("ferry-header-{}", name.to_ascii_lowercase()), value) {
@@ -117,6 +132,6 @@ pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Answer, CallError>>
 
 /// One transport to the service.
 pub trait Call: Send + Sync {
-    /// Calls the service for `record`; `attempt` counts from 1.
-    fn call<'a>(&'a self, record: &'a Record, attempt: u32) -> CallFuture<'a>;
+    /// Calls the service for `record`.
+    fn call<'a>(&'a self, record: &'a Record, attempt: &'a Attempt) -> CallFuture<'a>;
 }

@@ -29,7 +29,7 @@ const DEAD_LETTERS: &str = "demo.orders.dlq";
 const PARTITIONS: i32 = 3;
 
 pub async fn demo(records: u32) -> i32 {
-    crate::telemetry::init_logging("warn");
+    crate::telemetry::init_logging("warn", false);
     match run(records).await {
         Ok(()) => 0,
         Err(e) => super::fail("the demo failed", &e),

@@ -5,7 +5,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::embedded::EmbeddedBroker;
 
 pub async fn broker(port: Option<u16>, topics: &[String]) -> i32 {
-    crate::telemetry::init_logging("warn");
+    crate::telemetry::init_logging("warn", false);
     let broker = match EmbeddedBroker::start(1) {
         Ok(b) => b,
         Err(e) => return super::fail("cannot start the embedded broker", &e.into()),

@@ -4,12 +4,11 @@ use std::path::Path;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{self, EXIT_CONFIG, Interpolator};
+use crate::config::{self, EXIT_CONFIG, Interpolator, LogFormat};
 use crate::sidecar::Sidecar;
 use crate::telemetry;
 
 pub async fn run(path: &Path) -> i32 {
-    telemetry::init_logging("info");
     let config = match config::load(path, &Interpolator::from_env()) {
         Ok(c) => c,
         Err(errors) => {
@@ -17,6 +16,8 @@ pub async fn run(path: &Path) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    let log = &config.telemetry.log;
+    telemetry::init_logging(&log.level, log.format == LogFormat::Json);
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {

@@ -114,6 +114,30 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             "must be above zero, e.g. 1s".into(),
         );
     }
+    let traces = &config.telemetry.traces;
+    if !(0.0..=1.0).contains(&traces.sample_ratio) {
+        say(
+            "telemetry.traces.sample_ratio".into(),
+            "must be between 0 and 1 (0.1 traces one record in ten)".into(),
+        );
+    }
+    if let Some(e) = &traces.otlp_endpoint {
+        if reqwest::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+            say(
+                "telemetry.traces.otlp_endpoint".into(),
+                format!("`{e}` is not an http:// or https:// URL of an OTLP/gRPC collector"),
+            );
+        }
+    }
+    if tracing_subscriber::EnvFilter::try_new(&config.telemetry.log.level).is_err() {
+        say(
+            "telemetry.log.level".into(),
+            format!(
+                "`{}` is not a level (error, warn, info, debug, trace) or a filter such as `info,ferry=debug`",
+                config.telemetry.log.level
+            ),
+        );
+    }
     if let Some(r) = &config.service.ready {
         match (&r.http, &r.grpc) {
             (Some(_), Some(_)) => say(

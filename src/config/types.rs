@@ -21,6 +21,8 @@ pub struct Config {
     #[serde(default)]
     pub admin: Admin,
     #[serde(default)]
+    pub telemetry: Telemetry,
+    #[serde(default)]
     pub shutdown: Shutdown,
 }
 
@@ -43,8 +45,48 @@ fn default_commit_interval() -> Dur {
 }
 
 /// A librdkafka property value; YAML numbers and booleans are accepted and passed as text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` form hides the value: properties carry passwords, and a debug print of the config
+/// must not.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PropertyValue(pub String);
+
+impl fmt::Debug for PropertyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PropertyValue(..)")
+    }
+}
+
+/// A credential: compared in constant time, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// Whether `candidate` equals the secret. The time taken depends on the lengths only, so an
+    /// attacker cannot find the secret byte by byte by timing refusals.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let secret = self.0.as_bytes();
+        let mut diff = secret.len() ^ candidate.len();
+        for (i, &b) in secret.iter().enumerate() {
+            diff |= usize::from(b ^ candidate.get(i).copied().unwrap_or(!b));
+        }
+        diff == 0
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
 
 impl<'de> Deserialize<'de> for PropertyValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -594,17 +636,103 @@ impl Action {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
-    /// Where `/healthz` and `/readyz` are served; `null` turns the listener off.
+    /// Where the admin endpoint is served; `null` turns the listener off.
     #[serde(default = "default_admin_listen")]
     pub listen: Option<SocketAddr>,
+    /// Needed by `POST /pause|/resume|/drain` when `listen` is not loopback; without it those
+    /// are disabled there. An empty value counts as none (`${FERRY_ADMIN_TOKEN:-}`).
+    #[serde(default, deserialize_with = "optional_secret")]
+    pub token: Option<Secret>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Admin {
             listen: default_admin_listen(),
+            token: None,
         }
     }
+}
+
+fn optional_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()).map(Secret))
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub traces: Traces,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A level (`info`) or a filter (`info,ferry=debug`); `FERRY_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where spans go. Without an endpoint here or in `OTEL_EXPORTER_OTLP_ENDPOINT`, no spans are
+/// made, but a record's `traceparent` still travels on to the service and into its outputs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Traces {
+    /// An OTLP/gRPC collector, `http://host:4317`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The share of records traced when the record's own context does not decide (a sampled
+    /// `traceparent` is always followed).
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// `service.name` of ferry's spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+impl Default for Traces {
+    fn default() -> Self {
+        Traces {
+            otlp_endpoint: None,
+            sample_ratio: default_sample_ratio(),
+            service_name: default_service_name(),
+        }
+    }
+}
+
+fn default_sample_ratio() -> f64 {
+    0.1
+}
+
+fn default_service_name() -> String {
+    "ferry".into()
 }
 
 fn default_admin_listen() -> Option<SocketAddr> {

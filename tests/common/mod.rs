@@ -49,7 +49,7 @@ pub fn unique(prefix: &str) -> String {
 
 impl Kafka {
     pub fn start() -> Kafka {
-        ferry::telemetry::init_logging("warn");
+        ferry::telemetry::init_logging("warn", false);
         ferry::sidecar::install_crypto();
         let (embedded, brokers) = match std::env::var("FERRY_TEST_BROKERS") {
             Ok(b) if !b.is_empty() => (None, b),

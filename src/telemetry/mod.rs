@@ -1,0 +1,132 @@
+//! What ferry tells operators: every metric name and span attribute in one place, the metrics
+//! themselves, one trace per record, and the log set-up.
+//!
+//! Fed by the consumer (records taken, commits), the route handlers (calls, retries, outcomes)
+//! and the admin endpoint (the gauges it refreshes from the tracker on each scrape); read by
+//! `/metrics`, `/status`, `ferry demo` and the tests.
+
+pub mod metrics;
+pub mod trace;
+
+pub use metrics::{Metrics, RouteMetrics, Snapshot};
+
+/// Metric names: `ferry_<thing>_<unit>`, `_total` for counters. Labels come from a short fixed
+/// set: `route`, `topic`, `partition`, `outcome`, `reason`, `transport`, `result`, `state`.
+pub mod names {
+    /// Counter [route]: records taken from Kafka.
+    pub const RECORDS_RECEIVED: &str = "ferry_records_received_total";
+    /// Counter [route, outcome, reason]: records that reached an outcome; `reason` is set on
+    /// dead letters only.
+    pub const OUTCOMES: &str = "ferry_outcomes_total";
+    /// Counter [route]: records in flight when their partition was revoked or ferry stopped;
+    /// the next owner handles them again.
+    pub const ABANDONED: &str = "ferry_records_abandoned_total";
+    /// Counter [route, reason]: attempts that will be repeated.
+    pub const RETRIES: &str = "ferry_retries_total";
+    /// Counter [route]: failed writes of replies and dead letters (each is retried).
+    pub const PRODUCE_ERRORS: &str = "ferry_produce_errors_total";
+    /// Counter [result]: offset commits, `ok` or `failed`.
+    pub const COMMITS: &str = "ferry_commits_total";
+    /// Histogram [route, transport, result]: calls to the service and how long they took.
+    pub const CALL_DURATION: &str = "ferry_call_duration_seconds";
+    /// Histogram [route, outcome]: from the record's timestamp to its outcome.
+    pub const END_TO_END: &str = "ferry_end_to_end_latency_seconds";
+    /// Gauge [route]: records taken and not yet final.
+    pub const IN_FLIGHT: &str = "ferry_records_in_flight";
+    /// Gauge [route]: age of the oldest record in flight.
+    pub const OLDEST_IN_FLIGHT: &str = "ferry_oldest_in_flight_age_seconds";
+    /// Gauge [route, topic, partition]: high watermark minus the committed offset.
+    pub const CONSUMER_LAG: &str = "ferry_consumer_lag_records";
+    /// Gauge [route, topic, partition]: the last offset the broker confirmed.
+    pub const COMMITTED_OFFSET: &str = "ferry_committed_offset";
+    /// Gauge [route, topic, partition]: the partition's high watermark.
+    pub const HIGH_WATERMARK: &str = "ferry_high_watermark_offset";
+    /// Gauge [route, reason]: assigned partitions from which ferry takes nothing, by reason.
+    pub const PAUSED_PARTITIONS: &str = "ferry_paused_partitions";
+    /// Gauge [route, state]: 1 for the circuit's current state (`closed`, `open`, `half_open`).
+    pub const CIRCUIT_STATE: &str = "ferry_circuit_state";
+    /// Gauge: 1 when `/readyz` answers 200.
+    pub const READY: &str = "ferry_ready";
+    /// Gauge: 1 while draining (stopping, or after `POST /drain`).
+    pub const DRAINING: &str = "ferry_draining";
+    /// Counter: control requests refused for a missing or wrong token.
+    pub const ADMIN_UNAUTHORIZED: &str = "ferry_admin_unauthorized_total";
+    /// Gauge [version]: always 1.
+    pub const BUILD_INFO: &str = "ferry_build_info";
+
+    /// Every name above, for the tests that check the dashboard and the alert rules.
+    pub const ALL: &[&str] = &[
+        RECORDS_RECEIVED,
+        OUTCOMES,
+        ABANDONED,
+        RETRIES,
+        PRODUCE_ERRORS,
+        COMMITS,
+        CALL_DURATION,
+        END_TO_END,
+        IN_FLIGHT,
+        OLDEST_IN_FLIGHT,
+        CONSUMER_LAG,
+        COMMITTED_OFFSET,
+        HIGH_WATERMARK,
+        PAUSED_PARTITIONS,
+        CIRCUIT_STATE,
+        READY,
+        DRAINING,
+        ADMIN_UNAUTHORIZED,
+        BUILD_INFO,
+    ];
+}
+
+/// Span names and attributes. Messaging attributes follow OpenTelemetry's semantic conventions;
+/// ferry's own are prefixed `ferry.`.
+pub mod attributes {
+    /// The record's span, from taken to committed: `<topic> process`.
+    pub const PROCESS: &str = "process";
+    /// Child: from taken to the start of handling (time queued in its lane).
+    pub const CONSUME: &str = "consume";
+    /// Child, one per attempt: the call to the service.
+    pub const CALL: &str = "call";
+    /// Child: writing the reply or dead letter, until the broker acknowledged it.
+    pub const PRODUCE: &str = "publish";
+    /// Child: from the outcome to the commit that covers the record's offset.
+    pub const COMMIT: &str = "commit";
+
+    pub const MESSAGING_SYSTEM: &str = "messaging.system";
+    pub const MESSAGING_OPERATION: &str = "messaging.operation.type";
+    pub const DESTINATION: &str = "messaging.destination.name";
+    pub const PARTITION: &str = "messaging.destination.partition.id";
+    pub const OFFSET: &str = "messaging.kafka.offset";
+    pub const CONSUMER_GROUP: &str = "messaging.consumer.group.name";
+    pub const ROUTE: &str = "ferry.route";
+    pub const ATTEMPT: &str = "ferry.attempt";
+    pub const RESULT: &str = "ferry.result";
+    pub const OUTCOME: &str = "ferry.outcome";
+    pub const REASON: &str = "ferry.reason";
+    pub const COMMITTED: &str = "ferry.committed";
+}
+
+/// Log set-up: `level` (a level or a filter) unless `FERRY_LOG` (or `RUST_LOG`) says otherwise;
+/// JSON lines when `json` or `FERRY_LOG_FORMAT=json`. Logs go to stderr.
+pub fn init_logging(level: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("FERRY_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json = match std::env::var("FERRY_LOG_FORMAT") {
+        Ok(f) => f == "json",
+        Err(_) => json,
+    };
+    // A second initialisation (tests) is harmless; ignore it.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
