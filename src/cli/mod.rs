@@ -1,5 +1,6 @@
 //! The commands. Each returns its exit code: 0 success, 2 usage, 78 configuration, 1 the rest.
 
+mod ctl;
 mod demo;
 mod dev;
 mod run;
@@ -52,6 +53,22 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         records: u32,
     },
+    /// Talk to a running sidecar: status, pause, resume, drain.
+    Ctl {
+        verb: ctl::Verb,
+        /// The sidecar's admin endpoint.
+        #[arg(long, env = "FERRY_ADMIN_URL", default_value = "http://127.0.0.1:9464")]
+        admin: String,
+        /// The admin token (needed when the endpoint is not on loopback).
+        #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Only this route (all routes when absent).
+        #[arg(long)]
+        route: Option<String>,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Local development tools.
     Dev {
         #[command(subcommand)]
@@ -96,6 +113,21 @@ pub fn main() -> i32 {
             Command::Dev {
                 command: DevCommand::Broker { port, topics },
             } => dev::broker(port, &topics).await,
+            Command::Ctl {
+                verb,
+                admin,
+                token,
+                route,
+                json,
+            } => {
+                let target = ctl::Target {
+                    admin: &admin,
+                    token: token.as_deref(),
+                    route: route.as_deref(),
+                    json,
+                };
+                ctl::ctl(verb, target).await
+            }
         }
     });
     // In-flight blocking work (a stuck librdkafka call) must not hold the exit.

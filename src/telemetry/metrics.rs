@@ -186,8 +186,17 @@ impl Metrics {
         m
     }
 
-    /// The handles one route updates per record.
+    /// The handles one route updates per record. Counters that may stay at zero for long are
+    /// created now, so they are exported (and `rate()` works) from the start.
     pub fn route(&self, name: &str, transport: &'static str) -> RouteMetrics {
+        for r in [
+            Reason::Status,
+            Reason::Timeout,
+            Reason::Connect,
+            Reason::ServiceSaid,
+        ] {
+            self.retries.with_label_values(&[name, r.as_str()]);
+        }
         let outcome = |o: Outcome| self.outcomes.with_label_values(&[name, o.as_str(), ""]);
         RouteMetrics {
             name: name.to_string(),

@@ -556,3 +556,53 @@ impl Drop for Ferry {
         let _ = self.0.wait();
     }
 }
+
+/// A loopback port free right now, for a process that must be told its port up front.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// `GET` or `POST` on an admin endpoint: status code, content type and body.
+pub async fn admin_call(method: &str, url: &str, token: Option<&str>) -> (u16, String, String) {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut r = match method {
+        "GET" => client.get(url),
+        _ => client.post(url),
+    };
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let response = r.send().await.expect("the admin endpoint answers");
+    let code = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (code, content_type, response.text().await.unwrap_or_default())
+}
+
+/// Prometheus text as `(name{labels}, value)` samples.
+pub fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every sample of metric `name` whose labels contain all of `with` (`key="value"`).
+pub fn metric_sum(text: &str, name: &str, with: &[&str]) -> f64 {
+    samples(text)
+        .iter()
+        .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
+        .filter(|(k, _)| with.iter().all(|w| k.contains(w)))
+        .map(|(_, v)| v)
+        .sum()
+}
