@@ -510,11 +510,16 @@ pub struct Ferry(pub std::process::Child);
 impl Ferry {
     /// `ferry run -c config`, its stderr in `log`.
     pub fn spawn(config: &std::path::Path, log: &std::path::Path) -> Ferry {
+        Ferry::spawn_with(config, log, &[("FERRY_LOG", "info")])
+    }
+
+    /// As `spawn`, with these environment variables.
+    pub fn spawn_with(config: &std::path::Path, log: &std::path::Path, env: &[(&str, &str)]) -> Ferry {
         let log = std::fs::File::create(log).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["run", "-c"])
             .arg(config)
-            .env("FERRY_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
