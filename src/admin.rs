@@ -428,30 +428,24 @@ impl Admin {
     }
 
     /// The routes a control request names: all of them, or the one in `?route=`.
-    fn targets(&self, route: Option<&str>) -> Result<Vec<usize>, Response> {
+    fn targets(&self, route: Option<&str>) -> Result<Vec<usize>, Refusal> {
         match route {
             None => Ok((0..self.routes.len()).collect()),
             Some(name) => match self.routes.iter().position(|(n, _)| n == name) {
                 Some(i) => Ok(vec![i]),
-                None => {
-                    let known: Vec<&str> = self.routes.iter().map(|(n, _)| n.as_str()).collect();
-                    Err(problem(
-                        StatusCode::NOT_FOUND,
-                        format!("no route named `{name}`; routes are: {}", known.join(", ")),
-                    ))
-                }
+                None => Err(Refusal::NoSuchRoute {
+                    name: name.to_string(),
+                    known: self.routes.iter().map(|(n, _)| n.clone()).collect(),
+                }),
             },
         }
     }
 
     /// Checks a control request's credentials.
-    fn authorize(&self, headers: &HeaderMap, verb: &str) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap, verb: &str) -> Result<(), Refusal> {
         match &self.access {
             Access::Loopback => Ok(()),
-            Access::Disabled => Err(problem(
-                StatusCode::FORBIDDEN,
-                "control endpoints are disabled: the admin endpoint is not on loopback and admin.token is not set".into(),
-            )),
+            Access::Disabled => Err(Refusal::Disabled),
             Access::Token(token) => {
                 let given = headers
                     .get(header::AUTHORIZATION)
@@ -461,15 +455,40 @@ impl Admin {
                 }
                 self.metrics.admin_unauthorized.inc();
                 tracing::warn!(verb, "Control request refused: missing or wrong admin token");
-                let mut r = problem(
-                    StatusCode::UNAUTHORIZED,
-                    "send the admin token as `Authorization: Bearer <token>`".into(),
-                );
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                Err(r)
+                Err(Refusal::Unauthorized)
             }
         }
+    }
+}
+
+/// Why a control request is refused.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("send the admin token as `Authorization: Bearer <token>`")]
+    Unauthorized,
+    #[error(
+        "control endpoints are disabled: the admin endpoint is not on loopback and admin.token is not set"
+    )]
+    Disabled,
+    #[error("no route named `{name}`; routes are: {}", known.join(", "))]
+    NoSuchRoute { name: String, known: Vec<String> },
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let code = match self {
+            Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::Disabled => StatusCode::FORBIDDEN,
+            Refusal::NoSuchRoute { .. } => StatusCode::NOT_FOUND,
+        };
+        let mut r = problem(code, self.to_string());
+        if code == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
     }
 }
 
@@ -544,12 +563,12 @@ async fn resume(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query
 }
 
 async fn drain(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
-    if let Err(r) = a.authorize(&headers, "drain") {
-        return r;
-    }
-    let routes = match a.targets(t.route.as_deref()) {
+    let routes = match a
+        .authorize(&headers, "drain")
+        .and_then(|()| a.targets(t.route.as_deref()))
+    {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(refusal) => return refusal.into_response(),
     };
     for &i in &routes {
         a.control.set(i, a.control.is_paused(i), true);
@@ -586,15 +605,12 @@ fn control(
     verb: &str,
     apply: impl FnOnce(&Admin, &[usize]),
 ) -> Response {
-    if let Err(r) = a.authorize(headers, verb) {
-        return r;
-    }
-    match a.targets(route) {
+    match a.authorize(headers, verb).and_then(|()| a.targets(route)) {
         Ok(routes) => {
             apply(a, &routes);
             axum::Json(a.done(&routes, None)).into_response()
         }
-        Err(r) => r,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
