@@ -290,3 +290,32 @@ fn grpc_settings_are_checked() {
         "{stderr}"
     );
 }
+
+#[test]
+fn telemetry_settings_are_checked() {
+    let (code, stderr) = validate(&format!("{GOOD}telemetry:\n  log: {{ format: yaml }}\n"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("telemetry.log.format: unknown value `yaml`, expected `text` or `json`"),
+        "{stderr}"
+    );
+    let yaml = format!(
+        "{GOOD}telemetry:\n  traces: {{ otlp_endpoint: \"https://collector:4317\", sample_ratio: 1.5 }}\n"
+    );
+    let (code, stderr) = validate(&yaml);
+    assert_eq!(code, 78);
+    for expected in [
+        "telemetry.traces.sample_ratio: must be between 0 and 1",
+        "telemetry.traces.otlp_endpoint: TLS to the collector is not supported yet",
+    ] {
+        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+    }
+    let good = format!(
+        "{GOOD}telemetry:\n  log: {{ format: json, level: \"info,ferry=debug\" }}\n  traces: {{ otlp_endpoint: \"http://127.0.0.1:4317\", sample_ratio: 0.25 }}\nadmin:\n  listen: 0.0.0.0:9464\n  token: \"${{FERRY_ADMIN_TOKEN:-}}\"\n"
+    );
+    let (code, stderr) = validate(&good);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stderr) = validate(&format!("{GOOD}telemetry:\n  log: {{ level: \"info,[\" }}\n"));
+    assert_eq!(code, 78);
+    assert!(stderr.contains("telemetry.log.level"), "{stderr}");
+}

@@ -122,11 +122,16 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
         );
     }
     if let Some(e) = &traces.otlp_endpoint {
-        if reqwest::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
-            say(
+        match reqwest::Url::parse(e) {
+            Ok(u) if u.scheme() == "http" => {}
+            Ok(u) if u.scheme() == "https" => say(
                 "telemetry.traces.otlp_endpoint".into(),
-                format!("`{e}` is not an http:// or https:// URL of an OTLP/gRPC collector"),
-            );
+                "TLS to the collector is not supported yet: send to an OpenTelemetry Collector agent on the node or in the pod over http://".into(),
+            ),
+            _ => say(
+                "telemetry.traces.otlp_endpoint".into(),
+                format!("`{e}` is not the http:// URL of an OTLP/gRPC collector (e.g. http://127.0.0.1:4317)"),
+            ),
         }
     }
     if tracing_subscriber::EnvFilter::try_new(&config.telemetry.log.level).is_err() {
