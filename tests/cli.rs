@@ -171,6 +171,10 @@ fn demo_runs_and_shows_every_outcome() {
         "dead_lettered",
         "dropped",
         "reason status",
+        "/metrics",
+        "received          120",
+        "call latency p50",
+        "result 2xx",
         "committed offsets",
         "demo.orders.dlq",
     ] {

@@ -21,6 +21,7 @@ use crate::config::{self, Interpolator};
 use crate::embedded::EmbeddedBroker;
 use crate::outcome::Outcome;
 use crate::sidecar::Sidecar;
+use crate::telemetry::names;
 
 const CONFIG: &str = include_str!("../../config-examples/demo.yaml");
 const SOURCE: &str = "demo.orders";
@@ -65,7 +66,9 @@ async fn run(records: u32) -> anyhow::Result<()> {
     loop {
         let s = &sidecar.snapshot()[0];
         let committed: i64 = sidecar.partitions().iter().filter_map(|p| p.committed).sum();
-        if s.finished() >= u64::from(records) && committed >= sent {
+        // Lag is known once the high watermarks are (read once a second).
+        let measured = sidecar.partitions().iter().all(|p| p.lag.is_some());
+        if s.finished() >= u64::from(records) && committed >= sent && measured {
             break;
         }
         anyhow::ensure!(
@@ -78,27 +81,64 @@ async fn run(records: u32) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let snapshot = sidecar.snapshot().remove(0);
+    // The figures come from the sidecar's own /metrics, as an operator's Prometheus sees them.
+    let admin = sidecar
+        .admin_addr
+        .ok_or_else(|| anyhow::anyhow!("the demo config has no admin endpoint"))?;
+    let scrape = reqwest::Client::builder()
+        .no_proxy()
+        .build()?
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let figures = Figures::parse(&scrape);
     let partitions = sidecar.partitions();
     let stopper = sidecar.stopper();
     stopper.stop();
     sidecar.wait().await?;
 
     println!(
-        "where the {records} records ended (route `orders`, {:.1?}):",
+        "where the {records} records ended (route `orders`, {:.1?}; figures from http://{admin}/metrics):",
         elapsed
     );
+    println!(
+        "  {:<14} {:>5}",
+        "received",
+        figures.sum(names::RECORDS_RECEIVED, &[])
+    );
     for o in Outcome::ALL {
-        let n = snapshot.get(o);
-        if n > 0 {
+        let n = figures.sum(names::OUTCOMES, &[("outcome", o.as_str())]);
+        if n > 0.0 {
             println!("  {:<14} {n:>5}   {}", o.as_str(), explain(o));
         }
     }
-    for (reason, n) in &snapshot.dead_letter_reasons {
-        println!("    reason {:<12} {n:>3}", reason.as_str());
+    for reason in snapshot.dead_letter_reasons.keys() {
+        let n = figures.sum(names::OUTCOMES, &[("reason", reason)]);
+        println!("    reason {reason:<12} {n:>3}");
     }
+    let calls = figures.sum(&format!("{}_count", names::CALL_DURATION), &[]);
     println!(
-        "  calls {}, of which retries {}",
-        snapshot.calls, snapshot.retries
+        "  calls {calls}, of which retried {}; call latency p50 {}, p99 {}; end to end p50 {}, p99 {}",
+        figures.sum(names::RETRIES, &[]),
+        millis(figures.quantile(names::CALL_DURATION, 0.5)),
+        millis(figures.quantile(names::CALL_DURATION, 0.99)),
+        millis(figures.quantile(names::END_TO_END, 0.5)),
+        millis(figures.quantile(names::END_TO_END, 0.99)),
+    );
+    for (result, n) in figures.by_label(&format!("{}_count", names::CALL_DURATION), "result") {
+        println!("    result {result:<12} {n:>3}");
+    }
+    let lag = if figures.series(names::CONSUMER_LAG, &[]).next().is_some() {
+        figures.sum(names::CONSUMER_LAG, &[]).to_string()
+    } else {
+        "not measured yet (high watermarks are read once a second)".into()
+    };
+    println!(
+        "  consumer lag {lag}, in flight {}, abandoned {}",
+        figures.sum(names::IN_FLIGHT, &[]),
+        figures.sum(names::ABANDONED, &[])
     );
 
     let brokers = broker.bootstrap_servers().to_string();
@@ -269,4 +309,106 @@ fn read_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec
         }
     }
     Ok(out)
+}
+
+/// The samples of a Prometheus text scrape.
+struct Figures(Vec<(String, BTreeMap<String, String>, f64)>);
+
+impl Figures {
+    fn parse(text: &str) -> Figures {
+        let mut samples = Vec::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter_map(|kv| kv.split_once("=\""))
+                .map(|(k, v)| {
+                    (
+                        k.trim_matches(',').to_string(),
+                        v.trim_end_matches('"').to_string(),
+                    )
+                })
+                .collect();
+            samples.push((name.to_string(), labels, value));
+        }
+        Figures(samples)
+    }
+
+    fn series<'a>(
+        &'a self,
+        name: &'a str,
+        with: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a (String, BTreeMap<String, String>, f64)> {
+        self.0.iter().filter(move |(n, labels, _)| {
+            n == name && with.iter().all(|(k, v)| labels.get(*k).is_some_and(|l| l == v))
+        })
+    }
+
+    fn sum(&self, name: &str, with: &[(&str, &str)]) -> f64 {
+        // `+ 0.0`: an empty sum is -0.0, which prints as "-0".
+        self.series(name, with).map(|(_, _, v)| v).sum::<f64>() + 0.0
+    }
+
+    fn by_label(&self, name: &str, label: &str) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for (_, labels, v) in self.series(name, &[]) {
+            if *v > 0.0 {
+                *out.entry(labels.get(label).cloned().unwrap_or_default())
+                    .or_default() += v;
+            }
+        }
+        out
+    }
+
+    /// The `q` quantile of a histogram over all its series, interpolated within its bucket as
+    /// Prometheus' `histogram_quantile` does.
+    fn quantile(&self, histogram: &str, q: f64) -> Option<f64> {
+        let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        for (_, labels, v) in self.series(&format!("{histogram}_bucket"), &[]) {
+            let le = labels.get("le")?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            buckets.entry(bound.to_bits()).or_insert((bound, 0.0)).1 += v;
+        }
+        let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total = sorted.last()?.1;
+        if total == 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for (bound, count) in sorted {
+            if count >= rank {
+                if bound.is_infinite() {
+                    return Some(lower);
+                }
+                let inside = count - below;
+                let share = if inside > 0.0 {
+                    (rank - below) / inside
+                } else {
+                    1.0
+                };
+                return Some(lower + (bound - lower) * share);
+            }
+            (lower, below) = (bound, count);
+        }
+        None
+    }
+}
+
+fn millis(seconds: Option<f64>) -> String {
+    seconds.map_or("-".into(), |s| format!("{:.1} ms", s * 1000.0))
 }
