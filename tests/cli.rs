@@ -172,7 +172,7 @@ fn demo_runs_and_shows_every_outcome() {
         "dropped",
         "reason status",
         "/metrics",
-        "received          120",
+        "received         120",
         "call latency p50",
         "result 2xx",
         "committed offsets",
