@@ -21,7 +21,7 @@
 //! - [`config`]: YAML → interpolated → typed → checked [`config::Config`];
 //! - [`consume`]: the consumer group, pause/resume, revoke → drain → commit;
 //! - [`record`]: the owned record that travels;
-//! - [`dispatch`]: lanes (one per partition) that keep order;
+//! - [`dispatch`]: lanes (per key, per partition or per record) that keep order;
 //! - [`route`]: one record's way through its route;
 //! - [`call`]: the service, over HTTP or gRPC;
 //! - [`ready`]: the service's readiness gate;
@@ -30,8 +30,9 @@
 //! - [`circuit`]: the route's circuit breaker;
 //! - [`produce`]: reply and dead-letter records, acknowledged by the broker;
 //! - [`offsets`]: per-partition completion; the only place that decides a commit;
-//! - [`admin`]: `/healthz` and `/readyz`;
-//! - [`telemetry`]: metric names, counters and logs;
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status` and the control verbs (pause,
+//!   resume, drain);
+//! - [`telemetry`]: every metric name and span attribute, the metrics, one trace per record, logs;
 //! - [`sidecar`]: all of the above assembled;
 //! - [`embedded`]: the embedded broker for local work and tests;
 //! - [`cli`]: the commands.

@@ -299,3 +299,51 @@ async fn without_a_collector_the_records_own_traceparent_travels_unchanged() {
         Some(incoming.as_str())
     );
 }
+
+#[tokio::test]
+async fn the_standard_environment_variable_turns_export_on() {
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let (collector, endpoint) = Collector::start().await;
+    let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(
+        &config,
+        config_text(
+            &kafka,
+            &t.group,
+            &t.source,
+            &service.url("/h"),
+            &t.reply,
+            &t.dlq,
+            "",
+        ),
+    )
+    .unwrap();
+    let _ferry = Ferry::spawn_with(
+        &config,
+        &dir.path().join("ferry.log"),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("FERRY_LOG", "info"),
+        ],
+    );
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    kafka
+        .send(
+            &t.source,
+            None,
+            Some("k"),
+            "v",
+            &[("traceparent", &format!("00-{trace}-{PARENT}-01"))],
+        )
+        .await;
+    let spans = eventually(WAIT, "the record's spans", || async {
+        let s = collector.of_trace(trace);
+        s.iter().any(|s| s.name == "commit").then_some(s)
+    })
+    .await;
+    assert!(spans.iter().any(|s| hex(&s.parent_span_id) == PARENT));
+    assert!(collector.services.lock().unwrap().iter().all(|s| s == "ferry"));
+}
