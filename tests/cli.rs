@@ -323,3 +323,90 @@ fn telemetry_settings_are_checked() {
     assert_eq!(code, 78);
     assert!(stderr.contains("telemetry.log.level"), "{stderr}");
 }
+
+#[test]
+fn the_committed_schema_is_what_ferry_schema_prints() {
+    let (code, printed, stderr) = ferry(&["schema"]);
+    assert_eq!(code, 0, "{stderr}");
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config-examples/ferry.schema.json"
+    ))
+    .unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert!(
+        printed == committed,
+        "config-examples/ferry.schema.json is stale: run `cargo run -- schema > config-examples/ferry.schema.json`"
+    );
+}
+
+/// The schema on its own, as an editor uses it: every example passes, and a broken config fails
+/// for each planted reason.
+#[test]
+fn the_schema_alone_accepts_the_examples_and_rejects_mistakes() {
+    let (_, printed, _) = ferry(&["schema"]);
+    let schema: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let yaml = |text: &str| {
+        ferry::config::Document::parse(
+            text,
+            &ferry::config::Interpolator::from_pairs(&[("KAFKA_USER", "u")]),
+        )
+        .unwrap()
+        .value
+    };
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config-examples");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let mut i = ferry::config::Interpolator::from_pairs(&[]);
+            i.env_optional = true;
+            let doc = ferry::config::Document::parse(&std::fs::read_to_string(&path).unwrap(), &i).unwrap();
+            let errors: Vec<String> = validator.iter_errors(&doc.value).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        }
+    }
+    assert!(validator.is_valid(&yaml(GOOD)));
+    assert!(!validator.is_valid(&yaml(&GOOD.replace("    retry:\n", "    retyr:\n"))));
+    assert!(!validator.is_valid(&yaml(&GOOD.replace("      to: dlq\n", ""))));
+    assert!(!validator.is_valid(&yaml(&GOOD.replace("  group_id: g\n", "  group_id: [g]\n"))));
+}
+
+#[test]
+fn validate_reports_every_planted_error_with_its_line_at_once() {
+    let planted = GOOD
+        .replace("  group_id: g\n", "  group_id: g\n  grup: x\n")
+        .replace(
+            "        url: http://127.0.0.1:8080/\n",
+            "        url: http://127.0.0.1:8080/\n        method: 42\n        timeout: soon\n",
+        )
+        .replace("    dead_letter:\n      to: dlq\n", "    ordering: sideways\n");
+    let (code, stderr) = validate(&planted);
+    assert_eq!(code, 78);
+    for expected in [
+        "bad.yaml:4:3: kafka.grup: unknown key `grup`",
+        "bad.yaml:12:17: routes[0].call.http.method: expected string, found `42`",
+        "bad.yaml:13:18: routes[0].call.http.timeout: `soon` is not a duration",
+        "bad.yaml:17:15: routes[0].ordering: unknown value `sideways`, expected `key` or `partition` or `none`",
+        "routes[0]: `dead_letter` is required here",
+        "5 errors",
+    ] {
+        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+    }
+}
+
+#[test]
+fn a_drain_longer_than_the_poll_interval_is_refused() {
+    let text = GOOD.replace(
+        "  group_id: g\n",
+        "  group_id: g\n  properties:\n    max.poll.interval.ms: 20000\n",
+    ) + "shutdown:\n  drain_timeout: 30s\n";
+    let (code, stderr) = validate(&text);
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("shutdown.drain_timeout: must be below max.poll.interval.ms (20s)"),
+        "{stderr}"
+    );
+}

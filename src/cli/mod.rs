@@ -47,6 +47,8 @@ enum Command {
         #[arg(long)]
         env_optional: bool,
     },
+    /// Print the JSON Schema of the config format (for editors and CI checks).
+    Schema,
     /// Everything on one machine: an embedded broker, an example service, sample records.
     Demo {
         /// How many sample records to send.
@@ -109,6 +111,13 @@ pub fn main() -> i32 {
         match cli.command {
             Command::Run { config } => run::run(&config).await,
             Command::Validate { config, env_optional } => validate::validate(&config, env_optional),
+            Command::Schema => match serde_json::to_string_pretty(&crate::config::schema::schema()) {
+                Ok(text) => {
+                    println!("{text}");
+                    0
+                }
+                Err(e) => fail("cannot print the schema", &e.into()),
+            },
             Command::Demo { records } => demo::demo(records).await,
             Command::Dev {
                 command: DevCommand::Broker { port, topics },

@@ -1,6 +1,7 @@
 //! Checks that span fields, run once the config is typed. Each problem is a path and a message.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::types::*;
 
@@ -112,6 +113,26 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
         say(
             "kafka.commit_interval".into(),
             "must be above zero, e.g. 1s".into(),
+        );
+    }
+    // A revoke holds the poll loop for up to the drain timeout; past max.poll.interval.ms the
+    // group evicts the member mid-drain and its partitions are handled twice.
+    let property_ms = |key: &str, default: u64| {
+        config
+            .kafka
+            .properties
+            .get(key)
+            .and_then(|v| v.0.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let max_poll = Duration::from_millis(property_ms("max.poll.interval.ms", 300_000));
+    if config.shutdown.drain_timeout.0 >= max_poll {
+        say(
+            "shutdown.drain_timeout".into(),
+            format!(
+                "must be below max.poll.interval.ms ({}): a drain on revoke that long gets this member evicted from the group",
+                Dur(max_poll)
+            ),
         );
     }
     let traces = &config.telemetry.traces;

@@ -5,12 +5,15 @@
 //!
 //! 1. [`document`]: parse the YAML into a JSON value with a position for every node, expanding
 //!    `${…}` references in values ([`interpolate`]);
-//! 2. deserialize the typed [`Config`] (unknown keys, types, durations);
-//! 3. [`check`]: the rules that span fields (unique route names, one route per topic, …).
+//! 2. [`schema`]: check the document against the config's JSON Schema (generated from the
+//!    types), reporting every unknown key, missing key, wrong type and bad value at once;
+//! 3. deserialize the typed [`Config`];
+//! 4. [`check`]: the rules that span fields (unique route names, one route per topic, …).
 
 mod check;
 mod document;
 mod interpolate;
+pub mod schema;
 mod types;
 
 use std::fmt;
@@ -91,6 +94,22 @@ pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Con
                 .collect(),
         )
     })?;
+    let problems = schema::check(&doc.value);
+    if !problems.is_empty() {
+        return Err(ConfigErrors(
+            problems
+                .into_iter()
+                .map(|p| {
+                    let position = if p.is_key {
+                        doc.key_position(&p.path).unwrap_or_else(|| doc.position(&p.path))
+                    } else {
+                        doc.position(&p.path)
+                    };
+                    at(Some(position), p.path, p.message)
+                })
+                .collect(),
+        ));
+    }
     let config: Config = serde_path_to_error::deserialize(&doc.value).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };

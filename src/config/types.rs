@@ -5,10 +5,11 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, de};
 
 /// The whole `ferry.yaml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub kafka: Kafka,
@@ -26,7 +27,7 @@ pub struct Config {
     pub shutdown: Shutdown,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Kafka {
     /// `host:port[,host:port…]`.
@@ -43,6 +44,55 @@ pub struct Kafka {
 fn default_commit_interval() -> Dur {
     Dur(Duration::from_secs(1))
 }
+
+/// JSON Schemas of the types written as text and parsed by hand: the `format` names a check
+/// that `config::schema` runs with the same parser, so the schema and the loader agree.
+macro_rules! text_schema {
+    ($ty:ty, $name:literal, $schema:tt) => {
+        impl JsonSchema for $ty {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!($schema)
+            }
+        }
+    };
+}
+
+text_schema!(Dur, "Duration", {
+    "type": "string",
+    "format": "duration",
+    "description": "A number with a unit: 250ms, 5s, 10m, 1h, or a combination such as 1m30s.",
+    "examples": ["250ms", "5s", "1m30s"]
+});
+text_schema!(ByteSize, "ByteSize", {
+    "type": ["string", "integer"],
+    "format": "byte-size",
+    "description": "Bytes, or a size with a unit: 512KiB, 16MiB, 1GiB, 64kB, 1MB.",
+    "examples": ["16MiB"]
+});
+text_schema!(Start, "Start", {
+    "type": "string",
+    "format": "start",
+    "description": "earliest, latest, or an RFC 3339 time such as 2026-01-31T12:00:00Z.",
+    "examples": ["earliest", "latest", "2026-01-31T12:00:00Z"]
+});
+text_schema!(StatusMatch, "StatusMatch", {
+    "type": ["integer", "string"],
+    "format": "status",
+    "description": "An HTTP status from 100 to 599, or a class such as \"4xx\".",
+    "examples": [409, "4xx"]
+});
+text_schema!(PropertyValue, "PropertyValue", {
+    "type": ["string", "number", "boolean"],
+    "description": "A librdkafka property value."
+});
+text_schema!(Secret, "Secret", {
+    "type": "string",
+    "description": "A credential; write it as a ${VAR} or ${file:/path} reference."
+});
 
 /// A librdkafka property value; YAML numbers and booleans are accepted and passed as text.
 ///
@@ -101,7 +151,7 @@ impl<'de> Deserialize<'de> for PropertyValue {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub ready: Option<Ready>,
@@ -109,7 +159,7 @@ pub struct Service {
 
 /// A readiness probe of the service: ferry subscribes only once it answers, and stops taking
 /// records after `failure_threshold` failed probes in a row, until one succeeds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Ready {
     /// An HTTP URL that answers 2xx when the service is ready.
@@ -130,14 +180,14 @@ fn default_failure_threshold() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Delivery {
     #[default]
     AtLeastOnce,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Unique; used in logs, metrics, dead-letter headers and `ferry redrive --route`.
@@ -164,7 +214,7 @@ pub struct Route {
 }
 
 /// SPEC §1 ordering modes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Ordering {
     /// Records with the same key one after another; different keys concurrently. A null key is
@@ -178,7 +228,7 @@ pub enum Ordering {
 }
 
 /// Skipping records whose moment has passed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Freshness {
     /// Records older than this (by their timestamp) are not called: outcome `expired`.
@@ -190,7 +240,7 @@ pub struct Freshness {
 }
 
 /// The in-flight bounds of a route.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Concurrency {
     /// Records of one partition between its committed watermark and the newest taken, finished
@@ -269,7 +319,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct From {
     #[serde(default)]
@@ -348,14 +398,14 @@ fn parse_rfc3339_ms(s: &str) -> Option<i64> {
 }
 
 /// How to call the service: exactly one of `http` and `grpc`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Call {
     pub http: Option<HttpCall>,
     pub grpc: Option<GrpcCall>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcCall {
     /// `http://host:port` (h2c) or `https://host:port` (TLS, with `ca_file`).
@@ -374,7 +424,7 @@ pub struct GrpcCall {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCall {
     /// May hold `{topic}`, `{partition}`, `{offset}`, `{key}` and `{header.NAME}`.
@@ -395,7 +445,7 @@ fn default_call_timeout() -> Dur {
     Dur(Duration::from_secs(5))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Retry {
     /// Attempts in total, the first one included.
@@ -426,7 +476,7 @@ fn default_max_record_age() -> Dur {
     Dur(Duration::from_secs(600))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backoff {
     #[serde(default = "default_initial")]
@@ -462,7 +512,7 @@ fn default_multiplier() -> f64 {
     2.0
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Jitter {
     /// A uniformly random delay between zero and the computed backoff.
@@ -474,7 +524,7 @@ pub enum Jitter {
 }
 
 /// When the service, not the record, is the problem: most calls fail for a retryable reason.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Circuit {
     /// Share of retryable failures among the calls of the window that opens the circuit.
@@ -517,7 +567,7 @@ fn default_probe_every() -> Dur {
     Dur(Duration::from_secs(2))
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reply {
     /// Omitted: reply bodies are discarded and the record is `done`.
@@ -527,7 +577,7 @@ pub struct Reply {
     pub topics: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetter {
     pub to: String,
@@ -542,7 +592,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     pub when: When,
@@ -550,7 +600,7 @@ pub struct Rule {
 }
 
 /// Every condition given must hold.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct When {
     /// An HTTP status or class.
@@ -603,7 +653,7 @@ impl<'de> Deserialize<'de> for StatusMatch {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     Timeout,
@@ -611,7 +661,7 @@ pub enum ErrorKind {
 }
 
 /// What a rule or the service asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Reply,
@@ -633,7 +683,7 @@ impl Action {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Where the admin endpoint is served; `null` turns the listener off.
@@ -660,7 +710,7 @@ fn optional_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D:
 }
 
 /// Logs and traces.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Telemetry {
     #[serde(default)]
@@ -669,7 +719,7 @@ pub struct Telemetry {
     pub traces: Traces,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     #[serde(default)]
@@ -692,7 +742,7 @@ fn default_log_level() -> String {
     "info".into()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     #[default]
@@ -702,7 +752,7 @@ pub enum LogFormat {
 
 /// Where spans go. Without an endpoint here or in `OTEL_EXPORTER_OTLP_ENDPOINT`, no spans are
 /// made, but a record's `traceparent` still travels on to the service and into its outputs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Traces {
     /// An OTLP/gRPC collector, `http://host:4317`.
@@ -739,7 +789,7 @@ fn default_admin_listen() -> Option<SocketAddr> {
     Some(SocketAddr::from(([0, 0, 0, 0], 9464)))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Shutdown {
     /// How long in-flight records may take to finish on SIGTERM or on a revoke.

@@ -1,0 +1,224 @@
+//! The JSON Schema of the config format, generated from the config types (so it cannot drift
+//! from what the loader accepts), and the check of a document against it that reports every
+//! error at once, each at its own path.
+//!
+//! Values written as text and parsed by hand (durations, sizes, start positions, statuses) carry
+//! a `format` that this check runs with the loader's own parser, and their errors carry the
+//! loader's own words.
+
+use std::sync::LazyLock;
+
+use jsonschema::error::ValidationErrorKind;
+use jsonschema::{ValidationError, Validator};
+use serde_json::Value;
+
+use super::types::{ByteSize, Config, Dur, Start, StatusMatch};
+
+/// The schema, as `ferry schema` prints it.
+pub fn schema() -> Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap_or_default();
+    if let Some(o) = schema.as_object_mut() {
+        o.insert("$id".into(), "https://ferry.dev/schema/ferry.json".into());
+        o.insert("title".into(), "ferry.yaml".into());
+        o.insert(
+            "description".into(),
+            "The configuration of ferry, a Kafka sidecar. Generated from ferry's config types by `ferry schema`.".into(),
+        );
+    }
+    schema
+}
+
+/// Whether `value` parses as `T`; the parser's own message when it does not.
+fn parses<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
+    serde_json::from_value::<T>(value.clone())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn format_check(format: &str, value: &Value) -> Result<(), String> {
+    match format {
+        "duration" => parses::<Dur>(value),
+        "byte-size" => parses::<ByteSize>(value),
+        "start" => parses::<Start>(value),
+        "status" => parses::<StatusMatch>(value),
+        _ => Ok(()),
+    }
+}
+
+static VALIDATOR: LazyLock<Result<Validator, String>> = LazyLock::new(|| {
+    let mut options = jsonschema::options().should_validate_formats(true);
+    for f in ["duration", "byte-size", "start"] {
+        options = options.with_format(f, move |s: &str| {
+            format_check(f, &Value::String(s.into())).is_ok()
+        });
+    }
+    options = options.with_format("status", |s: &str| {
+        format_check("status", &Value::String(s.into())).is_ok()
+    });
+    options.build(&schema()).map_err(|e| e.to_string())
+});
+
+/// One problem: the path of the value (or of the unknown key), whether it names a key, and what
+/// is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub is_key: bool,
+    pub message: String,
+}
+
+/// Every way `value` departs from the schema.
+pub fn check(value: &Value) -> Vec<Problem> {
+    let validator = match &*VALIDATOR {
+        Ok(v) => v,
+        Err(e) => {
+            return vec![Problem {
+                path: String::new(),
+                is_key: false,
+                message: format!("ferry's own config schema does not compile (a bug): {e}"),
+            }];
+        }
+    };
+    let mut problems = Vec::new();
+    for error in validator.iter_errors(value) {
+        describe(&error, &mut problems);
+    }
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    problems.dedup();
+    problems
+}
+
+/// `/routes/0/retry` → `routes[0].retry`.
+fn dotted(pointer: &str) -> String {
+    let mut out = String::new();
+    for part in pointer.split('/').skip(1) {
+        let part = part.replace("~1", "/").replace("~0", "~");
+        if part.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&part);
+        }
+    }
+    out
+}
+
+fn child(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn shown(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn describe(error: &ValidationError<'_>, out: &mut Vec<Problem>) {
+    let path = dotted(error.instance_path().as_str());
+    let instance = error.instance();
+    let mut say = |path: String, is_key: bool, message: String| {
+        out.push(Problem {
+            path,
+            is_key,
+            message,
+        })
+    };
+    match error.kind() {
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            for key in unexpected {
+                say(child(&path, key), true, format!("unknown key `{key}`"));
+            }
+        }
+        ValidationErrorKind::Required { property } => {
+            say(path, false, format!("`{}` is required here", shown(property)));
+        }
+        ValidationErrorKind::Format { format } => {
+            let message = format_check(format, instance)
+                .err()
+                .unwrap_or_else(|| error.to_string());
+            say(path, false, message);
+        }
+        ValidationErrorKind::Enum { options } => {
+            let options: Vec<String> = options
+                .as_array()
+                .map(|o| o.iter().map(|v| format!("`{}`", shown(v))).collect())
+                .unwrap_or_default();
+            say(
+                path,
+                false,
+                format!(
+                    "unknown value `{}`, expected {}",
+                    shown(instance),
+                    options.join(" or ")
+                ),
+            );
+        }
+        ValidationErrorKind::Type { kind } => {
+            let expected = format!("{kind:?}")
+                .to_lowercase()
+                .replace("single(", "")
+                .replace("multiple(", "")
+                .replace(')', "");
+            say(
+                path,
+                false,
+                format!("expected {expected}, found `{}`", shown(instance)),
+            );
+        }
+        ValidationErrorKind::AnyOf { context } | ValidationErrorKind::OneOfNotValid { context } => {
+            // An enum whose values are documented one by one is a `oneOf` of constants.
+            let constants: Option<Vec<String>> = context
+                .iter()
+                .map(|b| match b.as_slice() {
+                    [e] => match e.kind() {
+                        ValidationErrorKind::Constant { expected_value } => {
+                            Some(format!("`{}`", shown(expected_value)))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            if let Some(values) = constants.filter(|v| !v.is_empty()) {
+                say(
+                    path,
+                    false,
+                    format!(
+                        "unknown value `{}`, expected {}",
+                        shown(instance),
+                        values.join(" or ")
+                    ),
+                );
+                return;
+            }
+            // An optional value is `anyOf: [its schema, null]`: say what is wrong with the branch
+            // that was meant, the one that fails for more than the value's type.
+            let wrong_type_only = |b: &&Vec<ValidationError<'static>>| {
+                b.len() == 1
+                    && matches!(b[0].kind(), ValidationErrorKind::Type { .. })
+                    && b[0].instance_path() == error.instance_path()
+            };
+            let meant = context
+                .iter()
+                .filter(|b| !wrong_type_only(b))
+                .min_by_key(|b| b.len())
+                .or_else(|| context.iter().min_by_key(|b| b.len()));
+            match meant {
+                Some(branch) if !branch.is_empty() => {
+                    for e in branch {
+                        describe(e, out);
+                    }
+                }
+                _ => say(path, false, error.to_string()),
+            }
+        }
+        _ => say(path, false, error.to_string()),
+    }
+}
