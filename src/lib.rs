@@ -21,6 +21,7 @@
 //! - [`config`]: YAML → interpolated → typed → checked [`config::Config`];
 //! - [`consume`]: the consumer group, pause/resume, revoke → drain → commit;
 //! - [`record`]: the owned record that travels;
+//! - [`contract`]: payload schemas of records and replies;
 //! - [`dispatch`]: lanes (per key, per partition or per record) that keep order;
 //! - [`route`]: one record's way through its route;
 //! - [`call`]: the service, over HTTP or gRPC;
@@ -40,6 +41,7 @@
 pub mod config;
 pub mod consume;
 pub mod record;
+pub mod contract;
 pub mod dispatch;
 pub mod route;
 pub mod call;

@@ -342,6 +342,7 @@ mod tests {
         let reply = Reply {
             to: Some("out".into()),
             topics: vec!["alt".into()],
+            schema: None,
         };
         let rules = vec![
             rule(Some(StatusMatch::Exact(409)), None, Action::Drop),
@@ -524,6 +525,7 @@ mod tests {
         let reply = Reply {
             to: Some("out".into()),
             topics: vec![],
+            schema: None,
         };
         let policy = Policy {
             rules: &[],

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::call::{Attempt, Call};
 use crate::circuit::{Admission, Breaker};
 use crate::config::Route;
+use crate::contract;
 use crate::offsets::Tracker;
 use crate::outcome::{self, Decision, Failure, Outcome, Policy, Reason};
 use crate::produce::{self, Attempts, Outgoing, ProduceError, Producer};
@@ -89,6 +90,23 @@ impl RouteHandler {
         if self.too_old(record) {
             return End::Final(Outcome::Expired, None);
         }
+        if let Some(schema) = self
+            .config
+            .validate
+            .as_ref()
+            .and_then(|v| v.schema.compiled.as_ref())
+        {
+            if let Err(message) = contract::check(schema, record.value.as_deref(), "the record's value") {
+                let f = Failure {
+                    reason: Reason::Schema,
+                    status: None,
+                    message,
+                    retry_after: None,
+                };
+                // It never reaches the service: no attempt was made.
+                return self.dead_letter(record, trace, f, Attempts::default()).await;
+            }
+        }
         let policy = Policy {
             rules: &self.config.rules,
             reply: &self.config.reply,
@@ -143,6 +161,23 @@ impl RouteHandler {
                     headers,
                     value,
                 } => {
+                    if let Some(schema) = self
+                        .config
+                        .reply
+                        .schema
+                        .as_ref()
+                        .and_then(|s| s.compiled.as_ref())
+                    {
+                        if let Err(message) = contract::check(schema, Some(&value), "the service's reply") {
+                            let f = Failure {
+                                reason: Reason::ReplySchema,
+                                status: None,
+                                message,
+                                retry_after: None,
+                            };
+                            return self.dead_letter(record, trace, f, attempts).await;
+                        }
+                    }
                     let out = produce::reply(record, topic, key, headers, value);
                     return self.publish_reply(record, trace, out, attempts).await;
                 }

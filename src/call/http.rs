@@ -7,7 +7,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::template::Template;
 use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
-use crate::config::{Action, HttpCall};
+use crate::config::{Action, Format, HttpCall};
 use crate::record::Record;
 
 /// Bodies above this are not read further; the record is dead-lettered as `too_large`.
@@ -20,6 +20,7 @@ pub struct Http {
     method: reqwest::Method,
     timeout: Duration,
     headers: HeaderMap,
+    format: Format,
 }
 
 impl Http {
@@ -51,6 +52,7 @@ impl Http {
             method,
             timeout: config.timeout.0,
             headers,
+            format: config.format,
         })
     }
 
@@ -78,6 +80,13 @@ impl Http {
                 _ => false,
             }
         });
+        if self.format == Format::CloudEvents {
+            for (name, value) in cloud_event(record) {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+        }
         let body = record.value.clone().unwrap_or_default();
         self.client
             .request(self.method.clone(), self.url.render(record))
@@ -182,5 +191,89 @@ mod tests {
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+}
+
+/// The CloudEvents 1.0 attributes of a record, as HTTP binary-mode headers. A record that is
+/// itself a CloudEvent in Kafka binary mode (`ce_*` headers) keeps its attributes; otherwise
+/// they are made from the record: `ce-id` is its idempotency key
+/// (`{topic}/{partition}/{offset}` of its first consumption, so a retried or re-driven record
+/// keeps its id), `ce-source` `kafka:{topic}`, `ce-type` `ferry.record`, `ce-time` its
+/// timestamp and `ce-subject` its key.
+fn cloud_event(record: &Record) -> Vec<(HeaderName, String)> {
+    let text = |v: &Bytes| std::str::from_utf8(v).ok().map(str::to_string);
+    let from_record = |attribute: &str| record.header(&format!("ce_{attribute}")).and_then(text);
+    let mut out = vec![
+        ("specversion", Some("1.0".to_string())),
+        ("id", from_record("id").or_else(|| Some(record.idempotency_key()))),
+        (
+            "source",
+            from_record("source").or_else(|| Some(format!("kafka:{}", record.topic))),
+        ),
+        (
+            "type",
+            from_record("type").or_else(|| Some("ferry.record".into())),
+        ),
+        (
+            "time",
+            from_record("time").or_else(|| record.timestamp_ms.map(rfc3339)),
+        ),
+        (
+            "subject",
+            from_record("subject").or_else(|| record.key.as_ref().and_then(text)),
+        ),
+    ];
+    // Other attributes and extensions of a Kafka binary-mode event travel too.
+    let mut extra = Vec::new();
+    for (k, v) in &record.headers {
+        if let Some(attribute) = k.strip_prefix("ce_") {
+            if !out.iter().any(|(a, _)| *a == attribute) {
+                extra.push((attribute.to_string(), text(v)));
+            }
+        }
+    }
+    let mut headers: Vec<(HeaderName, String)> = Vec::new();
+    for (attribute, value) in out.drain(..).map(|(a, v)| (a.to_string(), v)).chain(extra) {
+        if let (Ok(name), Some(value)) = (
+            HeaderName::from_bytes(format!("ce-{attribute}").as_bytes()),
+            value,
+        ) {
+            headers.push((name, value));
+        }
+    }
+    headers
+}
+
+/// Milliseconds since the epoch as an RFC 3339 UTC time, `2026-01-31T12:00:00.123Z`.
+fn rfc3339(ms: i64) -> String {
+    let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3_600_000,
+        rest / 60_000 % 60,
+        rest / 1000 % 60,
+        rest % 1000
+    )
+}
+
+#[cfg(test)]
+mod cloud_event_tests {
+    use super::rfc3339;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_769_860_800_123), "2026-01-31T12:00:00.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 }

@@ -137,7 +137,8 @@ pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Con
     })?;
     let mut config = config;
     resolve_paths(&mut config, file);
-    let problems = check::check(&config);
+    let mut problems = check::check(&config);
+    problems.extend(compile_schemas(&mut config));
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -168,7 +169,58 @@ fn resolve_paths(config: &mut Config, file: &Path) {
             fix(&mut g.descriptor_set);
             fix(&mut g.ca_file);
         }
+        for schema in route
+            .validate
+            .as_mut()
+            .map(|v| &mut v.schema)
+            .into_iter()
+            .chain(route.reply.schema.as_mut())
+        {
+            if schema.path.is_relative() {
+                schema.path = dir.join(&schema.path);
+            }
+        }
     }
+}
+
+/// Reads and compiles every payload schema once, at load; a broken one is a config error at
+/// the key that names it.
+fn compile_schemas(config: &mut Config) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    for (i, route) in config.routes.iter_mut().enumerate() {
+        let schemas = route
+            .validate
+            .as_mut()
+            .map(|v| (format!("routes[{i}].validate.schema"), &mut v.schema))
+            .into_iter()
+            .chain(
+                route
+                    .reply
+                    .schema
+                    .as_mut()
+                    .map(|s| (format!("routes[{i}].reply.schema"), s)),
+            );
+        for (at, schema) in schemas {
+            match compile_schema(&schema.path) {
+                Ok(v) => schema.compiled = Some(std::sync::Arc::new(v)),
+                Err(e) => problems.push((at, e)),
+            }
+        }
+    }
+    problems
+}
+
+fn compile_schema(path: &Path) -> Result<jsonschema::Validator, String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the schema `{shown}`: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("the schema `{shown}` is not JSON: {e}"))?;
+    jsonschema::validator_for(&value).map_err(|e| {
+        format!(
+            "`{shown}` is not a valid JSON Schema: {e} (at {})",
+            e.instance_path()
+        )
+    })
 }
 
 fn unknown_field(message: &str) -> Option<&str> {

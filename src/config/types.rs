@@ -208,6 +208,9 @@ pub struct Route {
     #[serde(default)]
     pub reply: Reply,
     pub dead_letter: DeadLetter,
+    /// The input's payload contract.
+    #[serde(default)]
+    pub validate: Option<Validate>,
     /// First match wins; consulted after an explicit `ferry-action` and before the defaults.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -435,6 +438,19 @@ pub struct HttpCall {
     pub timeout: Dur,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// How the record travels: `raw` (the value as the body, metadata in `ferry-*` headers) or
+    /// `cloudevents` (CloudEvents 1.0 HTTP binary mode, with the `ferry-*` headers as well).
+    #[serde(default)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum Format {
+    #[default]
+    #[serde(rename = "raw")]
+    Raw,
+    #[serde(rename = "cloudevents")]
+    CloudEvents,
 }
 
 fn default_method() -> String {
@@ -575,7 +591,49 @@ pub struct Reply {
     /// Topics the service may choose with `ferry-reply-topic`.
     #[serde(default)]
     pub topics: Vec<String>,
+    /// A JSON Schema every reply body must match; one that does not is dead-lettered
+    /// (`reply_schema`) instead of published.
+    #[serde(default)]
+    pub schema: Option<SchemaFile>,
 }
+
+/// The payload contract of a route's input.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Validate {
+    /// A JSON Schema the record value must match; a record that does not never reaches the
+    /// service and is dead-lettered (`schema`).
+    pub schema: SchemaFile,
+}
+
+/// A JSON Schema file (draft 2020-12 unless it says otherwise with `$schema`), relative to the
+/// config file; compiled once when the config is loaded.
+#[derive(Clone)]
+pub struct SchemaFile {
+    pub path: std::path::PathBuf,
+    /// Set by the loader; `None` only before it ran.
+    pub compiled: Option<std::sync::Arc<jsonschema::Validator>>,
+}
+
+impl fmt::Debug for SchemaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SchemaFile({})", self.path.display())
+    }
+}
+
+impl<'de> Deserialize<'de> for SchemaFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(SchemaFile {
+            path: std::path::PathBuf::deserialize(d)?,
+            compiled: None,
+        })
+    }
+}
+
+text_schema!(SchemaFile, "SchemaFile", {
+    "type": "string",
+    "description": "The path of a JSON Schema file, relative to the config file."
+});
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
