@@ -245,7 +245,7 @@ fn cloud_event(record: &Record) -> Vec<(HeaderName, String)> {
 }
 
 /// Milliseconds since the epoch as an RFC 3339 UTC time, `2026-01-31T12:00:00.123Z`.
-fn rfc3339(ms: i64) -> String {
+pub fn rfc3339(ms: i64) -> String {
     let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     // Howard Hinnant's days-to-civil algorithm.
     let z = days + 719_468;

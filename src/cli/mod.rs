@@ -1,7 +1,11 @@
 //! The commands. Each returns its exit code: 0 success, 2 usage, 78 configuration, 1 the rest.
 
+mod client;
 mod ctl;
 mod demo;
+mod redrive;
+mod send;
+mod tail;
 mod dev;
 mod run;
 mod validate;
@@ -55,6 +59,12 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         records: u32,
     },
+    /// Produce test records: one, many (`--count`, `--rate`), or one per JSON line.
+    Send(send::SendArgs),
+    /// Print a topic's records with key, headers, partition and offset.
+    Tail(tail::TailArgs),
+    /// Send a route's dead letters back to be handled again, once each.
+    Redrive(redrive::RedriveArgs),
     /// Talk to a running sidecar: status, pause, resume, drain.
     Ctl {
         verb: ctl::Verb,
@@ -111,6 +121,9 @@ pub fn main() -> i32 {
         match cli.command {
             Command::Run { config } => run::run(&config).await,
             Command::Validate { config, env_optional } => validate::validate(&config, env_optional),
+            Command::Send(args) => send::send(args).await,
+            Command::Tail(args) => tail::tail(args).await,
+            Command::Redrive(args) => redrive::redrive(args).await,
             Command::Schema => match serde_json::to_string_pretty(&crate::config::schema::schema()) {
                 Ok(text) => {
                     println!("{text}");

@@ -1,0 +1,284 @@
+//! `ferry send`: produce test records, one or many, at a rate, or one per JSON line.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use super::client::{KafkaArgs, Refused, progress};
+
+#[derive(clap::Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// The topic to write to.
+    #[arg(short = 't', long)]
+    pub topic: String,
+    /// The record key; `{i}` is replaced by the record's number (0, 1, …).
+    #[arg(short = 'k', long)]
+    pub key: Option<String>,
+    /// A header, `name=value`; repeatable.
+    #[arg(short = 'H', long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Write to this partition (default: by key).
+    #[arg(short = 'p', long)]
+    pub partition: Option<i32>,
+    /// The value: text (`{i}` is replaced by the record's number), `@FILE`, or `-` for stdin.
+    /// With `--json-lines`: where the lines come from (default stdin).
+    pub value: Option<String>,
+    /// Send a tombstone (no value).
+    #[arg(long, conflicts_with = "value")]
+    pub tombstone: bool,
+    /// How many records to send.
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+    /// Records per second (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// One record per input line: `{"key": …, "value": …, "headers": {…}, "partition": …}`; a
+    /// value that is not a string is sent as its JSON text.
+    #[arg(long)]
+    pub json_lines: bool,
+}
+
+/// One record to write.
+struct Outgoing {
+    key: Option<String>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, String)>,
+    partition: Option<i32>,
+}
+
+pub async fn send(args: SendArgs) -> i32 {
+    match run(args).await {
+        Ok(code) => code,
+        Err(r) => {
+            eprintln!("error: {}", r.message);
+            r.code
+        }
+    }
+}
+
+fn refused(code: i32, message: String) -> Refused {
+    Refused { code, message }
+}
+
+fn read_source(source: Option<&str>) -> Result<Vec<u8>, Refused> {
+    match source {
+        None | Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| refused(1, format!("cannot read stdin: {e}")))?;
+            Ok(buf)
+        }
+        Some(s) => match s.strip_prefix('@') {
+            Some(path) => std::fs::read(path).map_err(|e| refused(1, format!("cannot read {path}: {e}"))),
+            None => Ok(s.as_bytes().to_vec()),
+        },
+    }
+}
+
+fn parse_headers(raw: &[String]) -> Result<Vec<(String, String)>, Refused> {
+    raw.iter()
+        .map(|h| {
+            h.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| refused(2, format!("-H {h}: write a header as name=value")))
+        })
+        .collect()
+}
+
+/// The records of `--json-lines` input; a bad line is an error naming its line number.
+fn json_lines(input: &[u8]) -> Result<Vec<Outgoing>, Refused> {
+    let text = std::str::from_utf8(input).map_err(|e| refused(1, format!("the input is not UTF-8: {e}")))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |why: String| refused(1, format!("line {}: {why}", n + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("expected an object with key, value, headers".into()))?;
+        for k in obj.keys() {
+            if !matches!(k.as_str(), "key" | "value" | "headers" | "partition") {
+                return Err(bad(format!(
+                    "unknown field `{k}`; expected key, value, headers, partition"
+                )));
+            }
+        }
+        let text_of = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let headers = match obj.get("headers") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Object(h)) => h.iter().map(|(k, v)| (k.clone(), text_of(v))).collect(),
+            Some(_) => return Err(bad("`headers` must be an object of name: value".into())),
+        };
+        out.push(Outgoing {
+            key: obj.get("key").filter(|k| !k.is_null()).map(text_of),
+            value: obj
+                .get("value")
+                .filter(|v| !v.is_null())
+                .map(|v| text_of(v).into_bytes()),
+            headers,
+            partition: match obj.get("partition") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(p) => Some(
+                    p.as_i64()
+                        .and_then(|p| i32::try_from(p).ok())
+                        .ok_or_else(|| bad("`partition` must be a number".into()))?,
+                ),
+            },
+        });
+    }
+    Ok(out)
+}
+
+async fn run(args: SendArgs) -> Result<i32, Refused> {
+    let config = args.kafka.load()?;
+    let mut client = args.kafka.client(config.as_ref())?;
+    client.set("enable.idempotence", "true").set("acks", "all");
+    let producer: FutureProducer = client
+        .create()
+        .map_err(|e| refused(1, format!("cannot create the producer: {e}")))?;
+    let headers = parse_headers(&args.headers)?;
+    let records: Box<dyn Iterator<Item = Outgoing>> = if args.json_lines {
+        let lines = json_lines(&read_source(args.value.as_deref())?)?;
+        Box::new(lines.into_iter().map(move |mut r| {
+            r.headers.extend(headers.clone());
+            r.partition = r.partition.or(args.partition);
+            r
+        }))
+    } else {
+        let template = match (&args.value, args.tombstone) {
+            (_, true) => None,
+            (Some(v), false) => Some(read_source(Some(v))?),
+            (None, false) => {
+                return Err(refused(
+                    2,
+                    "give a VALUE, @FILE or - (stdin), or --tombstone, or --json-lines".into(),
+                ));
+            }
+        };
+        let numbered = |text: &[u8], i: u64| -> Vec<u8> {
+            match std::str::from_utf8(text) {
+                Ok(t) if t.contains("{i}") => t.replace("{i}", &i.to_string()).into_bytes(),
+                _ => text.to_vec(),
+            }
+        };
+        let key = args.key.clone();
+        let partition = args.partition;
+        Box::new((0..args.count).map(move |i| Outgoing {
+            key: key.as_ref().map(|k| k.replace("{i}", &i.to_string())),
+            value: template.as_ref().map(|t| numbered(t, i)),
+            headers: headers.clone(),
+            partition,
+        }))
+    };
+
+    let total = if args.json_lines { None } else { Some(args.count) };
+    let bar = progress(total.unwrap_or(0), "records");
+    let started = Instant::now();
+    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let (mut sent, mut failed, mut last) = (0u64, 0u64, None);
+    let mut first_error = None;
+    use futures::StreamExt;
+    for (i, r) in records.enumerate() {
+        if let Some(every) = interval {
+            let due = started + every.mul_f64(i as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let mut hs = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let topic = args.topic.clone();
+        let producer = producer.clone();
+        in_flight.push(async move {
+            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic).headers(hs);
+            if let Some(k) = &r.key {
+                record = record.key(k.as_str());
+            }
+            if let Some(v) = &r.value {
+                record = record.payload(v.as_slice());
+            }
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e.to_string())
+        });
+        // Keep a bounded number of sends outstanding.
+        while in_flight.len() >= 1000 {
+            settle(
+                in_flight.next().await,
+                &mut sent,
+                &mut failed,
+                &mut last,
+                &mut first_error,
+                &bar,
+            );
+        }
+    }
+    while let Some(result) = in_flight.next().await {
+        settle(
+            Some(result),
+            &mut sent,
+            &mut failed,
+            &mut last,
+            &mut first_error,
+            &bar,
+        );
+    }
+    let _ = producer.flush(Duration::from_secs(30));
+    bar.finish_and_clear();
+    let took = started.elapsed().as_secs_f64();
+    match (sent, last) {
+        (1, Some((p, o))) if failed == 0 => println!("sent 1 record to {}/{p}@{o}", args.topic),
+        _ => println!(
+            "sent {sent} records to {} in {took:.2}s ({:.0}/s){}",
+            args.topic,
+            sent as f64 / took.max(1e-9),
+            if failed > 0 {
+                format!("; {failed} failed")
+            } else {
+                String::new()
+            }
+        ),
+    }
+    if let Some(e) = first_error {
+        eprintln!("error: {failed} records were not written; the first error: {e}");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+fn settle(
+    result: Option<Result<rdkafka::producer::future_producer::Delivery, String>>,
+    sent: &mut u64,
+    failed: &mut u64,
+    last: &mut Option<(i32, i64)>,
+    first_error: &mut Option<String>,
+    bar: &indicatif::ProgressBar,
+) {
+    match result {
+        Some(Ok(d)) => {
+            *sent += 1;
+            *last = Some((d.partition, d.offset));
+        }
+        Some(Err(e)) => {
+            *failed += 1;
+            first_error.get_or_insert(e);
+        }
+        None => return,
+    }
+    bar.inc(1);
+}

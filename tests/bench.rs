@@ -1,0 +1,416 @@
+//! The local bench through the real binary, against a broker on loopback: `ferry send`,
+//! `ferry tail` and `ferry redrive`.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs `ferry ARGS` with `stdin`, off the async runtime; exit code, stdout, stderr.
+async fn ferry(args: Vec<String>, stdin: &str) -> (i32, String, String) {
+    let stdin = stdin.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn send_writes_values_files_stdin_counts_and_json_lines_and_tail_shows_them() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("bench", 2).await;
+    let b = kafka.brokers.as_str();
+    let (code, out, err) = ferry(
+        args(&[
+            "send",
+            "-b",
+            b,
+            "-t",
+            &topic,
+            "-k",
+            "k1",
+            "-H",
+            "source=cli",
+            "-H",
+            "n=1",
+            "hello",
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("sent 1 record to {topic}/")), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("value.json");
+    std::fs::write(&file, r#"{"from":"file"}"#).unwrap();
+    let (code, _, err) = ferry(
+        args(&[
+            "send",
+            "-b",
+            b,
+            "-t",
+            &topic,
+            "-k",
+            "k2",
+            &format!("@{}", file.display()),
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = ferry(
+        args(&["send", "-b", b, "-t", &topic, "-k", "k3", "-"]),
+        "from stdin",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = ferry(
+        args(&[
+            "send", "-b", b, "-t", &topic, "-k", "load-{i}", "--count", "40", "--rate", "400", "v{i}",
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!("sent 40 records to {topic} in ")),
+        "{out}"
+    );
+    let lines = concat!(
+        r#"{"key":"j1","value":{"amount":5},"headers":{"type":"order"}}"#,
+        "\n",
+        r#"{"key":"j2","value":"text","partition":1}"#,
+        "\n\n",
+        r#"{"value":null}"#,
+        "\n"
+    );
+    let (code, out, err) = ferry(args(&["send", "-b", b, "-t", &topic, "--json-lines"]), lines).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("sent 3 records"), "{out}");
+
+    let records = kafka.read_all(&topic).await;
+    assert_eq!(records.len(), 46);
+    let by_key = |k: &str| {
+        records
+            .iter()
+            .find(|r| r.key.as_deref() == Some(k))
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    assert_eq!(by_key("k1").value.as_deref(), Some("hello"));
+    assert_eq!(by_key("k1").header("source"), Some("cli"));
+    assert_eq!(by_key("k1").header("n"), Some("1"));
+    assert_eq!(by_key("k2").value.as_deref(), Some(r#"{"from":"file"}"#));
+    assert_eq!(by_key("k3").value.as_deref(), Some("from stdin"));
+    assert_eq!(by_key("load-39").value.as_deref(), Some("v39"));
+    assert_eq!(by_key("j1").value.as_deref(), Some(r#"{"amount":5}"#));
+    assert_eq!(by_key("j1").header("type"), Some("order"));
+    assert_eq!(by_key("j2").partition, 1);
+    assert!(
+        records.iter().any(|r| r.key.is_none() && r.value.is_none()),
+        "a tombstone"
+    );
+
+    // A bad line is refused with its number, and nothing is half-sent silently.
+    let (code, _, err) = ferry(
+        args(&["send", "-b", b, "-t", &topic, "--json-lines"]),
+        "{\"key\":\"a\"}\n{oops\n",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("line 2: not JSON"), "{err}");
+    let (code, _, err) = ferry(args(&["send", "-t", &topic, "x"]), "").await;
+    assert_eq!(code, 2);
+    assert!(err.contains("-b HOST:PORT"), "{err}");
+
+    // tail: readable and JSON, headers shown, stops after -n.
+    let (code, out, err) = ferry(
+        args(&[
+            "tail",
+            "-b",
+            b,
+            "-t",
+            &topic,
+            "--from-beginning",
+            "-n",
+            "46",
+            "--json",
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 46);
+    let k1 = lines.iter().find(|l| l["key"] == "k1").unwrap();
+    assert_eq!(k1["value"], "hello");
+    assert_eq!(k1["headers"]["source"], "cli");
+    assert_eq!(k1["topic"], topic.as_str());
+    assert!(k1["offset"].is_i64() && k1["partition"].is_i64() && k1["timestamp"].is_i64());
+    let (code, out, _) = ferry(
+        args(&["tail", "-b", b, "-t", &topic, "--from-beginning", "-n", "46"]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let k1 = out
+        .split(&format!("{topic}/"))
+        .find(|block| block.contains("key=k1"))
+        .unwrap();
+    assert!(
+        k1.contains("\n  source: cli\n") && k1.contains("\n  hello"),
+        "{k1}"
+    );
+    assert!(out.contains("(tombstone)"));
+}
+
+#[tokio::test]
+async fn a_config_file_supplies_the_connection_and_x_overrides_it() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("bench", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    let good = config_text(&kafka, "g", "in", "http://127.0.0.1:1/", "out", "dlq", "");
+    std::fs::write(&config, &good).unwrap();
+    let c = config.to_str().unwrap();
+    let (code, _, err) = ferry(
+        args(&["send", "-c", c, "-t", &topic, "-k", "a", "via config"]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    // A config pointing nowhere, corrected by -X.
+    let nowhere = dir.path().join("nowhere.yaml");
+    std::fs::write(&nowhere, good.replace(&kafka.brokers, "127.0.0.1:1")).unwrap();
+    let n = nowhere.to_str().unwrap();
+    let fix = format!("bootstrap.servers={}", kafka.brokers);
+    let (code, _, err) = ferry(
+        args(&[
+            "send",
+            "-c",
+            n,
+            "-X",
+            &fix,
+            "-X",
+            "message.timeout.ms=10000",
+            "-t",
+            &topic,
+            "-k",
+            "b",
+            "via -X",
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = ferry(
+        args(&[
+            "tail",
+            "-c",
+            n,
+            "-X",
+            &fix,
+            "-t",
+            &topic,
+            "--from-beginning",
+            "-n",
+            "2",
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("via config") && out.contains("via -X"), "{out}");
+    let (code, _, err) = ferry(args(&["send", "-c", n, "-X", "nonsense", "-t", &topic, "x"]), "").await;
+    assert_eq!(code, 2);
+    assert!(err.contains("key=value"), "{err}");
+    std::fs::write(dir.path().join("bad.yaml"), "kafka: {}\n").unwrap();
+    let (code, _, err) = ferry(
+        args(&[
+            "tail",
+            "-c",
+            dir.path().join("bad.yaml").to_str().unwrap(),
+            "-t",
+            &topic,
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 78, "{err}");
+}
+
+#[tokio::test]
+async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_fixed() {
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let other = kafka.topic("other", 1).await;
+    // Broken for "poison" values until fixed; "refuse" values are refused explicitly.
+    let fixed = Arc::new(AtomicBool::new(false));
+    let flag = fixed.clone();
+    let service = Service::start(move |r: Req| {
+        let fixed = flag.load(Ordering::SeqCst);
+        async move {
+            if r.body.starts_with("poison") && !fixed {
+                Resp::new(422, "cannot parse")
+            } else if r.body.starts_with("refuse") && !fixed {
+                Resp::new(200, "").header("ferry-action", "dead-letter")
+            } else {
+                Resp::new(200, &format!("ok:{}", r.body))
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(
+        &config,
+        config_text(
+            &kafka,
+            &t.group,
+            &t.source,
+            &service.url("/h"),
+            &t.reply,
+            &t.dlq,
+            "",
+        ),
+    )
+    .unwrap();
+    let c = config.to_str().unwrap().to_string();
+    let _ferry = Ferry::spawn(&config, &dir.path().join("ferry.log"));
+    for (k, v) in [
+        ("a", "good"),
+        ("b", "poison-1"),
+        ("c", "refuse-1"),
+        ("d", "poison-2"),
+    ] {
+        kafka.send(&t.source, None, Some(k), v, &[]).await;
+    }
+    let dead = kafka.read(&t.dlq, 3, WAIT).await;
+    assert_eq!(dead.len(), 3);
+    let original_key = dead
+        .iter()
+        .find(|r| r.key.as_deref() == Some("b"))
+        .unwrap()
+        .header("ferry.idempotency_key")
+        .unwrap()
+        .to_string();
+    fixed.store(true, Ordering::SeqCst);
+
+    // Checks come first: a route that does not exist, a topic the route does not read.
+    let (code, _, err) = ferry(args(&["redrive", "-c", &c, "--route", "nope"]), "").await;
+    assert_eq!((code, err.contains("no route named `nope`")), (2, true), "{err}");
+    let (code, _, err) = ferry(
+        args(&["redrive", "-c", &c, "--route", "test", "--to", &other]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("does not read"), "{err}");
+
+    // A dry run says what it would do and does nothing.
+    let (code, out, err) = ferry(
+        args(&[
+            "redrive",
+            "-c",
+            &c,
+            "--route",
+            "test",
+            "--reason",
+            "status",
+            "--dry-run",
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("would send ").count(), 3, "{out}");
+    assert!(out.contains("would send 2 dead letters"), "{out}");
+
+    // Only one reason first: the others are left for later.
+    let (code, out, err) = ferry(
+        args(&["redrive", "-c", &c, "--route", "test", "--reason", "status"]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "sent 2 dead letters from {} back to {}",
+            t.dlq, t.source
+        )),
+        "{out}"
+    );
+    assert!(out.contains("skipped 1 of other reasons"), "{out}");
+    let replies = kafka.read(&t.reply, 3, WAIT).await;
+    assert_eq!(replies.len(), 3, "the good one and the two re-driven ones");
+    assert!(replies.iter().any(|r| r.value.as_deref() == Some("ok:poison-1")));
+
+    // The re-driven record kept its idempotency key and lost the error headers.
+    let source = kafka.read_all(&t.source).await;
+    let again = source
+        .iter()
+        .find(|r| {
+            r.value.as_deref() == Some("poison-1")
+                && r.offset > 0
+                && r.header("ferry.redriven_from").is_some()
+        })
+        .unwrap();
+    assert_eq!(again.header("ferry.idempotency_key"), Some(original_key.as_str()));
+    assert!(
+        again.headers.keys().all(|k| !k.starts_with("ferry.error.")),
+        "{:?}",
+        again.headers
+    );
+    let seen_by_service: Vec<String> = service
+        .requests()
+        .iter()
+        .filter(|r| r.body == "poison-1")
+        .map(|r| r.header("idempotency-key").unwrap().to_string())
+        .collect();
+    assert_eq!(seen_by_service.len(), 2);
+    assert!(
+        seen_by_service.iter().all(|k| *k == original_key),
+        "same idempotency key both times"
+    );
+
+    // The rest, then nothing: once each.
+    let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sent 1 dead letters"), "{out}");
+    assert!(out.contains("skipped 2 sent by an earlier run"), "{out}");
+    let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sent 0 dead letters"), "{out}");
+    let replies = kafka.read(&t.reply, 4, WAIT).await;
+    assert_eq!(replies.len(), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        kafka.read_all(&t.reply).await.len(),
+        4,
+        "no record was sent back twice"
+    );
+    assert_eq!(kafka.read_all(&t.dlq).await.len(), 3, "nothing failed again");
+}
