@@ -294,7 +294,9 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
             &service.url("/h"),
             &t.reply,
             &t.dlq,
-            "",
+            // In partition order the dead letters are, in this order: status, service_said,
+            // status; the reason-filtered run leaves a gap the commit metadata must remember.
+            "    ordering: partition\n",
         ),
     )
     .unwrap();
@@ -400,7 +402,7 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
     let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("sent 1 dead letters"), "{out}");
-    assert!(out.contains("skipped 2 sent by an earlier run"), "{out}");
+    assert!(out.contains("skipped 1 sent by an earlier run"), "{out}");
     let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("sent 0 dead letters"), "{out}");
