@@ -72,6 +72,20 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::Status,
+        Reason::Timeout,
+        Reason::Connect,
+        Reason::Schema,
+        Reason::ReplySchema,
+        Reason::Contract,
+        Reason::Rule,
+        Reason::TooOld,
+        Reason::TooLarge,
+        Reason::BadReplyTopic,
+        Reason::ServiceSaid,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Status => "status",

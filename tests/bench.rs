@@ -402,10 +402,25 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
     let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("sent 1 dead letters"), "{out}");
-    assert!(out.contains("skipped 1 sent by an earlier run"), "{out}");
+    assert!(out.contains("skipped 2 sent by an earlier run"), "{out}");
     let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("sent 0 dead letters"), "{out}");
+    // A filtered run after all that has nothing left to send.
+    let (code, out, err) = ferry(
+        args(&["redrive", "-c", &c, "--route", "test", "--reason", "status"]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sent 0 dead letters"), "{out}");
+    let (code, _, err) = ferry(
+        args(&["redrive", "-c", &c, "--route", "test", "--reason", "nonsense"]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("reasons are: status"), "{err}");
     let replies = kafka.read(&t.reply, 4, WAIT).await;
     assert_eq!(replies.len(), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;

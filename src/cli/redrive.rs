@@ -1,15 +1,17 @@
 //! `ferry redrive`: send a route's dead letters back to be handled again, once each.
 //!
-//! Reads the route's dead-letter topic with a consumer group of its own
-//! (`ferry-redrive.<group_id>.<route>`), up to the end it had when the run started, and writes
+//! Reads the route's dead-letter topic up to the end it had when the run started, and writes
 //! each dead letter of this route (optionally of one reason) to the route's first source topic
 //! or `--to` another topic the route reads: same key, value and headers, minus `ferry.error.*`,
-//! keeping `ferry.idempotency_key` so the service can recognise it. What a run has sent is
-//! committed with the group's offsets: offsets below the committed one are done, and dead
-//! letters past it that were sent (because a `--reason` run skipped some before them) are listed
-//! in the commit's metadata. A second run therefore sends nothing twice.
+//! keeping `ferry.idempotency_key` so the service can recognise it.
+//!
+//! Once each, on any broker, with nothing but committed offsets: a run without `--reason` keeps
+//! its position in the consumer group `ferry-redrive.<group_id>.<route>`, a run with
+//! `--reason R` in `….<route>.<R>`. Each group's position only moves past what its runs
+//! examined, so a dead letter of reason R at offset o has been sent iff o is below the position
+//! of the unfiltered group or of R's group; every run reads both before it sends anything.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -19,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::client::{KafkaArgs, Refused, progress};
 use crate::consume::RouteTable;
+use crate::outcome::Reason;
 
 #[derive(clap::Args, Debug)]
 pub struct RedriveArgs {
@@ -69,63 +72,6 @@ struct Tally {
     no_payload: u64,
 }
 
-/// The offsets of one partition already sent back: everything below `below`, and `beyond`.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Done {
-    below: i64,
-    beyond: BTreeSet<i64>,
-}
-
-const METADATA_PREFIX: &str = "ferry-redrive:v1:";
-
-impl Done {
-    fn contains(&self, offset: i64) -> bool {
-        offset < self.below || self.beyond.contains(&offset)
-    }
-
-    fn insert(&mut self, offset: i64) {
-        self.beyond.insert(offset);
-        while self.beyond.remove(&self.below) {
-            self.below += 1;
-        }
-    }
-
-    /// `a-b,c`: the offsets past `below`, as ranges.
-    fn metadata(&self) -> String {
-        let mut ranges: Vec<(i64, i64)> = Vec::new();
-        for &o in &self.beyond {
-            match ranges.last_mut() {
-                Some((_, end)) if *end + 1 == o => *end = o,
-                _ => ranges.push((o, o)),
-            }
-        }
-        let parts: Vec<String> = ranges
-            .iter()
-            .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
-            .collect();
-        format!("{METADATA_PREFIX}{}", parts.join(","))
-    }
-
-    fn parse(below: i64, metadata: &str) -> Done {
-        let mut done = Done {
-            below,
-            beyond: BTreeSet::new(),
-        };
-        let Some(ranges) = metadata.strip_prefix(METADATA_PREFIX) else {
-            return done;
-        };
-        for part in ranges.split(',').filter(|p| !p.is_empty()) {
-            let (a, b) = part.split_once('-').unwrap_or((part, part));
-            if let (Ok(a), Ok(b)) = (a.parse::<i64>(), b.parse::<i64>()) {
-                for o in a.max(below)..=b.min(a.saturating_add(1_000_000)) {
-                    done.beyond.insert(o);
-                }
-            }
-        }
-        done
-    }
-}
-
 async fn run(args: RedriveArgs) -> Result<(), Refused> {
     let config = args
         .kafka
@@ -170,19 +116,49 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             ),
         ));
     }
+    if let Some(r) = &args.reason {
+        if !Reason::ALL.iter().any(|x| x.as_str() == r) {
+            let known: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+            return Err(refused(
+                2,
+                format!(
+                    "`{r}` is not a dead-letter reason; reasons are: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
     let dead_letters = route.dead_letter.to.clone();
-    let group = format!("ferry-redrive.{}.{}", config.kafka.group_id, route.name);
+    let base = format!("ferry-redrive.{}.{}", config.kafka.group_id, route.name);
+    let group_of = |reason: Option<&str>| match reason {
+        None => base.clone(),
+        Some(r) => format!("{base}.{r}"),
+    };
     let client = args.kafka.client(Some(&config))?;
-
-    let mut consumer_config = client.clone();
-    consumer_config
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
-    let consumer: BaseConsumer = consumer_config
-        .create()
-        .map_err(|e| refused(1, format!("cannot create the consumer: {e}")))?;
-    let mut producer_config = client;
+    let consumer_for = |group: &str| -> Result<BaseConsumer, Refused> {
+        let mut c = client.clone();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        c.create()
+            .map_err(|e| refused(1, format!("cannot create the consumer: {e}")))
+    };
+    let consumer = consumer_for(&group_of(args.reason.as_deref()))?;
+    // The positions of the groups whose runs may have sent what this run reads: the unfiltered
+    // group's for a filtered run, every reason's group for an unfiltered one.
+    let mut others: Vec<(Option<String>, BaseConsumer)> = Vec::new();
+    match &args.reason {
+        Some(_) => others.push((None, consumer_for(&group_of(None))?)),
+        None => {
+            for r in Reason::ALL {
+                others.push((
+                    Some(r.as_str().to_string()),
+                    consumer_for(&group_of(Some(r.as_str())))?,
+                ));
+            }
+        }
+    }
+    let mut producer_config = client.clone();
     producer_config
         .set("enable.idempotence", "true")
         .set("acks", "all");
@@ -190,16 +166,36 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         .create()
         .map_err(|e| refused(1, format!("cannot create the producer: {e}")))?;
 
-    // Where each partition starts (and what it already sent), and where this run ends.
-    let (consumer, mut done, ends) = tokio::task::spawn_blocking(move || plan(consumer, &dead_letters))
-        .await
-        .map_err(|e| refused(1, e.to_string()))??;
-    let total: i64 = ends.iter().map(|(p, end)| (end - done[p].below).max(0)).sum();
+    let topic = dead_letters.clone();
+    let (consumer, starts, ends, sent_before) = tokio::task::spawn_blocking(move || {
+        let (consumer, starts, ends) = plan(consumer, &topic)?;
+        let mut sent_before: HashMap<Option<String>, HashMap<i32, i64>> = HashMap::new();
+        for (reason, c) in &others {
+            sent_before.insert(reason.clone(), positions(c, &topic, &ends)?);
+        }
+        Ok::<_, Refused>((consumer, starts, ends, sent_before))
+    })
+    .await
+    .map_err(|e| refused(1, e.to_string()))??;
+    let already = |p: i32, o: i64, reason: &str| {
+        let key = if args.reason.is_some() {
+            None
+        } else {
+            Some(reason.to_string())
+        };
+        sent_before
+            .get(&key)
+            .and_then(|m| m.get(&p))
+            .is_some_and(|&pos| o < pos)
+    };
+    let total: i64 = ends.iter().map(|(p, end)| (end - starts[p]).max(0)).sum();
     let bar = progress(total.max(0) as u64, "dead letters");
     let mut tally = Tally::default();
+    // Per partition: the offset after the last one examined, which this run commits.
+    let mut next = starts.clone();
     let mut remaining: HashMap<i32, i64> = ends
         .iter()
-        .filter(|(p, end)| done[*p].below < **end)
+        .filter(|(p, end)| starts[*p] < **end)
         .map(|(p, e)| (*p, *e))
         .collect();
     let consumer = std::sync::Arc::new(consumer);
@@ -228,35 +224,31 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             remaining.remove(&p);
         }
         bar.inc(1);
-        let d = done.entry(p).or_default();
-        if d.contains(o) {
-            tally.already += 1;
-            continue;
-        }
+        next.insert(p, o + 1);
         let header = |name: &str| header_of(&m, name);
         if header("ferry.route").as_deref().is_some_and(|r| r != route.name) {
             tally.other_route += 1;
-            d.insert(o);
             continue;
         }
         let reason = header("ferry.error.reason").unwrap_or_default();
         if args.reason.as_ref().is_some_and(|r| *r != reason) {
-            // Left for a later run: not marked done.
             tally.other_reason += 1;
+            continue;
+        }
+        if already(p, o, &reason) {
+            tally.already += 1;
             continue;
         }
         if m.payload().is_none() || header("ferry.error.payload_omitted").is_some() {
             tally.no_payload += 1;
-            d.insert(o);
             continue;
         }
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
         if args.dry_run {
             bar.suspend(|| {
                 println!(
-                    "would send {dead}/{p}@{o} (key {}, reason {reason}) to {target}",
+                    "would send {dead_letters}/{p}@{o} (key {}, reason {reason}) to {target}",
                     key.as_deref().unwrap_or("null"),
-                    dead = route.dead_letter.to
                 )
             });
             tally.sent += 1;
@@ -271,7 +263,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
                 });
             }
         }
-        let from = format!("{}/{p}/{o}", route.dead_letter.to);
+        let from = format!("{dead_letters}/{p}/{o}");
         headers = headers.insert(Header {
             key: "ferry.redriven_from",
             value: Some(from.as_bytes()),
@@ -283,31 +275,29 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         if let Some(v) = m.payload() {
             record = record.payload(v);
         }
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| {
-                refused(
-                    1,
-                    format!("cannot write to {target}: {e}; nothing after {from} was sent"),
-                )
-            })?;
-        d.insert(o);
+        if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
+            // What was sent before this one is recorded; this one and the rest are not.
+            next.insert(p, o);
+            commit(&consumer, &dead_letters, &next)?;
+            return Err(refused(
+                1,
+                format!("cannot write to {target}: {e}; {from} and what follows were not sent"),
+            ));
+        }
         tally.sent += 1;
-        // Commit as we go, so an interrupted run never repeats what it sent.
+        // Record progress as we go, so an interrupted run repeats little.
         if tally.sent % 100 == 0 {
-            commit(&consumer, &route.dead_letter.to, &done)?;
+            commit(&consumer, &dead_letters, &next)?;
         }
     }
     bar.finish_and_clear();
     if !args.dry_run {
-        commit(&consumer, &route.dead_letter.to, &done)?;
+        commit(&consumer, &dead_letters, &next)?;
     }
     let verb = if args.dry_run { "would send" } else { "sent" };
     println!(
-        "{verb} {} dead letters from {} back to {target}{}",
+        "{verb} {} dead letters from {dead_letters} back to {target}{}",
         tally.sent,
-        route.dead_letter.to,
         args.limit
             .filter(|l| tally.sent >= *l)
             .map_or(String::new(), |l| format!(" (stopped at --limit {l})"))
@@ -335,10 +325,10 @@ fn header_of(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-type Plan = (BaseConsumer, HashMap<i32, Done>, HashMap<i32, i64>);
+type Plan = (BaseConsumer, HashMap<i32, i64>, HashMap<i32, i64>);
 
-/// Reads the group's commits and the partitions' ends, and assigns the partitions from where
-/// the last run stopped.
+/// Reads where this group's last run stopped and the partitions' ends, and assigns the
+/// partitions from there.
 fn plan(consumer: BaseConsumer, topic: &str) -> Result<Plan, Refused> {
     let timeout = Duration::from_secs(10);
     let metadata = consumer
@@ -356,46 +346,60 @@ fn plan(consumer: BaseConsumer, topic: &str) -> Result<Plan, Refused> {
             format!("the dead-letter topic `{topic}` does not exist"),
         ));
     }
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, timeout)
-        .map_err(|e| refused(1, format!("cannot read where the last redrive stopped: {e}")))?;
-    let mut done = HashMap::new();
     let mut ends = HashMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for e in committed.elements() {
+    let mut lows = HashMap::new();
+    for p in &partitions {
         let (low, high) = consumer
-            .fetch_watermarks(topic, e.partition(), timeout)
-            .map_err(|err| {
-                refused(
-                    1,
-                    format!("cannot read the end of {topic}/{}: {err}", e.partition()),
-                )
-            })?;
-        let below = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => low,
-        };
-        done.insert(e.partition(), Done::parse(below, e.metadata()));
-        ends.insert(e.partition(), high);
-        let _ = assignment.add_partition_offset(topic, e.partition(), Offset::Offset(below.max(low)));
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(|e| refused(1, format!("cannot read the end of {topic}/{p}: {e}")))?;
+        ends.insert(*p, high);
+        lows.insert(*p, low);
+    }
+    let committed = positions(&consumer, topic, &ends)?;
+    let mut starts = HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for p in &partitions {
+        let start = committed.get(p).copied().unwrap_or(0).max(lows[p]);
+        starts.insert(*p, start);
+        let _ = assignment.add_partition_offset(topic, *p, Offset::Offset(start));
     }
     consumer
         .assign(&assignment)
         .map_err(|e| refused(1, format!("cannot read `{topic}`: {e}")))?;
-    Ok((consumer, done, ends))
+    Ok((consumer, starts, ends))
 }
 
-/// Commits each partition's progress, with the offsets sent past it in the metadata.
-fn commit(consumer: &BaseConsumer, topic: &str, done: &HashMap<i32, Done>) -> Result<(), Refused> {
+/// The committed position of `consumer`'s group in each partition of `ends` (0 when none).
+fn positions(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ends: &HashMap<i32, i64>,
+) -> Result<HashMap<i32, i64>, Refused> {
     let mut tpl = TopicPartitionList::new();
-    for (p, d) in done {
-        let mut e = tpl.add_partition(topic, *p);
-        let _ = e.set_offset(Offset::Offset(d.below));
-        e.set_metadata(d.metadata());
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(|e| refused(1, format!("cannot read where earlier redrives stopped: {e}")))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            (e.partition(), o)
+        })
+        .collect())
+}
+
+/// Commits how far this run examined each partition.
+fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) -> Result<(), Refused> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in next {
+        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
     }
     consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
         refused(
@@ -403,23 +407,4 @@ fn commit(consumer: &BaseConsumer, topic: &str, done: &HashMap<i32, Done>) -> Re
             format!("sent, but cannot record it (a rerun may send these again): {e}"),
         )
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn done_offsets_round_trip_through_commit_metadata() {
-        let mut d = Done::parse(10, "");
-        for o in [10, 11, 14, 15, 16, 20] {
-            d.insert(o);
-        }
-        assert_eq!(d.below, 12, "the contiguous prefix moves the committed offset");
-        assert_eq!(d.metadata(), "ferry-redrive:v1:14-16,20");
-        let back = Done::parse(12, &d.metadata());
-        assert_eq!(back, d);
-        assert!(back.contains(11) && back.contains(15) && !back.contains(13) && !back.contains(17));
-        assert_eq!(Done::parse(5, "someone else's"), Done::parse(5, ""));
-    }
 }
