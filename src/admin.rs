@@ -202,6 +202,8 @@ pub struct Admin {
     pub access: Access,
     /// How long `POST /drain` waits for in-flight records.
     pub drain_timeout: Duration,
+    /// Whether `GET /prestop` is served.
+    pub prestop: bool,
     /// Serialises the refresh of the gauges with the rendering of `/metrics`.
     pub scrape: Mutex<()>,
 }
@@ -230,6 +232,7 @@ pub async fn serve(
         .route("/pause", post(pause))
         .route("/resume", post(resume))
         .route("/drain", post(drain))
+        .route("/prestop", get(prestop))
         .with_state(admin);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -563,21 +566,38 @@ async fn resume(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query
 }
 
 async fn drain(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
-    let routes = match a
+    match a
         .authorize(&headers, "drain")
         .and_then(|()| a.targets(t.route.as_deref()))
     {
-        Ok(r) => r,
-        Err(refusal) => return refusal.into_response(),
-    };
+        Ok(routes) => drain_and_wait(&a, routes, t.route.is_none()).await,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// `GET /prestop`: a whole drain for a Kubernetes preStop hook, when `admin.prestop` allows it.
+async fn prestop(State(a): State<Arc<Admin>>) -> Response {
+    if !a.prestop {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "GET /prestop is off: set admin.prestop: true to let a preStop hook drain ferry".into(),
+        );
+    }
+    tracing::info!("preStop hook: draining before the pod stops");
+    let all = (0..a.routes.len()).collect();
+    drain_and_wait(&a, all, true).await
+}
+
+/// Stops `routes` taking records and answers once what they have in flight is final and
+/// committed (200), or at the drain timeout (202). A whole drain also turns the pod unready.
+async fn drain_and_wait(a: &Admin, routes: Vec<usize>, whole: bool) -> Response {
     for &i in &routes {
         a.control.set(i, a.control.is_paused(i), true);
     }
-    if t.route.is_none() {
-        // A whole drain takes the pod out of rotation (preStop, upgrades).
+    if whole {
         a.health.set_drained_by_operator(true);
     }
-    tracing::info!(routes = ?names(&a, &routes), "Draining by an operator's request");
+    tracing::info!(routes = ?names(a, &routes), "Draining by an operator's request");
     let deadline = tokio::time::Instant::now() + a.drain_timeout;
     let drained = loop {
         if a.settled(&routes) {

@@ -135,6 +135,7 @@ impl Sidecar {
                 None => Access::Disabled,
             },
             drain_timeout,
+            prestop: config.admin.prestop,
             scrape: std::sync::Mutex::new(()),
         });
         let admin_stop = CancellationToken::new();

@@ -369,6 +369,7 @@ async fn serve_with(b: &Bench, access: Access) -> String {
         routes: a.routes.clone(),
         access,
         drain_timeout: a.drain_timeout,
+        prestop: a.prestop,
         scrape: std::sync::Mutex::new(()),
     });
     let addr = admin::serve("127.0.0.1:0".parse().unwrap(), copy, CancellationToken::new())
@@ -439,7 +440,7 @@ async fn openapi_document_matches_the_server() {
     let mut checked = 0;
     // `pause` before `resume` and `drain` last, so every verb finds the state it expects.
     let order = [
-        "/healthz", "/readyz", "/metrics", "/status", "/pause", "/resume", "/drain",
+        "/healthz", "/readyz", "/metrics", "/status", "/pause", "/resume", "/prestop", "/drain",
     ];
     assert_eq!(
         paths.len(),
@@ -480,7 +481,7 @@ async fn openapi_document_matches_the_server() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 7);
+    assert_eq!(checked, 8);
     // The error answers are documented too.
     let (code, _, body) = admin_call("POST", &format!("{}/pause?route=nope", b.base), None).await;
     let documented = resolve(
@@ -643,4 +644,55 @@ async fn ctl_shows_a_table_and_steers_the_sidecar() {
     .unwrap();
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach the admin endpoint"), "{err}");
+}
+
+#[tokio::test]
+async fn prestop_drains_only_when_the_config_allows_it() {
+    let b = bench(1, Duration::from_millis(200)).await;
+    let (code, _, body) = admin_call("GET", &format!("{}/prestop", b.base), None).await;
+    assert_eq!(code, 404, "off by default: {body}");
+    assert!(body.contains("admin.prestop"), "{body}");
+
+    let kafka = &b.kafka;
+    let t = kafka.route_topics(1).await;
+    let text = config_text(
+        kafka,
+        &t.group,
+        &t.source,
+        &b.service.url("/h"),
+        &t.reply,
+        &t.dlq,
+        "",
+    )
+    .replace(
+        "admin:\n  listen: 127.0.0.1:0\n",
+        "admin:\n  listen: 127.0.0.1:0\n  prestop: true\n",
+    );
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    let base = format!("http://{}", sidecar.admin_addr.unwrap());
+    for i in 0..3 {
+        kafka
+            .send(&t.source, None, Some(&format!("k{i}")), "v", &[])
+            .await;
+    }
+    eventually(WAIT, "a call under way", || async {
+        (!b.service.requests().is_empty()).then_some(())
+    })
+    .await;
+    let (code, _, body) = admin_call("GET", &format!("{base}/prestop"), None).await;
+    assert_eq!(code, 200, "{body}");
+    let done: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (done["drained"].as_bool(), done["in_flight"].as_u64()),
+        (Some(true), Some(0))
+    );
+    let (code, _, _) = admin_call("GET", &format!("{base}/readyz"), None).await;
+    assert_eq!(code, 503, "a drained pod leaves the Service's endpoints");
+    let p = &sidecar.partitions()[0];
+    assert_eq!(p.in_flight, 0);
+    assert_eq!(
+        p.committed,
+        p.committable.or(p.committed),
+        "what finished is committed"
+    );
 }

@@ -751,6 +751,11 @@ pub struct Admin {
     /// are disabled there. An empty value counts as none (`${FERRY_ADMIN_TOKEN:-}`).
     #[serde(default, deserialize_with = "optional_secret")]
     pub token: Option<Secret>,
+    /// Serve `GET /prestop`: a drain for Kubernetes preStop hooks, which can only send GET
+    /// requests and no secret. Anyone who reaches the admin port can then drain this sidecar
+    /// (an authenticated `POST /resume` undoes it).
+    #[serde(default)]
+    pub prestop: bool,
 }
 
 impl Default for Admin {
@@ -758,6 +763,7 @@ impl Default for Admin {
         Admin {
             listen: default_admin_listen(),
             token: None,
+            prestop: false,
         }
     }
 }
