@@ -1,0 +1,162 @@
+{{/* Names and labels. */}}
+{{- define "ferry.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "ferry.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ferry.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ferry.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "ferry.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "ferry.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "ferry.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ferry.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+ferry.drainSeconds: the config's shutdown.drain_timeout in whole seconds.
+Takes the ferry values (.Values.ferry).
+*/}}
+{{- define "ferry.drainSeconds" -}}
+{{- $d := "25s" }}
+{{- with .config.shutdown }}{{ with .drain_timeout }}{{ $d = toString . }}{{ end }}{{ end }}
+{{- if not (regexMatch "^[0-9]+(ms|s|m|h)$" $d) }}
+{{- fail (printf "ferry.config.shutdown.drain_timeout %q: write a whole number with one unit (ms, s, m or h), e.g. 25s" $d) }}
+{{- end }}
+{{- if hasSuffix "ms" $d }}{{ div (trimSuffix "ms" $d | atoi) 1000 }}
+{{- else if hasSuffix "s" $d }}{{ trimSuffix "s" $d | atoi }}
+{{- else if hasSuffix "m" $d }}{{ mul (trimSuffix "m" $d | atoi) 60 }}
+{{- else }}{{ mul (trimSuffix "h" $d | atoi) 3600 }}
+{{- end }}
+{{- end }}
+
+{{/*
+ferry.config: the ferry.yaml the sidecar runs, as text. Takes a dict:
+  ferry:   the ferry values (image, config, adminPort, adminTokenSecret, ...)
+  prestop: whether the app's preStop hook drains ferry (admin.prestop)
+  group:   the default kafka.group_id
+Secrets must be ${VAR} references: a literal password in the values is refused.
+*/}}
+{{- define "ferry.config" -}}
+{{- $f := .ferry -}}
+{{- $config := deepCopy $f.config }}
+{{- if not $config.routes }}
+{{- fail "ferry.config.routes is empty: give ferry at least one route (SPEC §2)" }}
+{{- end }}
+{{- $kafka := $config.kafka | default dict }}
+{{- if not $kafka.group_id }}{{ $_ := set $kafka "group_id" .group }}{{ end }}
+{{- range $key, $value := ($kafka.properties | default dict) }}
+{{- if and (has $key (list "sasl.password" "ssl.key.password" "ssl.keystore.password" "sasl.oauthbearer.client.secret")) (not (hasPrefix "${" (toString $value))) }}
+{{- fail (printf "ferry.config.kafka.properties.%s holds a literal secret: put it in a Kubernetes Secret, expose it with ferry.secretEnv and write \"${VAR}\" here" $key) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $config "kafka" $kafka }}
+{{- $admin := $config.admin | default dict }}
+{{- if $admin.token }}
+{{- if not (hasPrefix "${" (toString $admin.token)) }}
+{{- fail "ferry.config.admin.token holds a literal secret: use ferry.adminTokenSecret" }}
+{{- end }}
+{{- end }}
+{{- $_ := set $admin "listen" (printf "0.0.0.0:%v" $f.adminPort) }}
+{{- if $f.adminTokenSecret.name }}{{ $_ := set $admin "token" "${FERRY_ADMIN_TOKEN}" }}{{ end }}
+{{- if .prestop }}{{ $_ := set $admin "prestop" true }}{{ end }}
+{{- $_ := set $config "admin" $admin }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+ferry.sidecar: ferry's container, for a pod's initContainers (mode native) or containers
+(mode container). Takes a dict:
+  ferry:     the ferry values
+  configMap: the name of the ConfigMap holding ferry.yaml
+  context:   the root context ($)
+Another chart can add ferry to its own pods with it; see the chart's README.
+*/}}
+{{- define "ferry.sidecar" -}}
+{{- $f := .ferry -}}
+- name: ferry
+  image: "{{ $f.image.repository }}:{{ $f.image.tag | default .context.Chart.AppVersion }}"
+  imagePullPolicy: {{ $f.image.pullPolicy }}
+  {{- if eq $f.mode "native" }}
+  # A native sidecar: started before the app containers, stopped after them.
+  restartPolicy: Always
+  {{- end }}
+  args: ["run", "-c", "/etc/ferry/ferry.yaml"]
+  ports:
+    - name: ferry-admin
+      containerPort: {{ $f.adminPort }}
+      protocol: TCP
+  env:
+    {{- if $f.adminTokenSecret.name }}
+    - name: FERRY_ADMIN_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ $f.adminTokenSecret.name }}
+          key: {{ $f.adminTokenSecret.key }}
+    {{- end }}
+    {{- range $f.secretEnv }}
+    - name: {{ .name }}
+      valueFrom:
+        secretKeyRef:
+          name: {{ .secret }}
+          key: {{ .key }}
+    {{- end }}
+    {{- with $f.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  # Liveness fails only when the poll loop is stuck; readiness follows the consumer and the app.
+  startupProbe:
+    httpGet:
+      path: /healthz
+      port: ferry-admin
+    periodSeconds: 2
+    failureThreshold: 30
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: ferry-admin
+    {{- toYaml $f.livenessProbe | nindent 4 }}
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: ferry-admin
+    {{- toYaml $f.readinessProbe | nindent 4 }}
+  resources:
+    {{- toYaml $f.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $f.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: ferry-config
+      mountPath: /etc/ferry
+      readOnly: true
+{{- end }}
+
+{{/* ferry.volume: the pod volume ferry.sidecar mounts. Same dict as ferry.sidecar. */}}
+{{- define "ferry.volume" -}}
+- name: ferry-config
+  configMap:
+    name: {{ .configMap }}
+{{- end }}

@@ -1,0 +1,303 @@
+//! The Helm chart, with a real `helm` (scripts/install-helm.sh): lint and render every
+//! `helm/ferry/ci/*.yaml` value set, then check the rendered manifests: the sidecar, probes,
+//! grace period, security contexts, config checksum, secrets, the optional objects, the refusals,
+//! the Kubernetes schemas (kubernetes-validate, when installed) and that the config the chart
+//! renders passes `ferry validate`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/ferry");
+
+/// A tool on PATH or in ~/.local/bin; `None` (with a note) when missing, unless CI requires it.
+fn tool(name: &str) -> Option<PathBuf> {
+    let local = std::env::var("HOME").map(|h| Path::new(&h).join(".local/bin").join(name));
+    let found = std::env::var("PATH")
+        .ok()
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .chain(local)
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("FERRY_REQUIRE_TOOLS").is_err(),
+            "{name} is required (scripts/install-helm.sh, pip install kubernetes-validate)"
+        );
+        eprintln!("skipping: {name} is not installed");
+    }
+    found
+}
+
+fn run(program: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(program).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn to_json(y: &yaml_rust2::Yaml) -> Value {
+    use yaml_rust2::Yaml;
+    match y {
+        Yaml::Real(r) => r.parse::<f64>().map(Value::from).unwrap_or(Value::Null),
+        Yaml::Integer(i) => Value::from(*i),
+        Yaml::String(s) => Value::from(s.clone()),
+        Yaml::Boolean(b) => Value::from(*b),
+        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        Yaml::Hash(h) => Value::Object(
+            h.iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().map(str::to_string).unwrap_or_else(|| format!("{k:?}")),
+                        to_json(v),
+                    )
+                })
+                .collect(),
+        ),
+        _ => Value::Null,
+    }
+}
+
+/// `helm template` with these value files and `--set`s: the manifests, or helm's error.
+fn render(helm: &Path, values: &[&str], set: &[&str]) -> Result<Vec<Value>, String> {
+    let mut args = vec!["template", "t", CHART];
+    for v in values {
+        args.extend(["-f", v]);
+    }
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    let (ok, out, err) = run(helm, &args);
+    if !ok {
+        return Err(err);
+    }
+    Ok(yaml_rust2::YamlLoader::load_from_str(&out)
+        .unwrap()
+        .iter()
+        .map(to_json)
+        .filter(|d| !d.is_null())
+        .collect())
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn value_sets() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("{CHART}/ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".yaml"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 3);
+    v
+}
+
+fn container<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
+    ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| pod[*k].as_array())
+        .flatten()
+        .find(|c| c["name"] == name)
+}
+
+fn hardened(c: &Value, what: &str) {
+    let s = &c["securityContext"];
+    assert_eq!(s["runAsNonRoot"], true, "{what}: {s}");
+    assert_eq!(s["readOnlyRootFilesystem"], true, "{what}: {s}");
+    assert_eq!(s["allowPrivilegeEscalation"], false, "{what}: {s}");
+    assert_eq!(
+        s["capabilities"]["drop"],
+        serde_json::json!(["ALL"]),
+        "{what}: {s}"
+    );
+    assert_eq!(s["seccompProfile"]["type"], "RuntimeDefault", "{what}: {s}");
+}
+
+#[test]
+fn every_value_set_lints_renders_and_makes_a_safe_pod() {
+    let Some(helm) = tool("helm") else { return };
+    for values in value_sets() {
+        let (ok, out, err) = run(&helm, &["lint", "--strict", CHART, "-f", &values]);
+        assert!(ok, "helm lint --strict -f {values}:\n{out}{err}");
+        let docs = render(&helm, &[&values], &[]).unwrap_or_else(|e| panic!("{values}: {e}"));
+        let deployment = kind(&docs, "Deployment")[0];
+        let pod = &deployment["spec"]["template"]["spec"];
+        let ferry = container(pod, "ferry").expect("a ferry container");
+        let app = container(pod, "app").expect("the app container");
+        let native = pod["initContainers"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["name"] == "ferry"));
+        if values.contains("container") {
+            assert!(!native, "{values}: a plain second container");
+            assert_eq!(pod["containers"].as_array().unwrap().len(), 2);
+            assert!(ferry["restartPolicy"].is_null());
+        } else {
+            assert!(native, "{values}: a native sidecar by default");
+            assert_eq!(ferry["restartPolicy"], "Always");
+        }
+        assert_eq!(ferry["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(ferry["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(ferry["startupProbe"]["httpGet"]["path"], "/healthz");
+        hardened(ferry, "ferry");
+        hardened(app, "app");
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        let checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            .as_str()
+            .unwrap();
+        assert!(checksum.len() == 64 && checksum.chars().all(|c| c.is_ascii_hexdigit()));
+
+        // The config the chart renders is a valid ferry config.
+        let config_map = kind(&docs, "ConfigMap")
+            .into_iter()
+            .find(|c| c["data"]["ferry.yaml"].is_string())
+            .unwrap();
+        let text = config_map["data"]["ferry.yaml"].as_str().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.yaml");
+        std::fs::write(&path, text).unwrap();
+        let (ok, _, err) = run(
+            Path::new(env!("CARGO_BIN_EXE_ferry")),
+            &["validate", "--env-optional", "-c", path.to_str().unwrap()],
+        );
+        assert!(
+            ok,
+            "{values}: the rendered ferry.yaml does not validate:\n{err}\n{text}"
+        );
+        let config: Value = to_json(&yaml_rust2::YamlLoader::load_from_str(text).unwrap()[0]);
+        assert_eq!(config["admin"]["listen"], "0.0.0.0:9464");
+
+        // Grace period above the drain timeout; the app's preStop drains ferry first.
+        let drain: i64 = config["shutdown"]["drain_timeout"]
+            .as_str()
+            .and_then(|d| d.trim_end_matches('s').parse().ok())
+            .unwrap_or(25);
+        assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() >= drain + 10);
+        if config["admin"]["prestop"] == true {
+            assert_eq!(app["lifecycle"]["preStop"]["httpGet"]["path"], "/prestop");
+            assert_eq!(app["lifecycle"]["preStop"]["httpGet"]["port"], 9464);
+        } else {
+            assert!(app["lifecycle"].is_null());
+        }
+
+        // Secrets come from Kubernetes Secrets, never inline.
+        for (key, v) in config["kafka"]["properties"].as_object().into_iter().flatten() {
+            if key.contains("password") {
+                assert!(v.as_str().unwrap().starts_with("${"), "{key} is inline");
+            }
+        }
+        if let Some(token) = config["admin"]["token"].as_str() {
+            assert_eq!(token, "${FERRY_ADMIN_TOKEN}");
+            let env = ferry["env"].as_array().unwrap();
+            let t = env.iter().find(|e| e["name"] == "FERRY_ADMIN_TOKEN").unwrap();
+            assert!(t["valueFrom"]["secretKeyRef"]["name"].is_string());
+        }
+        if let Some(kv) = tool("kubernetes-validate") {
+            let manifests = dir.path().join("manifests.yaml");
+            let (_, out, _) = run(&helm, &["template", "t", CHART, "-f", &values]);
+            std::fs::write(&manifests, out).unwrap();
+            let (ok, out, err) = run(
+                &kv,
+                &["-k", "1.31.0", "--strict", "--quiet", manifests.to_str().unwrap()],
+            );
+            assert!(ok, "{values}: not valid Kubernetes 1.31:\n{out}{err}");
+        }
+    }
+}
+
+#[test]
+fn the_config_checksum_follows_the_config() {
+    let Some(helm) = tool("helm") else { return };
+    let values = format!("{CHART}/ci/native-values.yaml");
+    let checksum = |set: &[&str]| {
+        let docs = render(&helm, &[&values], set).unwrap();
+        kind(&docs, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone()
+    };
+    assert_eq!(checksum(&[]), checksum(&[]));
+    assert_ne!(
+        checksum(&[]),
+        checksum(&["ferry.config.shutdown.drain_timeout=20s"])
+    );
+    assert_eq!(
+        checksum(&[]),
+        checksum(&["replicaCount=5"]),
+        "only the config moves it"
+    );
+}
+
+#[test]
+fn the_optional_objects_carry_the_dashboard_and_alerts() {
+    let Some(helm) = tool("helm") else { return };
+    let docs = render(&helm, &[&format!("{CHART}/ci/full-values.yaml")], &[]).unwrap();
+    let monitor = kind(&docs, "ServiceMonitor")[0];
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "ferry-admin");
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+    assert_eq!(kind(&docs, "PodDisruptionBudget")[0]["spec"]["maxUnavailable"], 1);
+    let scaled = kind(&docs, "ScaledObject")[0];
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "kafka");
+    assert_eq!(trigger["metadata"]["consumerGroup"], "telemetry");
+    assert_eq!(trigger["metadata"]["topic"], "telemetry.readings");
+    assert_eq!(trigger["metadata"]["lagThreshold"], "5000");
+    assert!(
+        kind(&docs, "Deployment")[0]["spec"]["replicas"].is_null(),
+        "KEDA owns the replicas"
+    );
+    let dashboard = kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .unwrap();
+    let shipped: Value = serde_json::from_str(dashboard["data"]["ferry.json"].as_str().unwrap()).unwrap();
+    let ours: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{CHART}/files/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shipped, ours);
+    let rule = kind(&docs, "PrometheusRule")[0];
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    assert!(
+        alerts.contains(&"FerryConsumerLagGrowing") && alerts.contains(&"FerryCircuitOpen"),
+        "{alerts:?}"
+    );
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+}
+
+#[test]
+fn unsafe_or_incomplete_values_are_refused_with_the_reason() {
+    let Some(helm) = tool("helm") else { return };
+    let native = format!("{CHART}/ci/native-values.yaml");
+    let refused = |set: &[&str], why: &str| {
+        let err = render(&helm, &[&native], set).expect_err(why);
+        assert!(err.contains(why), "expected `{why}` in:\n{err}");
+    };
+    refused(
+        &["terminationGracePeriodSeconds=30"],
+        "must be at least ferry's drain_timeout (25s) + 10s",
+    );
+    refused(
+        &["ferry.config.kafka.properties.sasl\\.password=hunter2"],
+        "holds a literal secret",
+    );
+    refused(
+        &["ferry.config.shutdown.drain_timeout=1m30s"],
+        "write a whole number with one unit",
+    );
+    refused(
+        &["ferry.mode=sideways"],
+        "value must be one of 'native', 'container'",
+    );
+    // The defaults name no routes and no service: both are the user's to give.
+    let err = render(&helm, &[], &[]).expect_err("no routes");
+    assert!(err.contains("ferry.config.routes is empty"), "{err}");
+    refused(&["app.image.repository="], "app.image.repository is required");
+}
