@@ -301,3 +301,110 @@ fn unsafe_or_incomplete_values_are_refused_with_the_reason() {
     assert!(err.contains("ferry.config.routes is empty"), "{err}");
     refused(&["app.image.repository="], "app.image.repository is required");
 }
+
+/// The README's recipe: another chart adds ferry to its own pod with the named templates.
+#[test]
+fn another_chart_can_add_the_sidecar_with_the_named_templates() {
+    let Some(helm) = tool("helm") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("shop");
+    std::fs::create_dir_all(parent.join("templates")).unwrap();
+    std::fs::copy(
+        format!("{CHART}/templates/_helpers.tpl"),
+        parent.join("templates/_ferry.tpl"),
+    )
+    .unwrap();
+    std::fs::write(
+        parent.join("Chart.yaml"),
+        "apiVersion: v2\nname: shop\nversion: 1.0.0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        parent.join("values.yaml"),
+        r#"
+sidecar:
+  image: { repository: registry.example.com/ferry, tag: "0.1.0", pullPolicy: IfNotPresent }
+  mode: native
+  adminPort: 9464
+  env: [{ name: KAFKA_BROKERS, value: "kafka:9092" }]
+  secretEnv: []
+  adminTokenSecret: { name: "", key: token }
+  resources: {}
+  securityContext: { runAsNonRoot: true, readOnlyRootFilesystem: true }
+  livenessProbe: { periodSeconds: 10 }
+  readinessProbe: { periodSeconds: 5 }
+  config:
+    kafka: { brokers: "${KAFKA_BROKERS}" }
+    routes:
+      - name: orders
+        from: { topics: [orders] }
+        call: { http: { url: "http://127.0.0.1:8080/orders" } }
+        dead_letter: { to: orders.dlq }
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        parent.join("templates/deployment.yaml"),
+        r#"{{- $ferry := dict "ferry" .Values.sidecar "configMap" (printf "%s-ferry" .Release.Name) "context" $ }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .Release.Name }}-shop
+spec:
+  selector: { matchLabels: { app: shop } }
+  template:
+    metadata:
+      labels: { app: shop }
+      annotations:
+        checksum/ferry: {{ include "ferry.config" (dict "ferry" .Values.sidecar "prestop" true "group" .Release.Name) | sha256sum }}
+    spec:
+      terminationGracePeriodSeconds: 60
+      initContainers:
+        {{- include "ferry.sidecar" $ferry | nindent 8 }}
+      containers:
+        - name: shop
+          image: registry.example.com/shop:2.0
+          lifecycle:
+            preStop:
+              httpGet: { path: /prestop, port: 9464 }
+      volumes:
+        {{- include "ferry.volume" $ferry | nindent 8 }}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ .Release.Name }}-ferry
+data:
+  ferry.yaml: |
+    {{- include "ferry.config" (dict "ferry" .Values.sidecar "prestop" true "group" .Release.Name) | nindent 4 }}
+"#,
+    )
+    .unwrap();
+    let (ok, out, err) = run(&helm, &["template", "web", parent.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let docs: Vec<Value> = yaml_rust2::YamlLoader::load_from_str(&out)
+        .unwrap()
+        .iter()
+        .map(to_json)
+        .filter(|d| !d.is_null())
+        .collect();
+    assert_eq!(docs.len(), 2, "only the parent's objects: {out}");
+    let pod = &kind(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+    let ferry = container(pod, "ferry").unwrap();
+    assert_eq!(ferry["restartPolicy"], "Always");
+    assert_eq!(ferry["image"], "registry.example.com/ferry:0.1.0");
+    assert_eq!(pod["volumes"][0]["configMap"]["name"], "web-ferry");
+    let text = kind(&docs, "ConfigMap")[0]["data"]["ferry.yaml"]
+        .as_str()
+        .unwrap();
+    let config = to_json(&yaml_rust2::YamlLoader::load_from_str(text).unwrap()[0]);
+    assert_eq!(config["kafka"]["group_id"], "web");
+    assert_eq!(config["admin"]["prestop"], true);
+    let path = dir.path().join("ferry.yaml");
+    std::fs::write(&path, text).unwrap();
+    let (ok, _, err) = run(
+        Path::new(env!("CARGO_BIN_EXE_ferry")),
+        &["validate", "--env-optional", "-c", path.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+}
