@@ -41,7 +41,7 @@ impl RouteTable {
         let mut exact = HashMap::new();
         let mut patterns = Vec::new();
         for (i, r) in routes.iter().enumerate() {
-            for t in &r.from.topics {
+            for t in r.from.topics.iter().chain(&r.retry.topics) {
                 exact.insert(t.clone(), i);
             }
             if let Some(p) = &r.from.pattern {
@@ -69,6 +69,7 @@ impl RouteTable {
         let mut subs = Vec::new();
         for r in routes {
             subs.extend(r.from.topics.iter().cloned());
+            subs.extend(r.retry.topics.iter().cloned());
             if let Some(p) = &r.from.pattern {
                 subs.push(if p.starts_with('^') {
                     p.clone()

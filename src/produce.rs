@@ -14,7 +14,7 @@ use rdkafka::util::Timeout;
 
 use crate::config::DeadLetter;
 use crate::outcome::Failure;
-use crate::record::{IDEMPOTENCY_KEY_HEADER, Record};
+use crate::record::{IDEMPOTENCY_KEY_HEADER, NOT_BEFORE_HEADER, RETRY_HOP_HEADER, Record};
 
 /// A record to write.
 #[derive(Debug, Clone)]
@@ -107,8 +107,22 @@ fn header(name: &str, value: impl ToString) -> (String, Bytes) {
     (name.to_string(), Bytes::from(value.to_string()))
 }
 
-/// The lineage every record ferry writes carries.
+/// The lineage every record ferry writes carries: where the record was first consumed (for a
+/// record from a retry topic, where it was before its first retry).
 fn source_headers(record: &Record, out: &mut Vec<(String, Bytes)>) {
+    let names = [
+        "ferry.source.topic",
+        "ferry.source.partition",
+        "ferry.source.offset",
+    ];
+    if record.retry_hop() > 0 && names.iter().all(|n| record.header(n).is_some()) {
+        for n in names {
+            if let Some(v) = record.header(n) {
+                out.push((n.to_string(), v.clone()));
+            }
+        }
+        return;
+    }
     out.push(header("ferry.source.topic", &record.topic));
     out.push(header("ferry.source.partition", record.partition));
     out.push(header("ferry.source.offset", record.offset));
@@ -139,6 +153,7 @@ pub fn reply(
 fn is_lineage(name: &str) -> bool {
     name.starts_with("ferry.error.")
         || name.starts_with("ferry.source.")
+        || name.starts_with("ferry.retry.")
         || matches!(
             name,
             IDEMPOTENCY_KEY_HEADER
@@ -147,6 +162,42 @@ fn is_lineage(name: &str) -> bool {
                 | "ferry.last_attempt_at"
                 | "ferry.route"
         )
+}
+
+/// A record moved to retry topic `topic` (its `hop`-th), to be tried again at `not_before_ms`:
+/// the input with its lineage, attempt count and idempotency key carried over.
+pub fn deferred(
+    record: &Record,
+    route: &str,
+    topic: &str,
+    attempts: Attempts,
+    hop: usize,
+    not_before_ms: i64,
+) -> Outgoing {
+    let mut headers: Vec<(String, Bytes)> = record
+        .headers
+        .iter()
+        .filter(|(k, _)| !is_lineage(k))
+        .cloned()
+        .collect();
+    source_headers(record, &mut headers);
+    headers.push(header(IDEMPOTENCY_KEY_HEADER, record.idempotency_key()));
+    headers.push(header("ferry.attempts", attempts.count));
+    if let Some(t) = attempts.first_at_ms {
+        headers.push(header("ferry.first_attempt_at", t));
+    }
+    if let Some(t) = attempts.last_at_ms {
+        headers.push(header("ferry.last_attempt_at", t));
+    }
+    headers.push(header("ferry.route", route));
+    headers.push(header(RETRY_HOP_HEADER, hop));
+    headers.push(header(NOT_BEFORE_HEADER, not_before_ms));
+    Outgoing {
+        topic: topic.to_string(),
+        key: record.key.clone(),
+        value: record.value.clone(),
+        headers,
+    }
 }
 
 /// When the attempts of a record were made, for the dead letter's lineage.

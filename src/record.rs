@@ -11,6 +11,12 @@ use crate::offsets::Lease;
 /// The record header that carries the idempotency key through retry topics and re-drive.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "ferry.idempotency_key";
 
+/// On a record in a retry topic: how many retry topics it has passed through (1 in the first).
+pub const RETRY_HOP_HEADER: &str = "ferry.retry.hop";
+
+/// On a record in a retry topic: not to be tried before this time (milliseconds since the epoch).
+pub const NOT_BEFORE_HEADER: &str = "ferry.retry.not_before";
+
 /// One consumed record, owned, with the lease of the partition it came from.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -76,6 +82,37 @@ impl Record {
             Some(k) if !k.is_empty() => k.to_string(),
             _ => format!("{}/{}/{}", self.topic, self.partition, self.offset),
         }
+    }
+
+    fn number(&self, header: &str) -> Option<i64> {
+        std::str::from_utf8(self.header(header)?)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// How many retry topics this record has passed through; 0 for a record from a source topic.
+    pub fn retry_hop(&self) -> usize {
+        self.number(RETRY_HOP_HEADER).map_or(0, |h| h.max(0) as usize)
+    }
+
+    /// When a record from a retry topic may be tried again.
+    pub fn not_before_ms(&self) -> Option<i64> {
+        if self.retry_hop() == 0 {
+            return None;
+        }
+        self.number(NOT_BEFORE_HEADER)
+    }
+
+    /// The attempts made before this record reached its retry topic, and when the first was
+    /// (milliseconds since the epoch); none for a record from a source topic.
+    pub fn earlier_attempts(&self) -> Option<(u32, i64)> {
+        if self.retry_hop() == 0 {
+            return None;
+        }
+        let count = self.number("ferry.attempts")?.clamp(0, i64::from(u32::MAX)) as u32;
+        Some((count, self.number("ferry.first_attempt_at")?))
     }
 
     /// Bytes this record holds in memory.

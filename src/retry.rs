@@ -65,6 +65,7 @@ mod tests {
                 jitter,
             },
             max_record_age: Dur(Duration::from_secs(10)),
+            topics: Vec::new(),
         }
     }
 

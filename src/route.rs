@@ -111,10 +111,26 @@ impl RouteHandler {
             rules: &self.config.rules,
             reply: &self.config.reply,
         };
-        let first = Instant::now();
+        // A record from a retry topic waits for its time, and goes on counting its attempts.
+        if let Some(not_before) = record.not_before_ms() {
+            let wait = Duration::from_millis(not_before.saturating_sub(epoch_ms()).max(0) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = record.lease.cancel.cancelled() => return End::Abandoned,
+            }
+        }
         let mut attempts = Attempts::default();
         // Attempts that count towards max_attempts: not the probes of an open circuit.
         let mut counted = 0;
+        // Since the first attempt, on whichever topic it was.
+        let mut first = Instant::now();
+        if let Some((count, first_at)) = record.earlier_attempts() {
+            attempts.count = count;
+            attempts.first_at_ms = Some(first_at);
+            counted = count;
+            let since = Duration::from_millis(epoch_ms().saturating_sub(first_at).max(0) as u64);
+            first = Instant::now().checked_sub(since).unwrap_or(first);
+        }
         let mut outage = Duration::ZERO;
         loop {
             let waiting = Instant::now();
@@ -193,6 +209,9 @@ impl RouteHandler {
                 failure.retry_after,
                 rand::random(),
             ) {
+                Next::After(d) if !self.config.retry.topics.is_empty() => {
+                    return self.defer(record, trace, failure, attempts, d).await;
+                }
                 Next::After(d) => d,
                 Next::Exhausted => return self.dead_letter(record, trace, failure, attempts).await,
                 Next::TooOld => {
@@ -220,6 +239,51 @@ impl RouteHandler {
                 _ = tokio::time::sleep(delay) => {}
                 // The partition is going away: the next owner retries it.
                 _ = record.lease.cancel.cancelled() => return End::Abandoned,
+            }
+        }
+    }
+
+    /// Moves a failed record to the next retry topic, to be tried again after `delay` without
+    /// holding up its partition; after the last retry topic it is dead-lettered.
+    async fn defer(
+        &self,
+        record: &Record,
+        trace: &RecordTrace,
+        failure: Failure,
+        attempts: Attempts,
+        delay: Duration,
+    ) -> End {
+        let hop = record.retry_hop();
+        let Some(topic) = self.config.retry.topics.get(hop) else {
+            let f = Failure {
+                message: format!(
+                    "{} (after the last retry topic, {})",
+                    failure.message,
+                    self.config.retry.topics.last().map_or("", String::as_str)
+                ),
+                ..failure
+            };
+            return self.dead_letter(record, trace, f, attempts).await;
+        };
+        let not_before = epoch_ms() + delay.as_millis() as i64;
+        tracing::debug!(
+            route = %self.config.name, record.topic = %record.topic, record.partition = record.partition,
+            record.offset = record.offset, reason = %failure.reason, retry_topic = %topic,
+            delay_ms = delay.as_millis() as u64, "Deferring record to a retry topic"
+        );
+        self.metrics.retry(failure.reason);
+        let mut out = produce::deferred(record, &self.config.name, topic, attempts, hop + 1, not_before);
+        match self.publish(record, trace, &mut out).await {
+            Ok(true) => End::Final(Outcome::Deferred, None),
+            Ok(false) => End::Abandoned,
+            Err(e) => {
+                let f = Failure {
+                    reason: Reason::TooLarge,
+                    status: None,
+                    message: format!("the record could not be moved to {topic}: {e}"),
+                    retry_after: None,
+                };
+                self.dead_letter(record, trace, f, attempts).await
             }
         }
     }

@@ -341,7 +341,8 @@ fn check_topics(producer: &Producer, config: &Config) -> Option<String> {
             .iter()
             .map(|t| (t, "reply.to"))
             .chain(r.reply.topics.iter().map(|t| (t, "reply.topics")))
-            .chain(std::iter::once((&r.dead_letter.to, "dead_letter.to")));
+            .chain(std::iter::once((&r.dead_letter.to, "dead_letter.to")))
+            .chain(r.retry.topics.iter().map(|t| (t, "retry.topics")));
         for (topic, field) in written {
             if !usable(topic) {
                 missing.push(format!(

@@ -410,3 +410,27 @@ fn a_drain_longer_than_the_poll_interval_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn retry_topics_need_ordering_none_and_their_own_topics() {
+    let with = |ordering: &str, topics: &str| {
+        GOOD.replace(
+            "    retry:\n",
+            &format!("    ordering: {ordering}\n    retry:\n      topics: {topics}\n"),
+        )
+    };
+    let (code, stderr) = validate(&with("none", "[in.retry1, in.retry2]"));
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stderr) = validate(&with("key", "[in.retry1]"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("routes[0].retry.topics: retry topics reorder"),
+        "{stderr}"
+    );
+    let (code, stderr) = validate(&with("none", "[in]"));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("routes[0].retry.topics[0]: `in` is a source"),
+        "{stderr}"
+    );
+}

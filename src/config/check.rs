@@ -240,6 +240,32 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             }
             (None, false) => {}
         }
+        if !route.retry.topics.is_empty() && route.ordering != Ordering::None {
+            say(
+                at("retry.topics"),
+                "retry topics reorder a record's retries after later records: they need `ordering: none`"
+                    .into(),
+            );
+        }
+        for (t, topic) in route.retry.topics.iter().enumerate() {
+            if route.from.topics.contains(topic) || *topic == route.dead_letter.to {
+                say(
+                    format!("routes[{i}].retry.topics[{t}]"),
+                    format!(
+                        "`{topic}` is a source or the dead-letter topic of this route; a retry topic must be its own"
+                    ),
+                );
+            }
+            if let Some(other) = readers.insert(topic, i) {
+                say(
+                    format!("routes[{i}].retry.topics[{t}]"),
+                    format!(
+                        "topic `{topic}` is already read by route `{}`; a topic belongs to one route",
+                        config.routes[other].name
+                    ),
+                );
+            }
+        }
         for (t, topic) in route.from.topics.iter().enumerate() {
             if let Some(other) = readers.insert(topic, i) {
                 say(

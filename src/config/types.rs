@@ -472,6 +472,11 @@ pub struct Retry {
     /// How long after its first attempt a failing record may still be retried.
     #[serde(default = "default_max_record_age")]
     pub max_record_age: Dur,
+    /// Non-blocking retries (`ordering: none` only): a failing record moves to the next of
+    /// these topics, to be tried again there after its backoff, instead of waiting in place;
+    /// after the last one it is dead-lettered. The route reads them too.
+    #[serde(default)]
+    pub topics: Vec<String>,
 }
 
 impl Default for Retry {
@@ -480,6 +485,7 @@ impl Default for Retry {
             max_attempts: default_max_attempts(),
             backoff: Backoff::default(),
             max_record_age: default_max_record_age(),
+            topics: Vec::new(),
         }
     }
 }
