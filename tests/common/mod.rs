@@ -49,12 +49,18 @@ pub fn unique(prefix: &str) -> String {
 
 impl Kafka {
     pub fn start() -> Kafka {
+        Kafka::start_cluster(1)
+    }
+
+    /// As `start`; an embedded broker gets `brokers` brokers (for leader changes).
+    pub fn start_cluster(brokers: u32) -> Kafka {
         ferry::telemetry::init_logging("warn", false);
         ferry::sidecar::install_crypto();
+        let count = brokers;
         let (embedded, brokers) = match std::env::var("FERRY_TEST_BROKERS") {
             Ok(b) if !b.is_empty() => (None, b),
             _ => {
-                let e = EmbeddedBroker::start(1).expect("embedded broker starts");
+                let e = EmbeddedBroker::start(count).expect("embedded broker starts");
                 let b = e.bootstrap_servers().to_string();
                 (Some(e), b)
             }
