@@ -179,6 +179,35 @@ impl Kafka {
         (d.partition, d.offset)
     }
 
+    /// Sends one record of raw bytes: any key, a value or a tombstone, any header bytes.
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) {
+        let mut hs = OwnedHeaders::new();
+        for (k, v) in headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(hs).partition(0);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        self.producer
+            .send(r, Timeout::After(Duration::from_secs(20)))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("send");
+    }
+
     /// Sends one record with the given timestamp (ms).
     pub async fn send_at(&self, topic: &str, key: &str, value: &str, timestamp_ms: i64) {
         let r: FutureRecord<'_, str, str> = FutureRecord::to(topic)
