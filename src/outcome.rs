@@ -584,4 +584,66 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Whatever the service answers, `decide` gives a decision, and the precedence holds:
+        /// the service's own action first, then the route's rules, then the defaults. 4096 cases
+        /// per run.
+        #[test]
+        fn every_answer_gets_a_decision_by_precedence(
+            status in 100u16..600,
+            grpc in proptest::option::of(0i32..17),
+            action in proptest::option::of(0usize..5),
+            rule_status in proptest::option::of(100u16..600),
+            rule_then in 0usize..4,
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            reply_to in proptest::prelude::any::<bool>(),
+        ) {
+            let actions = [Action::Reply, Action::Retry, Action::DeadLetter, Action::Drop];
+            let answer = Answer {
+                status: grpc.map_or(Status::Http(status), Status::Grpc),
+                action: action.map(|a| if a == 4 { Err("nonsense".to_string()) } else { Ok(actions[a]) }),
+                body: Bytes::from(body),
+                ..Answer::default()
+            };
+            let rules: Vec<Rule> = rule_status
+                .map(|s| rule(Some(StatusMatch::Exact(s)), None, actions[rule_then]))
+                .into_iter()
+                .collect();
+            let reply = Reply { to: reply_to.then(|| "out".to_string()), topics: vec![], schema: None };
+            let policy = Policy { rules: &rules, reply: &reply };
+            let d = decide(&Ok(answer.clone()), &policy);
+            let kind = |d: &Decision| match d {
+                Decision::Reply { .. } | Decision::Done => "reply",
+                Decision::Retry(_) => "retry",
+                Decision::DeadLetter(_) => "dead_letter",
+                Decision::Drop => "drop",
+            };
+            let of = |a: Action| match a {
+                Action::Reply => "reply",
+                Action::Retry => "retry",
+                Action::DeadLetter => "dead_letter",
+                Action::Drop => "drop",
+            };
+            match (&answer.action, rules.first()) {
+                (Some(Ok(a)), _) => proptest::prop_assert_eq!(kind(&d), of(*a)),
+                (Some(Err(_)), _) => proptest::prop_assert!(matches!(&d, Decision::DeadLetter(f) if f.reason == Reason::Contract)),
+                (None, Some(r)) if grpc.is_none() && rule_status == Some(status) => proptest::prop_assert_eq!(kind(&d), of(r.then)),
+                (None, _) => {
+                    let expected = match answer.status {
+                        Status::Http(200..=299) | Status::Grpc(0) => "reply",
+                        Status::Http(408 | 429 | 500..=599) => "retry",
+                        Status::Grpc(c) if RETRYABLE_GRPC.contains(&c) => "retry",
+                        _ => "dead_letter",
+                    };
+                    proptest::prop_assert_eq!(kind(&d), expected);
+                }
+            }
+            if let Decision::DeadLetter(f) = &d {
+                proptest::prop_assert!(f.message.len() <= MAX_MESSAGE + 64);
+            }
+        }
+    }
 }

@@ -245,3 +245,98 @@ fn tidy(message: &str) -> String {
         .replace("invalid type: map", "expected something else than a mapping")
         .replace("unknown variant", "unknown value")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &str = "\
+kafka:
+  brokers: 127.0.0.1:9092
+  group_id: g
+  commit_interval: 1s
+routes:
+  - name: r
+    from:
+      topics: [in]
+      start: earliest
+    ordering: key
+    concurrency: { per_partition: 32, total: 256, max_bytes: 16MiB, rate: 0 }
+    call:
+      http:
+        url: http://127.0.0.1:8080/{key}
+        timeout: 5s
+    retry:
+      max_attempts: 5
+      backoff: { initial: 200ms, max: 30s, multiplier: 2.0, jitter: full }
+    reply:
+      to: out
+    dead_letter:
+      to: dlq
+    rules:
+      - when: { status: 409 }
+        then: drop
+shutdown:
+  drain_timeout: 25s
+";
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        parse(
+            text,
+            Path::new("p.yaml"),
+            &Interpolator::from_pairs(&[("X", "1")]),
+        )
+    }
+
+    #[test]
+    fn the_base_config_is_valid() {
+        assert!(load(VALID).is_ok());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Any text at all: the loader answers, never panics. 2048 cases per run.
+        #[test]
+        fn any_text_is_answered(text in ".{0,400}") {
+            let _ = load(&text);
+        }
+
+        /// A valid config with one value replaced by anything: either still valid, or refused
+        /// with every error placed inside the file. 2048 cases per run.
+        #[test]
+        fn a_broken_value_is_refused_at_a_real_place(
+            line in 0usize..30,
+            value in prop_oneof![
+                Just("".to_string()),
+                Just("[]".to_string()),
+                Just("{}".to_string()),
+                Just("-1".to_string()),
+                Just("${MISSING}".to_string()),
+                Just("18446744073709551616".to_string()),
+                "[a-z0-9 .:{}\\[\\]$,-]{0,20}",
+            ],
+        ) {
+            let lines: Vec<&str> = VALID.lines().collect();
+            let i = line % lines.len();
+            let broken: Vec<String> = lines
+                .iter()
+                .enumerate()
+                .map(|(n, l)| match l.split_once(": ") {
+                    Some((k, _)) if n == i => format!("{k}: {value}"),
+                    _ => l.to_string(),
+                })
+                .collect();
+            let text = broken.join("\n");
+            if let Err(errors) = load(&text) {
+                prop_assert!(!errors.0.is_empty());
+                for e in &errors.0 {
+                    let p = e.position.expect("every error has a position");
+                    prop_assert!(p.line >= 1 && p.line <= lines.len() + 1, "{:?} in:\n{}", e, text);
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+        }
+    }
+}
