@@ -28,6 +28,7 @@ use crate::ready::Gate;
 use crate::record::Record;
 use crate::telemetry::trace::Tracing;
 use crate::telemetry::{Metrics, RouteMetrics};
+use crate::transaction::{TransactionError, Transactions};
 
 /// Which route reads which topic.
 pub struct RouteTable {
@@ -109,6 +110,11 @@ pub struct Context {
     drain_timeout: Duration,
     /// What librdkafka falls back to when a partition has no committed offset.
     default_start: Start,
+    /// With `delivery: exactly_once`: offsets are committed in these transactions, never
+    /// through the consumer.
+    transactions: Option<Arc<Transactions>>,
+    /// Cancelled when the transactional producer is fenced: this instance must stop.
+    shutdown: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -287,11 +293,14 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
     if offsets.is_empty() {
         return true;
     }
+    let ctx = c.context();
+    if let Some(transactions) = &ctx.transactions {
+        return commit_in_transaction(c, transactions, offsets);
+    }
     let mut tpl = TopicPartitionList::new();
     for ((t, p), o) in offsets {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
     }
-    let ctx = c.context();
     let committed = c.commit(&tpl, CommitMode::Sync);
     ctx.metrics.commit(committed.is_ok());
     match committed {
@@ -306,6 +315,41 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
                 tracing::debug!(error = %e, "Commit deferred by a rebalance");
             } else {
                 tracing::warn!(error = %e, "Commit failed; it will be repeated");
+            }
+            ctx.tracker.commit_failed(offsets);
+            false
+        }
+    }
+}
+
+/// `delivery: exactly_once`: the offsets and the held outputs of the records below them, in
+/// one transaction that carries the group's generation, so a member the group has moved on
+/// from cannot commit.
+fn commit_in_transaction(
+    c: &BaseConsumer<Context>,
+    transactions: &Transactions,
+    offsets: &[(Tp, i64)],
+) -> bool {
+    let ctx = c.context();
+    let Some(group) = c.group_metadata() else {
+        tracing::warn!("No consumer group metadata yet; the transaction waits");
+        ctx.tracker.commit_failed(offsets);
+        return false;
+    };
+    let committed = transactions.commit(offsets, &group, |lease| ctx.tracker.owns(lease));
+    ctx.metrics.commit(committed.is_ok());
+    match committed {
+        Ok(outputs) => {
+            tracing::debug!(outputs, partitions = offsets.len(), "Transaction committed");
+            ctx.tracker.committed(offsets);
+            ctx.tracing.committed(offsets);
+            true
+        }
+        Err(e) => {
+            if let TransactionError::Fenced(_) = e {
+                ctx.shutdown.cancel();
+            } else {
+                tracing::warn!(error = %e, "Transaction failed; it will be repeated");
             }
             ctx.tracker.commit_failed(offsets);
             false
@@ -345,6 +389,8 @@ pub struct ConsumerSetup {
     pub shutdown: CancellationToken,
     /// Closed while the service is not ready: no new records are taken.
     pub gate: Arc<Gate>,
+    /// With `delivery: exactly_once`: where offsets are committed.
+    pub transactions: Option<Arc<Transactions>>,
 }
 
 /// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
@@ -391,6 +437,8 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         commit_lock: Mutex::new(()),
         drain_timeout: setup.drain_timeout,
         default_start,
+        transactions: setup.transactions.clone(),
+        shutdown: setup.shutdown.clone(),
     };
     let consumer: Arc<BaseConsumer<Context>> = Arc::new(client.create_with_context(context)?);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
@@ -482,7 +530,14 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     // keep serving the group protocol and try again rather than leave them to be repeated.
     let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
     let mut offsets = offsets;
-    while !commit(&consumer, &offsets) && Instant::now() < deadline {
+    let fenced = || {
+        consumer
+            .context()
+            .transactions
+            .as_ref()
+            .is_some_and(|t| t.fenced().is_some())
+    };
+    while !commit(&consumer, &offsets) && Instant::now() < deadline && !fenced() {
         setup.health.beat();
         let _ = consumer.poll(Duration::from_millis(100));
         // A partition handed to another member meanwhile is theirs to commit: ours would set
@@ -505,11 +560,13 @@ fn periodic_commits(consumer: &BaseConsumer<Context>, stop: &CancellationToken, 
     while !stop.is_cancelled() {
         // Short naps, so a shutdown never waits a whole interval for this thread.
         std::thread::sleep(interval.min(Duration::from_millis(50)));
-        if Instant::now() < next {
+        let ctx = consumer.context();
+        // A transaction is also due once it holds enough outputs.
+        let due = ctx.transactions.as_ref().is_some_and(|t| t.due());
+        if Instant::now() < next && !due {
             continue;
         }
         next = Instant::now() + interval;
-        let ctx = consumer.context();
         let _committing = lock(&ctx.commit_lock);
         commit(consumer, &ctx.tracker.take_commits());
     }

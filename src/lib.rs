@@ -30,6 +30,7 @@
 //! - [`retry`]: when to try again;
 //! - [`circuit`]: the route's circuit breaker;
 //! - [`produce`]: reply and dead-letter records, acknowledged by the broker;
+//! - [`transaction`]: with `delivery: exactly_once`, outputs and offsets in one transaction;
 //! - [`offsets`]: per-partition completion; the only place that decides a commit;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status` and the control verbs (pause,
 //!   resume, drain);
@@ -50,6 +51,7 @@ pub mod outcome;
 pub mod retry;
 pub mod circuit;
 pub mod produce;
+pub mod transaction;
 pub mod offsets;
 pub mod admin;
 pub mod telemetry;

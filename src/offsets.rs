@@ -342,6 +342,14 @@ impl Tracker {
         self.update(lease, |w| w.finish(offset))
     }
 
+    /// Whether the lease's partition is still assigned under the same generation.
+    pub fn owns(&self, lease: &Lease) -> bool {
+        self.lock()
+            .partitions
+            .get(&lease.tp)
+            .is_some_and(|p| p.generation == lease.generation)
+    }
+
     /// Gives a record up without an outcome (its partition is going away).
     pub fn abandon(&self, lease: &Lease, offset: i64) -> bool {
         self.update(lease, |w| w.abandon(offset))

@@ -3,6 +3,7 @@
 //! Fed by the route handler with a decision; a record's outcome is final only once the
 //! broker has acknowledged what this module sent (idempotent producer, acks=all).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,8 @@ use rdkafka::util::Timeout;
 use crate::config::DeadLetter;
 use crate::outcome::Failure;
 use crate::record::{IDEMPOTENCY_KEY_HEADER, NOT_BEFORE_HEADER, RETRY_HOP_HEADER, Record};
+use crate::telemetry::Metrics;
+use crate::transaction::Transactions;
 
 /// A record to write.
 #[derive(Debug, Clone)]
@@ -39,6 +42,8 @@ pub enum ProduceError {
 #[derive(Clone)]
 pub struct Producer {
     inner: FutureProducer,
+    /// With `delivery: exactly_once`: outputs go into transactions instead of straight out.
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl Producer {
@@ -51,26 +56,32 @@ impl Producer {
             .set_if_unset("compression.type", "lz4");
         Ok(Producer {
             inner: config.create()?,
+            transactions: None,
         })
+    }
+
+    /// A transactional producer with `transactional_id`: every output waits for the
+    /// transaction that also commits its record's offset.
+    pub fn transactional(
+        mut config: ClientConfig,
+        transactional_id: &str,
+        max_records: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Producer, KafkaError> {
+        config.set("transactional.id", transactional_id);
+        let mut p = Producer::new(config)?;
+        p.transactions = Some(Arc::new(Transactions::new(p.inner.clone(), max_records, metrics)));
+        Ok(p)
+    }
+
+    /// The transactions, with `delivery: exactly_once`.
+    pub fn transactions(&self) -> Option<&Arc<Transactions>> {
+        self.transactions.as_ref()
     }
 
     /// Sends `out` and waits for the broker's acknowledgement.
     pub async fn send(&self, out: &Outgoing) -> Result<(), ProduceError> {
-        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
-        for (k, v) in &out.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_ref()),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).headers(headers);
-        if let Some(k) = &out.key {
-            record = record.key(k.as_ref());
-        }
-        if let Some(v) = &out.value {
-            record = record.payload(v.as_ref());
-        }
-        match self.inner.send(record, Timeout::Never).await {
+        match self.inner.send(record(out, headers(out)), Timeout::Never).await {
             Ok(_) => Ok(()),
             Err((e, _)) => match e.rdkafka_error_code() {
                 Some(RDKafkaErrorCode::MessageSizeTooLarge) => Err(ProduceError::TooLarge(e)),
@@ -87,6 +98,48 @@ impl Producer {
     /// Metadata of every topic (never creates one, unlike a lookup by name).
     pub fn metadata(&self, timeout: Duration) -> Result<rdkafka::metadata::Metadata, KafkaError> {
         self.inner.client().fetch_metadata(None, timeout)
+    }
+}
+
+/// `out`'s headers in librdkafka's form.
+pub fn headers(out: &Outgoing) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+    for (k, v) in &out.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_ref()),
+        });
+    }
+    headers
+}
+
+/// `out` as a record to send.
+pub fn record(out: &Outgoing, headers: OwnedHeaders) -> FutureRecord<'_, [u8], [u8]> {
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).headers(headers);
+    if let Some(k) = &out.key {
+        record = record.key(k.as_ref());
+    }
+    if let Some(v) = &out.value {
+        record = record.payload(v.as_ref());
+    }
+    record
+}
+
+/// Makes a dead letter the broker refused as too large smaller, keeping its reason: first
+/// without the payload, then without the record's own headers and key; ferry's lineage stays.
+/// `false` when nothing is left to take away.
+pub fn shrink(out: &mut Outgoing) -> bool {
+    if out.value.is_some() {
+        out.value = None;
+        out.headers
+            .push(("ferry.error.payload_omitted".into(), "too_large".into()));
+        true
+    } else if out.headers.iter().any(|(k, _)| !k.starts_with("ferry.")) || out.key.is_some() {
+        out.headers.retain(|(k, _)| k.starts_with("ferry."));
+        out.key = None;
+        true
+    } else {
+        false
     }
 }
 

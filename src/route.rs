@@ -273,7 +273,13 @@ impl RouteHandler {
         );
         self.metrics.retry(failure.reason);
         let mut out = produce::deferred(record, &self.config.name, topic, attempts, hop + 1, not_before);
-        match self.publish(record, trace, &mut out).await {
+        let instead = |_: &Outgoing| {
+            let f = too_large(format!(
+                "the record could not be moved to {topic}: too large for the broker"
+            ));
+            Some(self.dead_letter_record(record, &f, attempts))
+        };
+        match self.publish(record, trace, &mut out, instead).await {
             Ok(true) => End::Final(Outcome::Deferred, None),
             Ok(false) => End::Abandoned,
             Err(e) => {
@@ -295,7 +301,14 @@ impl RouteHandler {
         mut out: Outgoing,
         attempts: Attempts,
     ) -> End {
-        match self.publish(record, trace, &mut out).await {
+        let instead = |out: &Outgoing| {
+            let f = too_large(format!(
+                "the reply to {} could not be published: too large for the broker",
+                out.topic
+            ));
+            Some(self.dead_letter_record(record, &f, attempts))
+        };
+        match self.publish(record, trace, &mut out, instead).await {
             Ok(true) => End::Final(Outcome::Replied, None),
             Ok(false) => End::Abandoned,
             Err(e) => {
@@ -317,29 +330,20 @@ impl RouteHandler {
         failure: Failure,
         attempts: Attempts,
     ) -> End {
-        let dl = &self.config.dead_letter;
-        let mut out = produce::dead_letter(record, &self.config.name, dl, &failure, attempts);
+        let mut out = self.dead_letter_record(record, &failure, attempts);
         tracing::info!(
             route = %self.config.name, record.topic = %record.topic, record.partition = record.partition,
             record.offset = record.offset, reason = %failure.reason, status = failure.status.as_deref(),
             attempts = attempts.count, "Dead-lettering record"
         );
         loop {
-            match self.publish(record, trace, &mut out).await {
+            match self.publish(record, trace, &mut out, |_| None).await {
                 Ok(true) => return End::Final(Outcome::DeadLettered, Some(failure.reason)),
                 Ok(false) => return End::Abandoned,
-                Err(e) if out.value.is_some() => {
-                    // Keep the reason even when the payload cannot travel with it.
-                    tracing::warn!(error = %e, "Dead letter too large, sending it without its payload");
-                    out.value = None;
-                    out.headers
-                        .push(("ferry.error.payload_omitted".into(), "too_large".into()));
-                }
-                Err(e) if out.headers.iter().any(|(k, _)| !k.starts_with("ferry.")) || out.key.is_some() => {
-                    // Last resort: the record's own headers and key; ferry's lineage stays.
-                    tracing::warn!(error = %e, "Dead letter still too large, sending it without the record's headers and key");
-                    out.headers.retain(|(k, _)| k.starts_with("ferry."));
-                    out.key = None;
+                // Keep the reason even when the payload (then the record's own headers and key)
+                // cannot travel with it.
+                Err(e) if produce::shrink(&mut out) => {
+                    tracing::warn!(error = %e, "Dead letter too large, sending it smaller");
                 }
                 Err(e) => {
                     tracing::error!(error = %e, record.offset = record.offset, "Dead letter cannot be written even without payload, headers and key; will retry");
@@ -351,15 +355,39 @@ impl RouteHandler {
         }
     }
 
+    fn dead_letter_record(&self, record: &Record, failure: &Failure, attempts: Attempts) -> Outgoing {
+        produce::dead_letter(
+            record,
+            &self.config.name,
+            &self.config.dead_letter,
+            failure,
+            attempts,
+        )
+    }
+
     /// Writes `out` and waits for the broker's acknowledgement, retrying broker trouble until it
     /// succeeds or the partition goes away. `Ok(false)`: given up because the partition went
     /// away. `Err`: the record can never be written as it is.
+    ///
+    /// With `delivery: exactly_once` the output is held for the transaction that commits the
+    /// record's offset, with `instead()` to write should the broker refuse it as too large.
     async fn publish(
         &self,
         record: &Record,
         trace: &RecordTrace,
         out: &mut Outgoing,
+        instead: impl FnOnce(&Outgoing) -> Option<Outgoing>,
     ) -> Result<bool, ProduceError> {
+        if let Some(transactions) = self.producer.transactions() {
+            let step = trace.publish(&out.topic);
+            if let Some(h) = step.headers() {
+                h.replace_in(&mut out.headers);
+            }
+            let instead = instead(out);
+            transactions.hold(&record.lease, record.offset, out.clone(), instead);
+            step.end("held", false);
+            return Ok(true);
+        }
         let mut backoff = Duration::from_millis(500);
         loop {
             let step = trace.publish(&out.topic);
@@ -445,6 +473,15 @@ enum End {
     Final(Outcome, Option<Reason>),
     /// Given up because its partition went away; the next owner repeats it.
     Abandoned,
+}
+
+fn too_large(message: String) -> Failure {
+    Failure {
+        reason: Reason::TooLarge,
+        status: None,
+        message,
+        retry_after: None,
+    }
 }
 
 fn epoch_ms() -> i64 {

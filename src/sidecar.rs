@@ -18,7 +18,7 @@ use crate::call::Call;
 use crate::call::grpc::Grpc;
 use crate::call::http::Http;
 use crate::circuit::Breaker;
-use crate::config::Config;
+use crate::config::{Config, Delivery};
 use crate::consume::{self, ConsumerSetup};
 use crate::dispatch::Lanes;
 use crate::offsets::{PartitionStatus, Tracker};
@@ -27,6 +27,7 @@ use crate::ready::{self, Gate, Probe};
 use crate::route::{Pace, RouteHandler};
 use crate::telemetry::trace::Tracing;
 use crate::telemetry::{Metrics, Snapshot};
+use crate::transaction;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -41,6 +42,8 @@ pub enum RunError {
     Route { route: String, message: String },
     #[error("the consumer thread failed: {0}")]
     Consumer(String),
+    #[error(transparent)]
+    Transaction(#[from] transaction::TransactionError),
 }
 
 /// A running sidecar.
@@ -83,9 +86,25 @@ impl Sidecar {
         let client = client_config(&config);
         let mut producer_config = client.clone();
         producer_config.set("client.id", format!("ferry-{}-producer", config.kafka.group_id));
-        let producer = Producer::new(producer_config)?;
-        let tracker = Tracker::new(shutdown.child_token());
         let metrics = Arc::new(Metrics::new());
+        let producer = match config.delivery {
+            Delivery::AtLeastOnce => Producer::new(producer_config)?,
+            Delivery::ExactlyOnce => {
+                let id = config
+                    .kafka
+                    .transactional_id
+                    .clone()
+                    .unwrap_or_else(|| transaction::default_id(&config.kafka.group_id));
+                tracing::info!(transactional_id = %id, "Exactly once: outputs and offsets in transactions");
+                Producer::transactional(
+                    producer_config,
+                    &id,
+                    config.kafka.transaction_max_records,
+                    metrics.clone(),
+                )?
+            }
+        };
+        let tracker = Tracker::new(shutdown.child_token());
         let tracing = Arc::new(
             Tracing::start(&config.telemetry.traces, &config.kafka.group_id).map_err(|message| {
                 RunError::Route {
@@ -163,6 +182,7 @@ impl Sidecar {
             commit_interval: config.kafka.commit_interval.0,
             shutdown: shutdown.clone(),
             gate: gate.clone(),
+            transactions: producer.transactions().cloned(),
         };
         let task = tokio::spawn(pipeline(
             config.clone(),
@@ -294,6 +314,43 @@ async fn pipeline(
             shutdown.clone(),
         ));
     }
+    // Exactly once: register the transactional producer, which fences an earlier instance with
+    // the same transactional.id and aborts what it left open, before anything is consumed.
+    if let Some(transactions) = producer.transactions().cloned() {
+        loop {
+            health.beat();
+            let t = transactions.clone();
+            let init = tokio::task::spawn_blocking(move || t.init(Duration::from_secs(30)))
+                .await
+                .map_err(|e| RunError::Consumer(e.to_string()))?;
+            match init {
+                Ok(()) => break,
+                Err(e)
+                    if e.rdkafka_error_code().is_some_and(|c| {
+                        matches!(
+                            c,
+                            rdkafka::error::RDKafkaErrorCode::OperationTimedOut
+                                | rdkafka::error::RDKafkaErrorCode::RequestTimedOut
+                        )
+                    }) =>
+                {
+                    tracing::warn!(error = %e, "Cannot register the transactional producer yet; trying again");
+                }
+                Err(e) => {
+                    admin_stop.cancel();
+                    return Err(RunError::Route {
+                        route: "delivery".into(),
+                        message: format!("exactly once needs a broker with transactions: {e}"),
+                    });
+                }
+            }
+            if shutdown.is_cancelled() {
+                admin_stop.cancel();
+                return Ok(());
+            }
+        }
+    }
+    let transactions = producer.transactions().cloned();
     let consumed = tokio::task::spawn_blocking(move || consume::run(setup)).await;
     let flushed = {
         let p = producer.clone();
@@ -306,7 +363,10 @@ async fn pipeline(
     let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     admin_stop.cancel();
     let result = match consumed {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => match transactions.and_then(|t| t.fenced()) {
+            Some(why) => Err(transaction::TransactionError::Fenced(why).into()),
+            None => Ok(()),
+        },
         Ok(Err(e)) => Err(RunError::Kafka(e)),
         Err(e) => Err(RunError::Consumer(e.to_string())),
     };

@@ -213,10 +213,11 @@ async fn metrics_reconcile_and_cover_the_spec() {
     );
     assert_eq!(metric_sum(&text, "ferry_ready", &[]), 1.0);
     assert!(metric_sum(&text, "ferry_commits_total", &["result=\"ok\""]) >= 1.0);
-    // Only while something is paused or in flight.
+    // Only while something is paused or in flight; only with delivery: exactly_once.
     let sometimes = [
         ferry::telemetry::names::PAUSED_PARTITIONS,
         ferry::telemetry::names::OLDEST_IN_FLIGHT,
+        ferry::telemetry::names::TRANSACTIONS,
     ];
     for name in ferry::telemetry::names::ALL
         .iter()

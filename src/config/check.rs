@@ -15,6 +15,10 @@ const RESERVED: &[(&str, &str)] = &[
     ("enable.idempotence", "ferry's producer is always idempotent"),
     ("acks", "ferry always produces with acks=all"),
     ("isolation.level", "ferry reads committed records only"),
+    (
+        "transactional.id",
+        "use kafka.transactional_id with delivery: exactly_once",
+    ),
 ];
 
 fn check_grpc(g: &GrpcCall, at: &str, say: &mut impl FnMut(String, String)) {
@@ -108,6 +112,18 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
                 format!("`{key}` is set by ferry and cannot be overridden: {why}"),
             );
         }
+    }
+    if config.kafka.transaction_max_records == 0 {
+        say(
+            "kafka.transaction_max_records".into(),
+            "must be at least 1, e.g. 1000".into(),
+        );
+    }
+    if config.kafka.transactional_id.is_some() && config.delivery != Delivery::ExactlyOnce {
+        say(
+            "kafka.transactional_id".into(),
+            "is used only with `delivery: exactly_once`: set that, or remove this".into(),
+        );
     }
     if config.kafka.commit_interval.0.is_zero() {
         say(

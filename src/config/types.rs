@@ -36,9 +36,23 @@ pub struct Kafka {
     /// Any librdkafka property, passed to the consumer and the producer.
     #[serde(default)]
     pub properties: BTreeMap<String, PropertyValue>,
-    /// How often the contiguous watermark of each partition is committed.
+    /// How often the contiguous watermark of each partition is committed; with
+    /// `delivery: exactly_once`, how long a transaction stays open at most.
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Dur,
+    /// With `delivery: exactly_once`: the producer's `transactional.id`. Default
+    /// `ferry-{group_id}-{HOSTNAME}`, stable across restarts of the container in its pod, so a
+    /// restarted sidecar fences its predecessor; replaced pods are fenced by the group's
+    /// generation (KIP-447).
+    pub transactional_id: Option<String>,
+    /// With `delivery: exactly_once`: a transaction is committed once it holds this many
+    /// outputs, even before `commit_interval`.
+    #[serde(default = "default_transaction_max_records")]
+    pub transaction_max_records: usize,
+}
+
+fn default_transaction_max_records() -> usize {
+    1000
 }
 
 fn default_commit_interval() -> Dur {
@@ -183,8 +197,12 @@ fn default_failure_threshold() -> u32 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Delivery {
+    /// Commit after acknowledgement: a crash may repeat what was in flight, never lose it.
     #[default]
     AtLeastOnce,
+    /// Replies, dead letters, retry-topic records and offsets in one Kafka transaction per
+    /// batch: `read_committed` consumers see each outcome once, even across crashes.
+    ExactlyOnce,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]

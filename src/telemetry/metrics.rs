@@ -37,6 +37,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     produce_errors: IntCounterVec,
     commits: IntCounterVec,
+    transactions: IntCounterVec,
     call_duration: HistogramVec,
     end_to_end: HistogramVec,
     pub admin_unauthorized: IntCounter,
@@ -109,6 +110,12 @@ impl Metrics {
                 &["route"],
             ),
             commits: counter(&r, names::COMMITS, "Offset commits by result.", &["result"]),
+            transactions: counter(
+                &r,
+                names::TRANSACTIONS,
+                "Transactions (delivery: exactly_once) by result: committed, aborted (and written again), fenced.",
+                &["result"],
+            ),
             call_duration: histogram(
                 &r,
                 names::CALL_DURATION,
@@ -223,6 +230,10 @@ impl Metrics {
         self.commits
             .with_label_values(&[if ok { "ok" } else { "failed" }])
             .inc();
+    }
+
+    pub fn transaction(&self, result: &str) {
+        self.transactions.with_label_values(&[result]).inc();
     }
 
     /// The text exposition of everything registered.

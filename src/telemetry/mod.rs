@@ -27,6 +27,9 @@ pub mod names {
     pub const PRODUCE_ERRORS: &str = "ferry_produce_errors_total";
     /// Counter [result]: offset commits, `ok` or `failed`.
     pub const COMMITS: &str = "ferry_commits_total";
+    /// Counter [result]: transactions with `delivery: exactly_once`, `committed`, `aborted` (and
+    /// written again) or `fenced`.
+    pub const TRANSACTIONS: &str = "ferry_transactions_total";
     /// Histogram [route, transport, result]: calls to the service and how long they took.
     pub const CALL_DURATION: &str = "ferry_call_duration_seconds";
     /// Histogram [route, outcome]: from the record's timestamp to its outcome.
@@ -62,6 +65,7 @@ pub mod names {
         RETRIES,
         PRODUCE_ERRORS,
         COMMITS,
+        TRANSACTIONS,
         CALL_DURATION,
         END_TO_END,
         IN_FLIGHT,
