@@ -78,6 +78,23 @@ impl Kafka {
         }
     }
 
+    /// A client of the broker at `brokers` (one the test runs itself).
+    pub fn connect(brokers: &str) -> Kafka {
+        ferry::telemetry::init_logging("warn", false);
+        ferry::sidecar::install_crypto();
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .expect("test producer");
+        Kafka {
+            embedded: None,
+            brokers: brokers.to_string(),
+            producer,
+        }
+    }
+
     pub fn is_external(&self) -> bool {
         self.embedded.is_none()
     }
@@ -250,7 +267,9 @@ impl Kafka {
                     .expect("watermarks");
                 total += (high - low) as usize;
             }
-            read_blocking(&brokers, &topic, total, Duration::from_secs(30))
+            // Some brokers hand out small fetches: allow for large topics.
+            let within = Duration::from_secs(30) + Duration::from_millis(2 * total as u64);
+            read_blocking(&brokers, &topic, total, within)
         })
         .await
         .unwrap()

@@ -1,0 +1,312 @@
+//! The fault campaign (`scripts/fault-campaign.sh`; ignored by a plain test run): records pushed
+//! through two ferry processes in one group against Tansu with durable (sqlite) storage, while
+//! one process is SIGKILLed again and again, the other is stopped and started, the broker is
+//! restarted, and the service fails 1 % of calls with 5xx, times out on 0.5 % and rejects 0.1 %
+//! as poison. Then: every input has an outcome, the dead-letter topic holds exactly the poison
+//! set, duplicates stay within the in-flight bound per crash, and each key's replies keep their
+//! order. The figures are printed for the README.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Tansu on a loopback port with sqlite storage that survives its restarts.
+struct Tansu {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl Tansu {
+    fn start(dir: &Path, port: u16) -> Tansu {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .unwrap();
+        let child = Command::new(std::env::var("FERRY_TANSU").unwrap_or_else(|_| "tansu".into()))
+            .args(["broker", "--listener-url"])
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts (install it: cargo install tansu)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Tansu {
+            dir: dir.to_path_buf(),
+            port,
+            child,
+        }
+    }
+
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Tansu::start(&self.dir.clone(), self.port);
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The group's committed offsets summed over the partitions; `None` while the broker is away.
+async fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Option<usize> {
+    let (brokers, group, topic) = (brokers.to_string(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .create()
+            .ok()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let got = c.committed_offsets(tpl, Duration::from_secs(5)).ok()?;
+        Some(
+            got.elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(o) => o.max(0) as usize,
+                    _ => 0,
+                })
+                .sum(),
+        )
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A deterministic spread of faults over the record values.
+fn fate(value: &str) -> u64 {
+    value.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn poison(value: &str) -> bool {
+    fate(value) % 1000 == 7
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the fault campaign: scripts/fault-campaign.sh"]
+async fn fault_campaign() {
+    let records: usize = std::env::var("FERRY_CAMPAIGN_RECORDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let kills_wanted: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let mut tansu = Tansu::start(dir.path(), free_port());
+    let brokers = format!("127.0.0.1:{}", tansu.port);
+    let kafka = Kafka::connect(&brokers);
+    let partitions = 4;
+    let t = RouteTopics {
+        source: unique("campaign-in"),
+        reply: unique("campaign-out"),
+        dlq: unique("campaign-dlq"),
+        group: unique("campaign"),
+    };
+    kafka.create(&t.source, partitions).await;
+    kafka.create(&t.reply, partitions).await;
+    kafka.create(&t.dlq, 1).await;
+
+    // 1 % 5xx and 0.5 % timeouts on a first attempt (so they are retried and then succeed), and
+    // 0.1 % poison, rejected every time.
+    let service = Service::start(|r: Req| async move {
+        let f = fate(&r.body);
+        if poison(&r.body) {
+            return Resp::new(422, "poison");
+        }
+        if r.attempt() == 1 && f % 100 == 13 {
+            return Resp::new(503, "flaky");
+        }
+        if r.attempt() == 1 && f % 200 == 42 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        Resp::new(200, &r.body)
+    })
+    .await;
+    let text = config_text(
+        &kafka,
+        &t.group,
+        &t.source,
+        &service.url("/h"),
+        &t.reply,
+        &t.dlq,
+        "",
+    )
+    .replace("        timeout: 2s\n", "        timeout: 1s\n")
+    .replace(
+        "    retry:\n      max_attempts: 3\n",
+        "    retry:\n      max_attempts: 5\n",
+    );
+    std::fs::write(dir.path().join("ferry.yaml"), &text).unwrap();
+    let config = dir.path().join("ferry.yaml");
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let mut a = Ferry::spawn(&config, &log("a0"));
+    let mut b = Ferry::spawn(&config, &log("b0"));
+
+    // The input: key k{n % 200}, value "{key}:{seq}" with a per-key sequence number.
+    let started = Instant::now();
+    let producer = {
+        let brokers = brokers.clone();
+        let topic = t.source.clone();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+            let p: BaseProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "20")
+                .set("message.timeout.ms", "300000")
+                .create()
+                .unwrap();
+            let mut seq = vec![0u32; 200];
+            for n in 0..records {
+                let k = n % 200;
+                let key = format!("k{k}");
+                let value = format!("{key}:{}", seq[k]);
+                seq[k] += 1;
+                loop {
+                    match p.send(BaseRecord::to(&topic).key(&key).payload(&value)) {
+                        Ok(()) => break,
+                        Err((_, _)) => {
+                            p.poll(Duration::from_millis(50));
+                        }
+                    }
+                }
+                p.poll(Duration::ZERO);
+            }
+            p.flush(Duration::from_secs(300)).expect("the input is written");
+        })
+    };
+
+    // The faults, while records flow.
+    let (mut kills, mut broker_restarts, mut handovers) = (0, 0, 0);
+    let mut round = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        round += 1;
+        let committed = committed(&brokers, &t.group, &t.source, partitions)
+            .await
+            .unwrap_or(0);
+        eprintln!(
+            "campaign: {:>4.0}s {committed} of {records} committed; {kills} kills, {broker_restarts} broker restarts",
+            started.elapsed().as_secs_f64()
+        );
+        if kills < kills_wanted {
+            a.signal(libc::SIGKILL);
+            let _ = a.exit_code(Duration::from_secs(10)).await;
+            kills += 1;
+            a = Ferry::spawn(&config, &log(&format!("a{kills}")));
+        }
+        if round == 4 || round == 8 {
+            tansu.restart();
+            broker_restarts += 1;
+        }
+        if round == 6 {
+            b.signal(libc::SIGTERM);
+            assert_eq!(
+                b.exit_code(Duration::from_secs(60)).await,
+                Some(0),
+                "a graceful stop"
+            );
+            b = Ferry::spawn(&config, &log("b1"));
+            handovers += 1;
+        }
+        if kills >= kills_wanted && broker_restarts >= 2 && handovers >= 1 && committed >= records {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1200),
+            "the campaign did not finish: {committed} of {records} committed"
+        );
+    }
+    producer.await.unwrap();
+    let elapsed = started.elapsed();
+    for f in [&mut a, &mut b] {
+        f.signal(libc::SIGTERM);
+        let _ = f.exit_code(Duration::from_secs(60)).await;
+    }
+
+    // The books.
+    let replies = kafka.read_all(&t.reply).await;
+    let dead = kafka.read_all(&t.dlq).await;
+    eprintln!(
+        "campaign: read {} replies and {} dead letters",
+        replies.len(),
+        dead.len()
+    );
+    let inputs: BTreeSet<String> = (0..records)
+        .scan(vec![0u32; 200], |seq, n| {
+            let k = n % 200;
+            let v = format!("k{k}:{}", seq[k]);
+            seq[k] += 1;
+            Some(v)
+        })
+        .collect();
+    let replied: BTreeSet<String> = replies.iter().filter_map(|r| r.value.clone()).collect();
+    let dead_set: BTreeSet<String> = dead.iter().filter_map(|r| r.value.clone()).collect();
+    let poison_set: BTreeSet<String> = inputs.iter().filter(|v| poison(v)).cloned().collect();
+    let lost: Vec<&String> = inputs
+        .iter()
+        .filter(|v| !replied.contains(*v) && !dead_set.contains(*v))
+        .collect();
+    let duplicates = (replies.len() - replied.len()) + (dead.len() - dead_set.len());
+    // Per key, in each reply partition's order, first deliveries keep the input order.
+    let mut order_breaks = 0;
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut by_partition = replies.clone();
+    by_partition.sort_by_key(|r| (r.partition, r.offset));
+    let mut seen = BTreeSet::new();
+    for r in &by_partition {
+        let Some(v) = &r.value else { continue };
+        if !seen.insert(v.clone()) {
+            continue;
+        }
+        let (key, seq) = v.split_once(':').unwrap();
+        let seq: i64 = seq.parse().unwrap();
+        if let Some(prev) = last.insert(key.to_string(), seq) {
+            if seq < prev {
+                order_breaks += 1;
+            }
+        }
+    }
+    let bound = (kills + broker_restarts + handovers) * 32 * partitions as usize;
+    println!(
+        "fault campaign: {records} records in {:.0}s; {kills} SIGKILLs, {broker_restarts} broker restarts, {handovers} graceful handover; lost {}, duplicates {duplicates} (bound {bound}), dead letters {} (poison {}), order breaks {order_breaks}",
+        elapsed.as_secs_f64(),
+        lost.len(),
+        dead_set.len(),
+        poison_set.len()
+    );
+    assert!(lost.is_empty(), "lost: {:?}", &lost[..lost.len().min(10)]);
+    assert_eq!(
+        dead_set, poison_set,
+        "the dead-letter topic holds exactly the poison records"
+    );
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates over the bound {bound}"
+    );
+    assert_eq!(order_breaks, 0, "a key's replies out of order");
+}
