@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
 use crate::config::{Action, GrpcCall};
@@ -81,12 +81,7 @@ impl Grpc {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-                .map_err(|e| format!("bad TLS settings: {e}"))?;
-        }
+        endpoint = with_tls(endpoint, config.tls())?;
         // Lazy: ferry starts even when the service is not up yet; calls fail (and are retried)
         // until it is.
         let channel = endpoint.connect_lazy();
@@ -167,6 +162,21 @@ impl Call for Grpc {
     fn call<'a>(&'a self, record: &'a Record, attempt: &'a Attempt) -> CallFuture<'a> {
         Box::pin(self.call_once(record, attempt))
     }
+}
+
+/// TLS on an `https://` endpoint: only the configured CA is trusted, and the client
+/// certificate, if any, is presented (mTLS).
+pub(crate) fn with_tls(endpoint: Endpoint, files: crate::config::TlsFiles<'_>) -> Result<Endpoint, String> {
+    let Some(pem) = super::tls::load(files)? else {
+        return Ok(endpoint);
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem.ca));
+    if let Some((cert, key)) = pem.identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    endpoint
+        .tls_config(tls)
+        .map_err(|e| format!("bad TLS settings: {e}"))
 }
 
 fn event(record: &Record, attempt: &Attempt) -> proto::Event {
