@@ -221,9 +221,23 @@ fn metadata(record: &Record, attempt: &Attempt) -> MetadataMap {
 /// A failed call: a transport failure is a connection error, anything else is the service's
 /// status, which the outcome table classifies.
 fn failed(status: tonic::Status) -> Result<Answer, CallError> {
-    let transport = std::error::Error::source(&status).is_some();
-    if transport && matches!(status.code(), Code::Unavailable | Code::Unknown) {
-        return Err(CallError::Connect(status.message().to_string()));
+    // A status with a source was made on this side from a transport error, not sent by the
+    // service: a connection refused, a TLS handshake the service rejected after the fact (TLS
+    // 1.3 refuses a missing client certificate once the client thinks it is connected, and the
+    // call then ends as CANCELLED), a reset.
+    if let Some(source) = std::error::Error::source(&status) {
+        if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) {
+            let mut message = status.message().to_string();
+            let mut cause = Some(source);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !message.contains(&text) {
+                    message = format!("{message}: {text}");
+                }
+                cause = c.source();
+            }
+            return Err(CallError::Connect(message));
+        }
     }
     Ok(Answer {
         status: Status::Grpc(status.code() as i32),
