@@ -77,6 +77,11 @@ pub fn explain(client: &ClientConfig, within: Duration) -> Option<String> {
 /// failed: …`: the broker and librdkafka's words, without its thread decorations.
 fn tidy(report: &str) -> String {
     let report = report.trim();
+    // Log lines start with the thread: `[thrd:sasl_plaintext://host:port/bootstrap]: `.
+    let report = match report.strip_prefix("[thrd:").and_then(|r| r.split_once("]: ")) {
+        Some((_, rest)) => rest,
+        None => report,
+    };
     match report.split_once(": ") {
         Some((broker, rest)) if broker.ends_with("/bootstrap") || broker.contains("://") => {
             let broker = broker.trim_end_matches("/bootstrap");
@@ -96,6 +101,12 @@ mod tests {
         assert_eq!(
             tidy("ssl://localhost:9093/bootstrap: SSL handshake failed: certificate verify failed"),
             "localhost:9093: SSL handshake failed: certificate verify failed"
+        );
+        assert_eq!(
+            tidy(
+                "[thrd:sasl_plaintext://127.0.0.1:1/bootstrap]: sasl_plaintext://127.0.0.1:1/bootstrap: Failed to initialize SASL authentication"
+            ),
+            "127.0.0.1:1: Failed to initialize SASL authentication"
         );
         assert_eq!(tidy("1/1 brokers are down"), "1/1 brokers are down");
     }

@@ -141,6 +141,24 @@ fn check_properties(kafka: &Kafka, say: &mut impl FnMut(String, String)) {
         }
     }
     let has = |k: &str| kafka.properties.contains_key(k);
+    let value = |k: &str| kafka.properties.get(k).map(|v| v.0.as_str());
+    // ferry has no token callback, so librdkafka must make OAUTHBEARER tokens itself (OIDC, or
+    // unsecured test tokens); otherwise it waits for a token forever, silently.
+    let mechanism = value("sasl.mechanism").or(value("sasl.mechanisms"));
+    if mechanism.is_some_and(|m| m.eq_ignore_ascii_case("OAUTHBEARER"))
+        && !value("sasl.oauthbearer.method").is_some_and(|m| m.eq_ignore_ascii_case("oidc"))
+        && value("enable.sasl.oauthbearer.unsecure.jwt") != Some("true")
+    {
+        let key = if has("sasl.mechanism") {
+            "sasl.mechanism"
+        } else {
+            "sasl.mechanisms"
+        };
+        say(
+            format!("kafka.properties.{key}"),
+            "ferry has no token callback: OAUTHBEARER needs librdkafka to make the tokens, with `sasl.oauthbearer.method: oidc` (and its token endpoint, client id and secret) or, for tests only, `enable.sasl.oauthbearer.unsecure.jwt: true`".into(),
+        );
+    }
     if has("ssl.certificate.location") != has("ssl.key.location") {
         let (missing, given) = if has("ssl.key.location") {
             ("ssl.certificate.location", "ssl.key.location")

@@ -523,6 +523,33 @@ shutdown:
     }
 
     #[test]
+    fn oauthbearer_needs_a_token_source_librdkafka_runs_itself() {
+        let with = |props: &str| {
+            load(&VALID.replace(
+                "  commit_interval: 1s\n",
+                &format!("  commit_interval: 1s\n  properties:\n{props}"),
+            ))
+        };
+        let errors = with("    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n").unwrap_err();
+        assert_eq!(errors.0[0].path, "kafka.properties.sasl.mechanism", "{errors}");
+        assert!(
+            errors.0[0].message.contains("sasl.oauthbearer.method: oidc"),
+            "{errors}"
+        );
+        let oidc = "    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n    sasl.oauthbearer.method: oidc\n    sasl.oauthbearer.client.id: ferry\n    sasl.oauthbearer.client.secret: \"${X}\"\n    sasl.oauthbearer.token.endpoint.url: https://idp.example/token\n";
+        // This build's librdkafka has no libcurl, so no OIDC: it says so, at the keys.
+        let errors = with(oidc).unwrap_err();
+        assert!(
+            errors
+                .0
+                .iter()
+                .all(|e| e.message.contains("not supported in this build")),
+            "{errors}"
+        );
+        with("    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n    enable.sasl.oauthbearer.unsecure.jwt: true\n    sasl.oauthbearer.config: principal=ferry\n").unwrap();
+    }
+
+    #[test]
     fn tls_files_of_the_service_are_checked_at_load() {
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| {
