@@ -280,7 +280,7 @@ async fn sasl_refused_by_the_broker_is_a_clear_error_and_no_busy_loop() {
         .await;
         assert_eq!(code, 503, "{body}");
         assert!(
-            body.contains(&format!("mechanism {mechanism}")),
+            body.contains(mechanism),
             "librdkafka names the configured mechanism: {body}"
         );
         // Over ten more seconds, at trace level, ferry checks again every few seconds and
@@ -569,12 +569,13 @@ shutdown:
 /// unready with librdkafka's reason, consumes nothing and does not spin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_over_tls_with_a_client_certificate_through_a_tls_proxy() {
-    let (Some(tansu_bin), Some(stunnel_bin)) = (
+    let (Some(tansu_bin), Some(stunnel_bin), Some(openssl)) = (
         tool(
             "tansu",
             "cargo install tansu --version 0.6.0 --locked --features dynostore,libsql",
         ),
         tool("stunnel4", "apt-get install stunnel4"),
+        tool("openssl", "apt-get install openssl"),
     ) else {
         return;
     };
@@ -608,21 +609,37 @@ async fn kafka_over_tls_with_a_client_certificate_through_a_tls_proxy() {
     let stunnel_log = dir.path().join("stunnel.log");
     let line = |p: &std::path::Path| format!("    ssl.ca.location: {}\n", p.display());
 
-    // The right CA and a client certificate: consumed, called, replied, committed.
+    // The right CA and a client certificate whose key is encrypted, its password from a file:
+    // consumed, called, replied, committed; at trace level, with librdkafka's own security and
+    // configuration debug output on, the password shows nowhere.
+    let key_password = "key-pa55word-planted";
+    write(dir.path(), "key-password", &format!("{key_password}\n"));
+    let encrypted_key = dir.path().join("client-encrypted.key");
+    let encrypted = std::process::Command::new(&openssl)
+        .args(["pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&encrypted_key)
+        .args(["-passout", &format!("pass:{key_password}")])
+        .status()
+        .unwrap();
+    assert!(encrypted.success());
     let group = unique("group");
     let admin = free_port();
     let with_cert = format!(
-        "{}    ssl.certificate.location: {}\n    ssl.key.location: {}\n",
+        "{}    ssl.certificate.location: {}\n    ssl.key.location: {}\n    ssl.key.password: \"${{file:{}}}\"\n    debug: security,conf\n",
         line(&ca),
         cert.display(),
-        key.display()
+        encrypted_key.display(),
+        dir.path().join("key-password").display()
     );
     let config = write(
         dir.path(),
         "ok.yaml",
         &kafka_tls_config(&brokers, &group, topics, &service.url("/h"), admin, &with_cert),
     );
-    let mut ferry = Ferry::spawn(&config, &dir.path().join("ok.log"));
+    let ok_log = dir.path().join("ok.log");
+    let mut ferry = Ferry::spawn_with(&config, &ok_log, &[("FERRY_LOG", "trace")]);
     let replies = read_tls(&test_client, &reply, 1, WAIT).await;
     assert_eq!(
         replies,
@@ -634,9 +651,19 @@ async fn kafka_over_tls_with_a_client_certificate_through_a_tls_proxy() {
         (committed_tls(&test_client, &group, &source).await == Some(1)).then_some(())
     })
     .await;
+    let (_, _, status) = admin_call("GET", &format!("http://127.0.0.1:{admin}/status"), None).await;
     ferry.signal(libc::SIGTERM);
     assert_eq!(ferry.exit_code(WAIT).await, Some(0));
     assert_eq!(service.requests().len(), 1);
+    let logs = std::fs::read_to_string(&ok_log).unwrap();
+    assert!(
+        logs.contains("ssl.key.location"),
+        "librdkafka's configuration dump is in the log"
+    );
+    assert!(
+        !logs.contains(key_password) && !status.contains(key_password),
+        "the key password shows nowhere"
+    );
     let presented = std::fs::read_to_string(&stunnel_log).unwrap();
     assert!(
         presented.contains("Certificate accepted at depth=0: CN=ferry"),
