@@ -732,3 +732,106 @@ async fn kafka_over_tls_with_a_client_certificate_through_a_tls_proxy() {
         "stunnel refused the sidecar without a certificate:\n{refused}"
     );
 }
+
+/// `ferry validate` and `ferry run` never print a value that came from `${…}`: not when the
+/// config is fine, not in config errors, not when librdkafka rejects a property (its own error
+/// quotes the value, and a misspelt `sasl.passwrd` would carry the password). A credential
+/// written as a literal is warned about without being repeated.
+#[test]
+fn secrets_stay_out_of_validate_run_and_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let from_file = "file-s3cret-planted";
+    let from_env = "env-s3cret-planted";
+    let password = write(dir.path(), "password", &format!("{from_file}\n"));
+    let config = |properties: &str, token: &str| {
+        format!(
+            r#"kafka:
+  brokers: 127.0.0.1:9
+  group_id: g
+  properties:
+    security.protocol: SASL_SSL
+    sasl.mechanism: SCRAM-SHA-512
+    sasl.username: ferry
+{properties}routes:
+  - name: r
+    from: {{ topics: [in] }}
+    call:
+      http:
+        url: http://127.0.0.1:8080/
+        headers: {{ authorization: "Bearer ${{SERVICE_TOKEN}}" }}
+    dead_letter: {{ to: dlq }}
+admin:
+  token: {token}
+"#
+        )
+    };
+    let ferry = |args: &[&str], file: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .arg(file)
+            .env("SERVICE_TOKEN", from_env)
+            .env("ADMIN_TOKEN", from_env)
+            .env("PROTOCOL", from_env)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !text.contains(from_file) && !text.contains(from_env),
+            "a secret is printed:\n{text}"
+        );
+        (out.status.code(), text)
+    };
+    let file_ref = format!("\"${{file:{}}}\"", password.display());
+
+    let good = write(
+        dir.path(),
+        "good.yaml",
+        &config(&format!("    sasl.password: {file_ref}\n"), "\"${ADMIN_TOKEN}\""),
+    );
+    let (code, text) = ferry(&["validate", "-c"], &good);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("warning"), "{text}");
+
+    let literal = write(
+        dir.path(),
+        "literal.yaml",
+        &config("    sasl.password: hunter2-literal\n", "literal-admin-token"),
+    );
+    let (code, text) = ferry(&["validate", "-c"], &literal);
+    assert_eq!(code, Some(0), "{text}");
+    for path in ["literal.yaml:8:20: kafka.properties.sasl.password", "admin.token"] {
+        assert!(text.contains(path), "warns at {path}:\n{text}");
+    }
+    assert!(
+        !text.contains("hunter2-literal") && !text.contains("literal-admin-token"),
+        "{text}"
+    );
+
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        &config(
+            &format!(
+                "    sasl.passwrd: {file_ref}\n    ssl.endpoint.identification.algorithm: \"${{PROTOCOL}}\"\n"
+            ),
+            "\"${ADMIN_TOKEN}\"",
+        ),
+    );
+    for command in [&["validate", "-c"][..], &["run", "-c"][..]] {
+        let (code, text) = ferry(command, &bad);
+        assert_eq!(code, Some(78), "{command:?}: {text}");
+        assert!(
+            text.contains("kafka.properties.sasl.passwrd: librdkafka: No such configuration property"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kafka.properties.ssl.endpoint.identification.algorithm")
+                && text.contains("${PROTOCOL}"),
+            "the reference stands in for the value: {text}"
+        );
+    }
+}

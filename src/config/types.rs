@@ -1058,6 +1058,18 @@ mod tests {
     }
 
     #[test]
+    fn secrets_compare_whole_and_never_print() {
+        let s = Secret::new("t0ken");
+        assert!(s.matches(b"t0ken"));
+        for wrong in [&b""[..], b"t0ke", b"t0ken!", b"T0ken", b"x0ken", b"t0kex"] {
+            assert!(!s.matches(wrong), "{wrong:?}");
+        }
+        assert!(!Secret::new("").matches(b"a"));
+        assert_eq!(format!("{s:?}"), "Secret(..)");
+        assert_eq!(format!("{:?}", PropertyValue("pw".into())), "PropertyValue(..)");
+    }
+
+    #[test]
     fn status_match() {
         let m: StatusMatch = serde_json::from_str("\"4xx\"").unwrap();
         assert!(m.matches(404) && !m.matches(500));
