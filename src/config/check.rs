@@ -17,10 +17,10 @@ const RESERVED: &[(&str, &str)] = &[
     ("isolation.level", "ferry reads committed records only"),
 ];
 
-fn check_grpc(g: &GrpcCall, at: &str, say: &mut impl FnMut(String, String)) {
+fn check_grpc(g: &GrpcCall, at: &str, absent_ok: bool, say: &mut impl FnMut(String, String)) {
     match reqwest::Url::parse(&g.endpoint) {
         Ok(u) if matches!(u.scheme(), "http" | "https") => {
-            check_tls(g.tls(), u.scheme() == "https", at, say);
+            check_tls(g.tls(), u.scheme() == "https", at, absent_ok, say);
         }
         Ok(u) => say(
             format!("{at}.endpoint"),
@@ -73,8 +73,24 @@ fn check_grpc(g: &GrpcCall, at: &str, say: &mut impl FnMut(String, String)) {
     }
 }
 
-fn check_tls(files: TlsFiles<'_>, https: bool, at: &str, say: &mut impl FnMut(String, String)) {
+/// `absent_ok`: a file that does not exist here is no problem (`ferry validate --env-optional`
+/// checks a production config, whose certificates are mounted only in production).
+fn check_tls(
+    files: TlsFiles<'_>,
+    https: bool,
+    at: &str,
+    absent_ok: bool,
+    say: &mut impl FnMut(String, String),
+) {
     for (field, message) in crate::call::tls::check(files, https) {
+        let file = match field {
+            "ca_file" => files.ca,
+            "cert_file" => files.cert,
+            _ => files.key,
+        };
+        if absent_ok && file.is_some_and(|f| !f.exists()) {
+            continue;
+        }
         say(format!("{at}.{field}"), message);
     }
 }
@@ -110,7 +126,7 @@ pub fn is_secret_key(key: &str) -> bool {
 /// `kafka.properties` as librdkafka sees them: a known property with a valid value, and the
 /// files the TLS properties name. librdkafka's own check runs here so that a mistake is a config
 /// error at its key instead of a failure to start (whose message would quote the value).
-fn check_properties(kafka: &Kafka, say: &mut impl FnMut(String, String)) {
+fn check_properties(kafka: &Kafka, absent_ok: bool, say: &mut impl FnMut(String, String)) {
     for (key, value) in &kafka.properties {
         let at = format!("kafka.properties.{key}");
         let mut one = rdkafka::ClientConfig::new();
@@ -129,7 +145,7 @@ fn check_properties(kafka: &Kafka, say: &mut impl FnMut(String, String)) {
         }
         if FILE_PROPERTIES.contains(&key.as_str()) && !(key == "ssl.ca.location" && value.0 == "probe") {
             let path = std::path::Path::new(&value.0);
-            if !path.exists() {
+            if !path.exists() && !absent_ok {
                 say(
                     at,
                     format!(
@@ -172,7 +188,9 @@ fn check_properties(kafka: &Kafka, say: &mut impl FnMut(String, String)) {
     }
 }
 
-pub fn check(config: &Config) -> Vec<(String, String)> {
+/// Every problem found, as a path and a message. `absent_ok`: TLS files that do not exist here
+/// are no problem (`ferry validate --env-optional`).
+pub fn check(config: &Config, absent_ok: bool) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     let mut say = |path: String, message: String| problems.push((path, message));
 
@@ -196,7 +214,7 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             );
         }
     }
-    check_properties(&config.kafka, &mut say);
+    check_properties(&config.kafka, absent_ok, &mut say);
     if config.kafka.commit_interval.0.is_zero() {
         say(
             "kafka.commit_interval".into(),
@@ -264,7 +282,13 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             ),
             (Some(u), None) | (None, Some(u)) => match reqwest::Url::parse(u) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") => {
-                    check_tls(r.tls(), url.scheme() == "https", "service.ready", &mut say);
+                    check_tls(
+                        r.tls(),
+                        url.scheme() == "https",
+                        "service.ready",
+                        absent_ok,
+                        &mut say,
+                    );
                 }
                 _ => {
                     let key = if r.http.is_some() {
@@ -370,7 +394,7 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
         }
 
         if let Some(grpc) = &route.call.grpc {
-            check_grpc(grpc, &at("call.grpc"), &mut say);
+            check_grpc(grpc, &at("call.grpc"), absent_ok, &mut say);
         }
         match &route.call.http {
             None if route.call.grpc.is_some() => {}
@@ -380,7 +404,7 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
                 let probe = crate::call::template::sample(&http.url);
                 match reqwest::Url::parse(&probe) {
                     Ok(u) if matches!(u.scheme(), "http" | "https") => {
-                        check_tls(http.tls(), u.scheme() == "https", &at("call.http"), &mut say);
+                        check_tls(http.tls(), u.scheme() == "https", &at("call.http"), absent_ok, &mut say);
                     }
                     Ok(u) => say(
                         at("call.http.url"),

@@ -165,7 +165,7 @@ pub fn parse_with_warnings(
     })?;
     let mut config = config;
     resolve_paths(&mut config, file);
-    let mut problems = check::check(&config);
+    let mut problems = check::check(&config, interpolator.env_optional);
     problems.extend(compile_schemas(&mut config));
     if problems.is_empty() {
         let mut warnings = Vec::new();
