@@ -305,16 +305,25 @@ async fn sasl_refused_by_the_broker_is_a_clear_error_and_no_busy_loop() {
 }
 
 /// Each SASL mechanism configured in `kafka.properties` reaches librdkafka: against a broker
-/// without SASL, librdkafka's refusal names it.
+/// without SASL, librdkafka's refusal names it (OAUTHBEARER after librdkafka made its token).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sasl_mechanism_reaches_librdkafka() {
     let kafka = Kafka::start();
     let t = kafka.route_topics(1).await;
-    for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] {
+    let user = "    sasl.username: ferry\n    sasl.password: planted\n";
+    // OAUTHBEARER: librdkafka makes the token (unsecured here; OIDC needs a libcurl build).
+    let token =
+        "    enable.sasl.oauthbearer.unsecure.jwt: true\n    sasl.oauthbearer.config: principal=ferry\n";
+    for (mechanism, credentials) in [
+        ("PLAIN", user),
+        ("SCRAM-SHA-256", user),
+        ("SCRAM-SHA-512", user),
+        ("OAUTHBEARER", token),
+    ] {
         let text = config_text(&kafka, &t.group, &t.source, "http://127.0.0.1:1/", &t.reply, &t.dlq, "").replace(
             "    session.timeout.ms: 6000\n",
             &format!(
-                "    session.timeout.ms: 6000\n    security.protocol: SASL_PLAINTEXT\n    sasl.mechanism: {mechanism}\n    sasl.username: ferry\n    sasl.password: planted\n"
+                "    session.timeout.ms: 6000\n    security.protocol: SASL_PLAINTEXT\n    sasl.mechanism: {mechanism}\n{credentials}"
             ),
         );
         let client = ferry::sidecar::client_config(&parse(&text));
