@@ -654,6 +654,22 @@ shutdown:
             ),
         ));
         assert!(p[0].contains("holds no unencrypted private key"), "{p:?}");
+
+        // `ferry validate --env-optional` checks a production file whose certificates are
+        // mounted only in production: absent files are no problem there, bad ones still are.
+        let mut optional = Interpolator::from_pairs(&[("X", "1")]);
+        optional.env_optional = true;
+        let absent = http(
+            "https://localhost:8443/",
+            "        ca_file: /nowhere/ca.pem\n        cert_file: /nowhere/tls.crt\n        key_file: /nowhere/tls.key\n",
+        )
+        .replace("  commit_interval: 1s\n", "  commit_interval: 1s\n  properties:\n    ssl.ca.location: /nowhere/kafka-ca.pem\n");
+        parse(&absent, Path::new("p.yaml"), &optional).unwrap();
+        let junk_ca = http(
+            "https://localhost:8443/",
+            &format!("        ca_file: {}\n", junk.display()),
+        );
+        assert!(parse(&junk_ca, Path::new("p.yaml"), &optional).is_err());
     }
 
     proptest! {
