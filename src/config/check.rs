@@ -109,10 +109,10 @@ pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     key.contains("password")
         || key.contains("secret")
+        || key.ends_with("token")
         || matches!(
             key.as_str(),
-            "token"
-                | "sasl.jaas.config"
+            "sasl.jaas.config"
                 | "sasl.oauthbearer.config"
                 | "ssl.key.pem"
                 | "authorization"
@@ -172,7 +172,7 @@ fn check_properties(kafka: &Kafka, absent_ok: bool, say: &mut impl FnMut(String,
         };
         say(
             format!("kafka.properties.{key}"),
-            "ferry has no token callback: OAUTHBEARER needs librdkafka to make the tokens, with `sasl.oauthbearer.method: oidc` (and its token endpoint, client id and secret) or, for tests only, `enable.sasl.oauthbearer.unsecure.jwt: true`".into(),
+            "OAUTHBEARER needs librdkafka to make the tokens (ferry has no token callback): with `sasl.oauthbearer.method: oidc`, which needs a librdkafka built with libcurl (this build has none, and refuses it), or, for tests only, with `enable.sasl.oauthbearer.unsecure.jwt: true`".into(),
         );
     }
     if has("ssl.certificate.location") != has("ssl.key.location") {

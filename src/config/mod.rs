@@ -533,7 +533,9 @@ shutdown:
         let errors = with("    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n").unwrap_err();
         assert_eq!(errors.0[0].path, "kafka.properties.sasl.mechanism", "{errors}");
         assert!(
-            errors.0[0].message.contains("sasl.oauthbearer.method: oidc"),
+            errors.0[0]
+                .message
+                .contains("enable.sasl.oauthbearer.unsecure.jwt: true"),
             "{errors}"
         );
         let oidc = "    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n    sasl.oauthbearer.method: oidc\n    sasl.oauthbearer.client.id: ferry\n    sasl.oauthbearer.client.secret: \"${X}\"\n    sasl.oauthbearer.token.endpoint.url: https://idp.example/token\n";
