@@ -150,8 +150,9 @@ async fn https_calls_trust_only_the_given_ca_and_present_the_client_certificate(
     let cert_file = write(dir.path(), "client.pem", &client.cert);
     let key_file = write(dir.path(), "client.key", &client.key);
 
-    // The right CA and a client certificate: the call goes through, the reply is published,
-    // and the service saw ferry's certificate.
+    // The right CA and a client certificate: the readiness probe passes over TLS (ferry
+    // subscribes only then), the call goes through, the reply is published, and every
+    // handshake presented ferry's certificate.
     let t = kafka.route_topics(1).await;
     let tls = format!(
         "        ca_file: {}\n        cert_file: {}\n        key_file: {}\n",
@@ -159,15 +160,25 @@ async fn https_calls_trust_only_the_given_ca_and_present_the_client_certificate(
         cert_file.display(),
         key_file.display()
     );
-    let sidecar = Sidecar::start(parse(&https_config(&kafka, &t, &url, &tls)))
-        .await
-        .unwrap();
+    let probe = format!(
+        "service:\n  ready:\n    http: https://127.0.0.1:{}/healthz\n    interval: 200ms\n{}",
+        service.addr.port(),
+        tls.replace("        ", "    ")
+    );
+    let text = format!("{probe}{}", https_config(&kafka, &t, &url, &tls));
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
     kafka.send(&t.source, None, Some("k"), "over tls", &[]).await;
     let replies = kafka.read(&t.reply, 1, WAIT).await;
     assert_eq!(replies[0].value.as_deref(), Some("over tls"));
-    assert_eq!(service.handshakes(), vec![Ok(Some(der(&client.cert)))]);
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
+    let accepted = service.handshakes();
+    let served = service.requests();
+    assert!(served >= 2, "the probe's requests and the call");
+    assert!(
+        accepted.iter().all(|h| h == &Ok(Some(der(&client.cert)))),
+        "{accepted:?}"
+    );
 
     // Without the client certificate the service refuses the handshake: no request reaches it
     // and the record is dead-lettered as a connection failure after its attempts.
@@ -182,7 +193,11 @@ async fn https_calls_trust_only_the_given_ca_and_present_the_client_certificate(
     let dead = kafka.read(&t.dlq, 1, WAIT).await;
     assert_eq!(dead[0].header("ferry.error.reason"), Some("connect"), "{dead:?}");
     assert_eq!(dead[0].header("ferry.attempts"), Some("3"), "{dead:?}");
-    let refused = service.handshakes().into_iter().skip(1).collect::<Vec<_>>();
+    let refused = service
+        .handshakes()
+        .into_iter()
+        .skip(accepted.len())
+        .collect::<Vec<_>>();
     assert!(
         !refused.is_empty()
             && refused
@@ -190,11 +205,7 @@ async fn https_calls_trust_only_the_given_ca_and_present_the_client_certificate(
                 .all(|h| h.as_ref().is_err_and(|e| e.contains("certificate"))),
         "{refused:?}"
     );
-    assert_eq!(
-        service.requests(),
-        1,
-        "only the first sidecar's request got through"
-    );
+    assert_eq!(service.requests(), served, "no request got through");
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 
@@ -219,7 +230,7 @@ async fn https_calls_trust_only_the_given_ca_and_present_the_client_certificate(
         "names the TLS problem: {message}"
     );
     assert!(kafka.read_all(&t.reply).await.is_empty());
-    assert_eq!(service.requests(), 1);
+    assert_eq!(service.requests(), served);
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
