@@ -176,6 +176,33 @@ pub fn parse_with_warnings(
                 "holds a credential written into the file; write it as ${VAR} or ${file:/path} so that it stays out of the config (and out of ConfigMaps and git)".into(),
             ));
         });
+        // Turning the broker's certificate check off makes TLS encryption without authentication.
+        for (key, off, what) in [
+            (
+                "enable.ssl.certificate.verification",
+                "false",
+                "the broker's certificate is not verified",
+            ),
+            (
+                "ssl.endpoint.identification.algorithm",
+                "none",
+                "the broker's host name is not checked against its certificate",
+            ),
+        ] {
+            if config
+                .kafka
+                .properties
+                .get(key)
+                .is_some_and(|v| v.0.eq_ignore_ascii_case(off))
+            {
+                let path = format!("kafka.properties.{key}");
+                warnings.push(at(
+                    Some(doc.position(&path)),
+                    path,
+                    format!("{what}: anyone on the path can pose as the broker; remove it and give ssl.ca.location instead"),
+                ));
+            }
+        }
         Ok(Loaded { config, warnings })
     } else {
         Err(ConfigErrors(
@@ -446,6 +473,25 @@ shutdown:
             assert!(
                 !w.to_string().contains("hunter2") && !w.to_string().contains("literal-token"),
                 "{w}"
+            );
+        }
+        let unverified = text.replace(
+            "    sasl.username: ferry\n",
+            "    sasl.username: ferry\n    enable.ssl.certificate.verification: false\n    ssl.endpoint.identification.algorithm: none\n",
+        );
+        let loaded = load_with(&unverified, &[("KEY_PW", "k")]).unwrap();
+        for key in [
+            "enable.ssl.certificate.verification",
+            "ssl.endpoint.identification.algorithm",
+        ] {
+            assert!(
+                loaded
+                    .warnings
+                    .iter()
+                    .any(|w| w.path == format!("kafka.properties.{key}")
+                        && w.message.contains("pose as the broker")),
+                "{key}: {:?}",
+                loaded.warnings
             );
         }
         let referenced = text
