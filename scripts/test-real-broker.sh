@@ -31,4 +31,4 @@ fi
 echo "== integration tests against tansu"
 # Broker-facing tests only; unit tests and CLI tests do not touch a broker.
 FERRY_TEST_BROKERS="127.0.0.1:$port" cargo nextest run --no-fail-fast \
-  --test pipeline --test lifecycle --test rebalance --test grpc --test bounds --test readiness --test circuit --test admin --test traces --test contracts --test bench --test retry_topics --test bad_input "$@" || { echo "== tansu log (tail)"; tail -50 "$work/tansu.log"; exit 1; }
+  --test pipeline --test lifecycle --test rebalance --test grpc --test bounds --test readiness --test circuit --test admin --test traces --test contracts --test bench --test retry_topics --test bad_input --test security "$@" || { echo "== tansu log (tail)"; tail -50 "$work/tansu.log"; exit 1; }

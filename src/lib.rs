@@ -36,6 +36,7 @@
 //!   resume, drain);
 //! - [`telemetry`]: every metric name and span attribute, the metrics, one trace per record, logs;
 //! - [`sidecar`]: all of the above assembled;
+//! - [`broker`]: why the brokers cannot be reached (TLS, SASL), for the start-up check;
 //! - [`embedded`]: the embedded broker for local work and tests;
 //! - [`cli`]: the commands.
 
@@ -56,5 +57,6 @@ pub mod offsets;
 pub mod admin;
 pub mod telemetry;
 pub mod sidecar;
+pub mod broker;
 pub mod embedded;
 pub mod cli;

@@ -50,9 +50,8 @@ impl Probe {
     pub fn new(config: &Ready) -> Result<Probe, String> {
         let timeout = config.interval.0.min(Duration::from_secs(5));
         if let Some(url) = &config.http {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .timeout(timeout)
+            let builder = reqwest::Client::builder().no_proxy().timeout(timeout);
+            let client = crate::call::http::with_tls(builder, config.tls())?
                 .build()
                 .map_err(|e| format!("cannot build the probe client: {e}"))?;
             return Ok(Probe::Http {
@@ -61,10 +60,10 @@ impl Probe {
             });
         }
         let url = config.grpc.clone().unwrap_or_default();
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
             .map_err(|e| format!("`{url}` is not a gRPC endpoint: {e}"))?
-            .timeout(timeout)
-            .connect_lazy();
+            .timeout(timeout);
+        let channel = crate::call::grpc::with_tls(endpoint, config.tls())?.connect_lazy();
         Ok(Probe::Grpc { channel })
     }
 

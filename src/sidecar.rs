@@ -381,8 +381,12 @@ fn check_topics(producer: &Producer, config: &Config) -> Option<String> {
     let metadata = match producer.metadata(Duration::from_secs(10)) {
         Ok(m) => m,
         Err(e) => {
+            // A refused TLS handshake or SASL login shows only as a timeout here: ask why.
+            let why = crate::broker::explain(&client_config(config), Duration::from_secs(5))
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default();
             return Some(format!(
-                "cannot read topic metadata from {}: {e}",
+                "cannot read topic metadata from {}: {e}{why}",
                 config.kafka.brokers
             ));
         }

@@ -3,6 +3,8 @@
 //! and through reflection, and TLS.
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -519,21 +521,15 @@ async fn dynamic_method_through_reflection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_to_the_service_with_a_ca_file() {
+async fn tls_to_the_service_with_a_ca_file_and_a_client_certificate() {
     let kafka = Kafka::start();
-    let t = topics(&kafka, 1).await;
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let service_ca = pki::Ca::new("service CA");
+    let client_ca = pki::Ca::new("client CA");
+    let server = service_ca.server();
+    let client = client_ca.client("ferry");
 
-    let identity = tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
+    // The service requires a client certificate signed by the client CA.
+    let identity = tonic::transport::Identity::from_pem(&server.cert, &server.key);
     let handler = TestHandler {
         behaviour: Arc::new(|_| {
             Ok(Reply {
@@ -544,20 +540,29 @@ async fn tls_to_the_service_with_a_ca_file() {
         seen: Arc::default(),
         delay_first: None,
     };
+    let seen = handler.seen.clone();
     let router = tonic::transport::Server::builder()
-        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        .tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(identity)
+                .client_ca_root(tonic::transport::Certificate::from_pem(&client_ca.pem)),
+        )
         .unwrap()
         .add_service(HandlerServer::new(handler));
     let (addr, _) = serve(router).await;
     let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let grpc = format!(
-        "        endpoint: https://localhost:{}\n        ca_file: {}",
-        addr.port(),
-        ca_file.display()
+    let ca_file = pki::write(dir.path(), "ca.pem", &service_ca.pem);
+    let cert_file = pki::write(dir.path(), "client.pem", &client.cert);
+    let key_file = pki::write(dir.path(), "client.key", &client.key);
+    let endpoint = format!("        endpoint: https://localhost:{}\n", addr.port());
+    let with_certificate = format!(
+        "{endpoint}        ca_file: {}\n        cert_file: {}\n        key_file: {}",
+        ca_file.display(),
+        cert_file.display(),
+        key_file.display()
     );
-    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t, &grpc, 3)))
+    let t = topics(&kafka, 1).await;
+    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t, &with_certificate, 3)))
         .await
         .unwrap();
     kafka.send(&t.source, None, Some("k"), "v", &[]).await;
@@ -566,29 +571,39 @@ async fn tls_to_the_service_with_a_ca_file() {
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 
-    // A CA that did not sign the service's certificate: nothing gets through.
-    let other_key = rcgen::KeyPair::generate().unwrap();
-    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let wrong = other.self_signed(&other_key).unwrap();
-    std::fs::write(&ca_file, wrong.pem()).unwrap();
+    // Without the client certificate the service refuses the handshake: nothing reaches it.
     let t2 = topics(&kafka, 1).await;
-    let grpc = format!(
-        "        endpoint: https://localhost:{}\n        ca_file: {}",
-        addr.port(),
-        ca_file.display()
-    );
-    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t2, &grpc, 2)))
+    let without = format!("{endpoint}        ca_file: {}", ca_file.display());
+    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t2, &without, 2)))
         .await
         .unwrap();
     kafka.send(&t2.source, None, Some("k"), "v", &[]).await;
     let dead = kafka.read(&t2.dlq, 1, WAIT).await;
+    assert_eq!(dead[0].header("ferry.error.reason"), Some("connect"), "{dead:?}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "only the call with a certificate got through"
+    );
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+
+    // A CA that did not sign the service's certificate: nothing gets through.
+    let wrong = pki::write(dir.path(), "wrong.pem", &pki::Ca::new("another CA").pem);
+    let t3 = topics(&kafka, 1).await;
+    let wrong_ca = with_certificate.replace(&ca_file.display().to_string(), &wrong.display().to_string());
+    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t3, &wrong_ca, 2)))
+        .await
+        .unwrap();
+    kafka.send(&t3.source, None, Some("k"), "v", &[]).await;
+    let dead = kafka.read(&t3.dlq, 1, WAIT).await;
     assert_eq!(
         dead[0].header("ferry.error.reason"),
         Some("connect"),
         "a wrong CA is refused: {dead:?}"
     );
-    assert!(kafka.read_all(&t2.reply).await.is_empty());
+    assert!(kafka.read_all(&t3.reply).await.is_empty());
+    assert_eq!(seen.lock().unwrap().len(), 1);
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }

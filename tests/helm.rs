@@ -146,6 +146,28 @@ fn every_value_set_lints_renders_and_makes_a_safe_pod() {
         assert_eq!(ferry["startupProbe"]["httpGet"]["path"], "/healthz");
         hardened(ferry, "ferry");
         hardened(app, "app");
+        // Every file ferry mounts besides its config comes from a Kubernetes Secret, read-only.
+        let volumes = pod["volumes"].as_array().unwrap();
+        for mount in ferry["volumeMounts"].as_array().unwrap() {
+            let volume = volumes
+                .iter()
+                .find(|v| v["name"] == mount["name"])
+                .unwrap_or_else(|| panic!("{values}: no volume for {mount}"));
+            assert_eq!(mount["readOnly"], true, "{values}: {mount}");
+            if mount["name"] != "ferry-config" {
+                assert!(volume["secret"]["secretName"].is_string(), "{values}: {volume}");
+            }
+        }
+        if values.contains("full") {
+            assert!(
+                ferry["volumeMounts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["mountPath"] == "/var/run/secrets/kafka"),
+                "{values}: the Secret with the broker's CA is mounted"
+            );
+        }
         assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
         let checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
             .as_str()

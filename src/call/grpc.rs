@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
 use crate::config::{Action, GrpcCall};
@@ -81,12 +81,7 @@ impl Grpc {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-                .map_err(|e| format!("bad TLS settings: {e}"))?;
-        }
+        endpoint = with_tls(endpoint, config.tls())?;
         // Lazy: ferry starts even when the service is not up yet; calls fail (and are retried)
         // until it is.
         let channel = endpoint.connect_lazy();
@@ -169,6 +164,21 @@ impl Call for Grpc {
     }
 }
 
+/// TLS on an `https://` endpoint: only the configured CA is trusted, and the client
+/// certificate, if any, is presented (mTLS).
+pub(crate) fn with_tls(endpoint: Endpoint, files: crate::config::TlsFiles<'_>) -> Result<Endpoint, String> {
+    let Some(pem) = super::tls::load(files)? else {
+        return Ok(endpoint);
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem.ca));
+    if let Some((cert, key)) = pem.identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    endpoint
+        .tls_config(tls)
+        .map_err(|e| format!("bad TLS settings: {e}"))
+}
+
 fn event(record: &Record, attempt: &Attempt) -> proto::Event {
     proto::Event {
         topic: record.topic.to_string(),
@@ -211,9 +221,23 @@ fn metadata(record: &Record, attempt: &Attempt) -> MetadataMap {
 /// A failed call: a transport failure is a connection error, anything else is the service's
 /// status, which the outcome table classifies.
 fn failed(status: tonic::Status) -> Result<Answer, CallError> {
-    let transport = std::error::Error::source(&status).is_some();
-    if transport && matches!(status.code(), Code::Unavailable | Code::Unknown) {
-        return Err(CallError::Connect(status.message().to_string()));
+    // A status with a source was made on this side from a transport error, not sent by the
+    // service: a connection refused, a TLS handshake the service rejected after the fact (TLS
+    // 1.3 refuses a missing client certificate once the client thinks it is connected, and the
+    // call then ends as CANCELLED), a reset.
+    if let Some(source) = std::error::Error::source(&status) {
+        if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) {
+            let mut message = status.message().to_string();
+            let mut cause = Some(source);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !message.contains(&text) {
+                    message = format!("{message}: {text}");
+                }
+                cause = c.source();
+            }
+            return Err(CallError::Connect(message));
+        }
     }
     Ok(Answer {
         status: Status::Grpc(status.code() as i32),

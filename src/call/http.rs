@@ -36,14 +36,15 @@ impl Http {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             // The service is co-located: no proxy, no redirects (a 3xx is an answer), and
             // Nagle off because requests are small and latency matters.
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(1024);
+        let client = with_tls(builder, config.tls())?
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Http {
@@ -100,7 +101,8 @@ impl Http {
             if e.is_timeout() {
                 CallError::Timeout(self.timeout)
             } else {
-                CallError::Connect(error_chain(&e))
+                // The URL may carry a credential (`?key=${KEY}`); the route names the call.
+                CallError::Connect(error_chain(&e.without_url()))
             }
         };
         let mut response = self.request(record, attempt).send().await.map_err(classify)?;
@@ -117,6 +119,23 @@ impl Http {
         answer.body = body.freeze();
         Ok(answer)
     }
+}
+
+/// Trusts only the configured CA (no system roots) and presents the client certificate, if any.
+pub(crate) fn with_tls(
+    builder: reqwest::ClientBuilder,
+    files: crate::config::TlsFiles<'_>,
+) -> Result<reqwest::ClientBuilder, String> {
+    let Some(pem) = super::tls::load(files)? else {
+        return Ok(builder);
+    };
+    let ca = reqwest::Certificate::from_pem_bundle(&pem.ca).map_err(|e| format!("ca_file: {e}"))?;
+    let mut builder = builder.tls_certs_only(ca);
+    if let Some(bundle) = pem.identity_bundle() {
+        builder = builder
+            .identity(reqwest::Identity::from_pem(&bundle).map_err(|e| format!("cert_file/key_file: {e}"))?);
+    }
+    Ok(builder)
 }
 
 impl Call for Http {

@@ -6,6 +6,7 @@
 pub mod grpc;
 pub mod http;
 pub mod template;
+pub mod tls;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -9,8 +9,8 @@ use crate::sidecar::Sidecar;
 use crate::telemetry;
 
 pub async fn run(path: &Path) -> i32 {
-    let config = match config::load(path, &Interpolator::from_env()) {
-        Ok(c) => c,
+    let (config, warnings) = match config::load_with_warnings(path, &Interpolator::from_env()) {
+        Ok(l) => (l.config, l.warnings),
         Err(errors) => {
             eprintln!("{errors}");
             return EXIT_CONFIG;
@@ -18,6 +18,9 @@ pub async fn run(path: &Path) -> i32 {
     };
     let log = &config.telemetry.log;
     telemetry::init_logging(&log.level, log.format == LogFormat::Json);
+    for w in &warnings {
+        tracing::warn!(warning = %w, "Config warning");
+    }
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {

@@ -7,8 +7,11 @@ use crate::config::{self, EXIT_CONFIG, Interpolator};
 pub fn validate(path: &Path, env_optional: bool) -> i32 {
     let mut interpolator = Interpolator::from_env();
     interpolator.env_optional = env_optional;
-    match config::load(path, &interpolator) {
-        Ok(c) => {
+    match config::load_with_warnings(path, &interpolator) {
+        Ok(config::Loaded { config: c, warnings }) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} route{})",
                 path.display(),

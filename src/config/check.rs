@@ -21,23 +21,10 @@ const RESERVED: &[(&str, &str)] = &[
     ),
 ];
 
-fn check_grpc(g: &GrpcCall, at: &str, say: &mut impl FnMut(String, String)) {
+fn check_grpc(g: &GrpcCall, at: &str, absent_ok: bool, say: &mut impl FnMut(String, String)) {
     match reqwest::Url::parse(&g.endpoint) {
-        Ok(u) if u.scheme() == "http" => {
-            if g.ca_file.is_some() {
-                say(
-                    format!("{at}.ca_file"),
-                    "a CA file is for https:// endpoints".into(),
-                );
-            }
-        }
-        Ok(u) if u.scheme() == "https" => {
-            if g.ca_file.is_none() {
-                say(
-                    format!("{at}.ca_file"),
-                    "an https:// endpoint needs the CA that signed the service's certificate".into(),
-                );
-            }
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {
+            check_tls(g.tls(), u.scheme() == "https", at, absent_ok, say);
         }
         Ok(u) => say(
             format!("{at}.endpoint"),
@@ -80,16 +67,134 @@ fn check_grpc(g: &GrpcCall, at: &str, say: &mut impl FnMut(String, String)) {
             }
         }
     }
-    for (field, file) in [("descriptor_set", &g.descriptor_set), ("ca_file", &g.ca_file)] {
-        if let Some(f) = file {
-            if !f.is_file() {
-                say(format!("{at}.{field}"), format!("{} does not exist", f.display()));
-            }
+    if let Some(f) = &g.descriptor_set {
+        if !f.is_file() {
+            say(
+                format!("{at}.descriptor_set"),
+                format!("{} does not exist", f.display()),
+            );
         }
     }
 }
 
-pub fn check(config: &Config) -> Vec<(String, String)> {
+/// `absent_ok`: a file that does not exist here is no problem (`ferry validate --env-optional`
+/// checks a production config, whose certificates are mounted only in production).
+fn check_tls(
+    files: TlsFiles<'_>,
+    https: bool,
+    at: &str,
+    absent_ok: bool,
+    say: &mut impl FnMut(String, String),
+) {
+    for (field, message) in crate::call::tls::check(files, https) {
+        let file = match field {
+            "ca_file" => files.ca,
+            "cert_file" => files.cert,
+            _ => files.key,
+        };
+        if absent_ok && file.is_some_and(|f| !f.exists()) {
+            continue;
+        }
+        say(format!("{at}.{field}"), message);
+    }
+}
+
+/// librdkafka properties that name a file it reads when the client is created.
+pub(super) const FILE_PROPERTIES: &[&str] = &[
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.crl.location",
+    "ssl.keystore.location",
+];
+
+/// Whether a key holds a credential: its value is never quoted back.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with("token")
+        || matches!(
+            key.as_str(),
+            "sasl.jaas.config"
+                | "sasl.oauthbearer.config"
+                | "ssl.key.pem"
+                | "authorization"
+                | "proxy-authorization"
+                | "x-api-key"
+                | "api-key"
+                | "cookie"
+        )
+}
+
+/// `kafka.properties` as librdkafka sees them: a known property with a valid value, and the
+/// files the TLS properties name. librdkafka's own check runs here so that a mistake is a config
+/// error at its key instead of a failure to start (whose message would quote the value).
+fn check_properties(kafka: &Kafka, absent_ok: bool, say: &mut impl FnMut(String, String)) {
+    for (key, value) in &kafka.properties {
+        let at = format!("kafka.properties.{key}");
+        let mut one = rdkafka::ClientConfig::new();
+        one.set(key, &value.0);
+        if let Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) =
+            one.create_native_config()
+        {
+            // librdkafka quotes a rejected value; a credential must not be.
+            let description = if is_secret_key(key) && !value.0.is_empty() {
+                description.replace(&value.0, "…")
+            } else {
+                description
+            };
+            say(at.clone(), format!("librdkafka: {description}"));
+            continue;
+        }
+        if FILE_PROPERTIES.contains(&key.as_str()) && !(key == "ssl.ca.location" && value.0 == "probe") {
+            let path = std::path::Path::new(&value.0);
+            if !path.exists() && !absent_ok {
+                say(
+                    at,
+                    format!(
+                        "`{}` does not exist (librdkafka reads it when ferry starts)",
+                        path.display()
+                    ),
+                );
+            }
+        }
+    }
+    let has = |k: &str| kafka.properties.contains_key(k);
+    let value = |k: &str| kafka.properties.get(k).map(|v| v.0.as_str());
+    // ferry has no token callback, so librdkafka must make OAUTHBEARER tokens itself (OIDC, or
+    // unsecured test tokens); otherwise it waits for a token forever, silently.
+    let mechanism = value("sasl.mechanism").or(value("sasl.mechanisms"));
+    if mechanism.is_some_and(|m| m.eq_ignore_ascii_case("OAUTHBEARER"))
+        && !value("sasl.oauthbearer.method").is_some_and(|m| m.eq_ignore_ascii_case("oidc"))
+        && value("enable.sasl.oauthbearer.unsecure.jwt") != Some("true")
+    {
+        let key = if has("sasl.mechanism") {
+            "sasl.mechanism"
+        } else {
+            "sasl.mechanisms"
+        };
+        say(
+            format!("kafka.properties.{key}"),
+            "OAUTHBEARER needs librdkafka to make the tokens (ferry has no token callback): with `sasl.oauthbearer.method: oidc`, which needs a librdkafka built with libcurl (this build has none, and refuses it), or, for tests only, with `enable.sasl.oauthbearer.unsecure.jwt: true`".into(),
+        );
+    }
+    if has("ssl.certificate.location") != has("ssl.key.location") {
+        let (missing, given) = if has("ssl.key.location") {
+            ("ssl.certificate.location", "ssl.key.location")
+        } else {
+            ("ssl.key.location", "ssl.certificate.location")
+        };
+        say(
+            format!("kafka.properties.{given}"),
+            format!("a client certificate needs its certificate and its key: give `{missing}` too"),
+        );
+    }
+}
+
+/// Every problem found, as a path and a message. `absent_ok`: TLS files that do not exist here
+/// are no problem (`ferry validate --env-optional`).
+pub fn check(config: &Config, absent_ok: bool) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     let mut say = |path: String, message: String| problems.push((path, message));
 
@@ -125,6 +230,7 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             "is used only with `delivery: exactly_once`: set that, or remove this".into(),
         );
     }
+    check_properties(&config.kafka, absent_ok, &mut say);
     if config.kafka.commit_interval.0.is_zero() {
         say(
             "kafka.commit_interval".into(),
@@ -190,8 +296,17 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
                 "service.ready".into(),
                 "say how to probe: `http: URL` or `grpc: URL`".into(),
             ),
-            (Some(u), None) | (None, Some(u)) => {
-                if reqwest::Url::parse(u).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+            (Some(u), None) | (None, Some(u)) => match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {
+                    check_tls(
+                        r.tls(),
+                        url.scheme() == "https",
+                        "service.ready",
+                        absent_ok,
+                        &mut say,
+                    );
+                }
+                _ => {
                     let key = if r.http.is_some() {
                         "service.ready.http"
                     } else {
@@ -199,7 +314,7 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
                     };
                     say(key.into(), format!("`{u}` is not an http:// or https:// URL"));
                 }
-            }
+            },
         }
         if r.failure_threshold == 0 {
             say(
@@ -295,7 +410,7 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
         }
 
         if let Some(grpc) = &route.call.grpc {
-            check_grpc(grpc, &at("call.grpc"), &mut say);
+            check_grpc(grpc, &at("call.grpc"), absent_ok, &mut say);
         }
         match &route.call.http {
             None if route.call.grpc.is_some() => {}
@@ -304,7 +419,9 @@ pub fn check(config: &Config) -> Vec<(String, String)> {
             Some(http) => {
                 let probe = crate::call::template::sample(&http.url);
                 match reqwest::Url::parse(&probe) {
-                    Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {
+                        check_tls(http.tls(), u.scheme() == "https", &at("call.http"), absent_ok, &mut say);
+                    }
                     Ok(u) => say(
                         at("call.http.url"),
                         format!(

@@ -4,7 +4,7 @@
 //! typed deserialization, a JSON Schema check) can report an error at the line and column of the
 //! node it concerns, by its path (`routes[0].retry.backoff.initial`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Number, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -29,6 +29,24 @@ impl From<Marker> for Position {
     }
 }
 
+/// `text` with each occurrence of `word` that no letter or digit touches replaced by `with`.
+fn replace_standalone(text: &str, word: &str, with: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut before: Option<char> = None;
+    while let Some(i) = rest.find(word) {
+        let prev = rest[..i].chars().next_back().or(before);
+        let next = rest[i + word.len()..].chars().next();
+        let alone = !prev.is_some_and(char::is_alphanumeric) && !next.is_some_and(char::is_alphanumeric);
+        out.push_str(&rest[..i]);
+        out.push_str(if alone { with } else { word });
+        before = word.chars().next_back();
+        rest = &rest[i + word.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A problem found while reading the document, before any typing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DocumentError {
@@ -38,13 +56,26 @@ pub struct DocumentError {
 }
 
 /// The parsed, interpolated document.
-#[derive(Debug)]
 pub struct Document {
     pub value: Value,
     /// Position of each node's value, by path. The root is `""`.
     values: HashMap<String, Position>,
     /// Position of each mapping key, by the path of the value it introduces.
     keys: HashMap<String, Position>,
+    /// Paths of the scalar values that held at least one `${…}` reference.
+    referenced: HashSet<String>,
+    /// What references brought in from the environment or files, each with the reference
+    /// (`${KAFKA_PASSWORD}`) to show in its place.
+    outside: Vec<(String, String)>,
+}
+
+/// The values may hold credentials: debug output shows none of them.
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Document")
+            .field("nodes", &self.values.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Document {
@@ -71,6 +102,8 @@ impl Document {
             value: Value::Null,
             values: HashMap::new(),
             keys: HashMap::new(),
+            referenced: HashSet::new(),
+            outside: Vec::new(),
         };
         let mut errors = builder.errors;
         doc.value = doc.convert(root, String::new(), interpolator, &mut errors);
@@ -91,6 +124,29 @@ impl Document {
         }
     }
 
+    /// Whether the scalar at `path` was written with a `${…}` reference.
+    pub fn is_referenced(&self, path: &str) -> bool {
+        self.referenced.contains(path)
+    }
+
+    /// `message` with every value that came from the environment or a file replaced by the
+    /// reference that brought it (`${KAFKA_PASSWORD}`): an error may quote a value, never a
+    /// secret. Values shorter than four characters are replaced only where they stand alone,
+    /// so that a `${PARTITIONS}` of `3` does not turn every 3 in the message into a reference.
+    pub fn redact(&self, message: &str) -> String {
+        let mut outside: Vec<&(String, String)> = self.outside.iter().collect();
+        outside.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+        let mut out = message.to_string();
+        for (value, reference) in outside {
+            if value.len() >= 4 {
+                out = out.replace(value.as_str(), reference);
+            } else {
+                out = replace_standalone(&out, value, reference);
+            }
+        }
+        out
+    }
+
     /// The position of the key that introduces `path`, if it is a mapping entry.
     pub fn key_position(&self, path: &str) -> Option<Position> {
         self.keys.get(path).copied()
@@ -106,8 +162,14 @@ impl Document {
         self.values.insert(path.clone(), node.position);
         match node.kind {
             NodeKind::Scalar(text, style) => {
-                let text = match interp.expand(&text) {
-                    Ok(t) => t,
+                let text = match interp.expand_tracked(&text) {
+                    Ok(e) => {
+                        if e.references > 0 {
+                            self.referenced.insert(path.clone());
+                        }
+                        self.outside.extend(e.fragments);
+                        e.text
+                    }
                     Err(missing) => {
                         errors.push(DocumentError {
                             position: node.position,

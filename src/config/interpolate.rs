@@ -14,6 +14,16 @@ pub enum Missing {
     Syntax(String),
 }
 
+/// A value with its references expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expanded {
+    pub text: String,
+    /// How many `${…}` references the value held.
+    pub references: usize,
+    /// What came from the environment or a file, each with the reference that brought it.
+    pub fragments: Vec<(String, String)>,
+}
+
 /// Expands references against an environment.
 pub struct Interpolator {
     env: HashMap<String, String>,
@@ -43,38 +53,56 @@ impl Interpolator {
     }
 
     pub fn expand(&self, text: &str) -> Result<String, Missing> {
-        if !text.contains('$') {
-            return Ok(text.to_string());
-        }
-        let mut out = String::with_capacity(text.len());
+        self.expand_tracked(text).map(|e| e.text)
+    }
+
+    /// As [`expand`](Self::expand), saying which references the value held and what each
+    /// expanded to, so that no error message ever quotes what came from the environment or a
+    /// file.
+    pub fn expand_tracked(&self, text: &str) -> Result<Expanded, Missing> {
+        let mut expanded = Expanded {
+            text: String::with_capacity(text.len()),
+            references: 0,
+            fragments: Vec::new(),
+        };
         let mut rest = text;
         while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
+            expanded.text.push_str(&rest[..i]);
             let tail = &rest[i..];
             if let Some(after) = tail.strip_prefix("$${") {
-                out.push_str("${");
+                expanded.text.push_str("${");
                 rest = after;
             } else if let Some(body) = tail.strip_prefix("${") {
                 let Some(end) = body.find('}') else {
                     return Err(Missing::Syntax(tail.to_string()));
                 };
-                out.push_str(&self.resolve(&body[..end])?);
+                let reference = &body[..end];
+                let (value, outside) = self.resolve(reference)?;
+                expanded.references += 1;
+                if outside && !value.is_empty() {
+                    expanded
+                        .fragments
+                        .push((value.clone(), format!("${{{reference}}}")));
+                }
+                expanded.text.push_str(&value);
                 rest = &body[end + 1..];
             } else {
-                out.push('$');
+                expanded.text.push('$');
                 rest = &tail[1..];
             }
         }
-        out.push_str(rest);
-        Ok(out)
+        expanded.text.push_str(rest);
+        Ok(expanded)
     }
 
-    fn resolve(&self, reference: &str) -> Result<String, Missing> {
+    /// The value of a reference, and whether it came from outside the file (the environment or
+    /// another file) rather than from a default written in it.
+    fn resolve(&self, reference: &str) -> Result<(String, bool), Missing> {
         if let Some(path) = reference.strip_prefix("file:") {
             return match std::fs::read_to_string(path) {
                 // Secret files usually end with a newline that is not part of the secret.
-                Ok(s) => Ok(s.strip_suffix('\n').unwrap_or(&s).to_string()),
-                Err(_) if self.env_optional => Ok(format!("<file:{path}>")),
+                Ok(s) => Ok((s.strip_suffix('\n').unwrap_or(&s).to_string(), true)),
+                Err(_) if self.env_optional => Ok((format!("<file:{path}>"), false)),
                 Err(e) => Err(Missing::File {
                     path: path.to_string(),
                     error: e.to_string(),
@@ -92,9 +120,9 @@ impl Interpolator {
             return Err(Missing::Syntax(format!("${{{reference}}}")));
         }
         match (self.env.get(name), default) {
-            (Some(v), _) => Ok(v.clone()),
-            (None, Some(d)) => Ok(d.to_string()),
-            (None, None) if self.env_optional => Ok(format!("<{name}>")),
+            (Some(v), _) => Ok((v.clone(), true)),
+            (None, Some(d)) => Ok((d.to_string(), false)),
+            (None, None) if self.env_optional => Ok((format!("<{name}>"), false)),
             (None, None) => Err(Missing::Variable(name.to_string())),
         }
     }
@@ -135,6 +163,16 @@ mod tests {
             i.expand("${file:/does/not/exist}"),
             Err(Missing::File { .. })
         ));
+    }
+
+    #[test]
+    fn tracks_what_came_from_outside_the_file() {
+        let i = Interpolator::from_pairs(&[("PW", "hunter2")]);
+        let e = i.expand_tracked("u:${PW}@${HOST:-h}").unwrap();
+        assert_eq!(e.text, "u:hunter2@h");
+        assert_eq!(e.references, 2);
+        assert_eq!(e.fragments, vec![("hunter2".to_string(), "${PW}".to_string())]);
+        assert_eq!(i.expand_tracked("plain").unwrap().references, 0);
     }
 
     #[test]

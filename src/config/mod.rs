@@ -65,8 +65,20 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// A config that loaded, with what is worth a warning (a credential written as a literal).
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<ConfigError>,
+}
+
 /// Reads, interpolates, types and checks the config at `path`.
 pub fn load(path: &Path, interpolator: &Interpolator) -> Result<Config, ConfigErrors> {
+    load_with_warnings(path, interpolator).map(|l| l.config)
+}
+
+/// As [`load`], with the warnings.
+pub fn load_with_warnings(path: &Path, interpolator: &Interpolator) -> Result<Loaded, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),
@@ -75,25 +87,41 @@ pub fn load(path: &Path, interpolator: &Interpolator) -> Result<Config, ConfigEr
             message: format!("cannot read the config file: {e} (give another with -c FILE or FERRY_CONFIG)"),
         }])
     })?;
-    parse(&text, path, interpolator)
+    parse_with_warnings(&text, path, interpolator)
 }
 
 /// As [`load`], for text already in memory; `file` names it in errors.
 pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Config, ConfigErrors> {
+    parse_with_warnings(text, file, interpolator).map(|l| l.config)
+}
+
+/// As [`parse`], with the warnings.
+pub fn parse_with_warnings(
+    text: &str,
+    file: &Path,
+    interpolator: &Interpolator,
+) -> Result<Loaded, ConfigErrors> {
+    let parsed = Document::parse(text, interpolator).map_err(|errors| {
+        ConfigErrors(
+            errors
+                .into_iter()
+                .map(|e| ConfigError {
+                    file: file.to_path_buf(),
+                    position: Some(e.position),
+                    path: e.path,
+                    message: e.message,
+                })
+                .collect(),
+        )
+    });
+    let doc = parsed?;
+    // No message quotes what came from the environment or a file.
     let at = |position: Option<Position>, path: String, message: String| ConfigError {
         file: file.to_path_buf(),
         position,
         path,
-        message,
+        message: doc.redact(&message),
     };
-    let doc = Document::parse(text, interpolator).map_err(|errors| {
-        ConfigErrors(
-            errors
-                .into_iter()
-                .map(|e| at(Some(e.position), e.path, e.message))
-                .collect(),
-        )
-    })?;
     let problems = schema::check(&doc.value);
     if !problems.is_empty() {
         return Err(ConfigErrors(
@@ -137,10 +165,45 @@ pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Con
     })?;
     let mut config = config;
     resolve_paths(&mut config, file);
-    let mut problems = check::check(&config);
+    let mut problems = check::check(&config, interpolator.env_optional);
     problems.extend(compile_schemas(&mut config));
     if problems.is_empty() {
-        Ok(config)
+        let mut warnings = Vec::new();
+        literal_secrets(&doc, &doc.value, String::new(), &mut |path| {
+            warnings.push(at(
+                Some(doc.position(&path)),
+                path,
+                "holds a credential written into the file; write it as ${VAR} or ${file:/path} so that it stays out of the config (and out of ConfigMaps and git)".into(),
+            ));
+        });
+        // Turning the broker's certificate check off makes TLS encryption without authentication.
+        for (key, off, what) in [
+            (
+                "enable.ssl.certificate.verification",
+                "false",
+                "the broker's certificate is not verified",
+            ),
+            (
+                "ssl.endpoint.identification.algorithm",
+                "none",
+                "the broker's host name is not checked against its certificate",
+            ),
+        ] {
+            if config
+                .kafka
+                .properties
+                .get(key)
+                .is_some_and(|v| v.0.eq_ignore_ascii_case(off))
+            {
+                let path = format!("kafka.properties.{key}");
+                warnings.push(at(
+                    Some(doc.position(&path)),
+                    path,
+                    format!("{what}: anyone on the path can pose as the broker; remove it and give ssl.ca.location instead"),
+                ));
+            }
+        }
+        Ok(Loaded { config, warnings })
     } else {
         Err(ConfigErrors(
             problems
@@ -154,6 +217,37 @@ pub fn parse(text: &str, file: &Path, interpolator: &Interpolator) -> Result<Con
     }
 }
 
+/// Calls `found` with the path of every credential-like key (`sasl.password`, `admin.token`, an
+/// `authorization` header, …) whose value is a literal rather than a `${…}` reference.
+fn literal_secrets(doc: &Document, value: &serde_json::Value, path: String, found: &mut impl FnMut(String)) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                let literal = match v {
+                    serde_json::Value::String(s) => !s.is_empty(),
+                    serde_json::Value::Number(_) => true,
+                    _ => false,
+                };
+                if literal && check::is_secret_key(key) && !doc.is_referenced(&child) {
+                    found(child.clone());
+                }
+                literal_secrets(doc, v, child, found);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                literal_secrets(doc, v, format!("{path}[{i}]"), found);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Files named in the config are relative to the config file, not to the working directory.
 fn resolve_paths(config: &mut Config, file: &Path) {
     let Some(dir) = file.parent() else { return };
@@ -164,10 +258,32 @@ fn resolve_paths(config: &mut Config, file: &Path) {
             }
         }
     };
+    // librdkafka would read these relative to the working directory; like every other file
+    // in the config they are relative to the config file.
+    for (key, value) in config.kafka.properties.iter_mut() {
+        if check::FILE_PROPERTIES.contains(&key.as_str()) && value.0 != "probe" {
+            let path = Path::new(&value.0);
+            if !value.0.is_empty() && path.is_relative() {
+                value.0 = dir.join(path).display().to_string();
+            }
+        }
+    }
+    if let Some(r) = config.service.ready.as_mut() {
+        fix(&mut r.ca_file);
+        fix(&mut r.cert_file);
+        fix(&mut r.key_file);
+    }
     for route in &mut config.routes {
         if let Some(g) = route.call.grpc.as_mut() {
             fix(&mut g.descriptor_set);
             fix(&mut g.ca_file);
+            fix(&mut g.cert_file);
+            fix(&mut g.key_file);
+        }
+        if let Some(h) = route.call.http.as_mut() {
+            fix(&mut h.ca_file);
+            fix(&mut h.cert_file);
+            fix(&mut h.key_file);
         }
         for schema in route
             .validate
@@ -292,6 +408,316 @@ shutdown:
     #[test]
     fn the_base_config_is_valid() {
         assert!(load(VALID).is_ok());
+    }
+
+    fn load_with(text: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigErrors> {
+        parse_with_warnings(text, Path::new("p.yaml"), &Interpolator::from_pairs(env))
+    }
+
+    #[test]
+    fn errors_never_quote_what_came_from_the_environment_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-a-file-s3cret\n").unwrap();
+        let text = VALID
+            .replace("  commit_interval: 1s\n", &format!(
+                "  commit_interval: \"${{file:{}}}\"\n  properties:\n    security.protocol: \"${{PW}}\"\n",
+                file.display()
+            ))
+            .replace("    ordering: key\n", "    ordering: \"${PW}\"\n");
+        let errors = load_with(&text, &[("PW", "env-s3cret"), ("X", "1")]).unwrap_err();
+        let shown = errors.to_string();
+        assert!(shown.contains("kafka.commit_interval"), "{shown}");
+        assert!(shown.contains("routes[0].ordering"), "{shown}");
+        assert!(
+            !shown.contains("env-s3cret") && !shown.contains("from-a-file-s3cret"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("${PW}"),
+            "the reference stands in for the value: {shown}"
+        );
+
+        // Past the schema, the rules that span fields and librdkafka's own check.
+        let text = VALID.replace(
+            "  commit_interval: 1s\n",
+            "  commit_interval: 1s\n  properties:\n    security.protocol: \"${PW}\"\n",
+        );
+        let shown = load_with(&text, &[("PW", "env-s3cret")]).unwrap_err().to_string();
+        assert!(
+            shown.contains("kafka.properties.security.protocol: librdkafka: Invalid value \"${PW}\""),
+            "{shown}"
+        );
+        assert!(!shown.contains("env-s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn credentials_written_as_literals_are_warned_about() {
+        let text = VALID
+            .replace("  commit_interval: 1s\n", "  commit_interval: 1s\n  properties:\n    sasl.username: ferry\n    sasl.password: hunter2\n    ssl.key.password: \"${KEY_PW}\"\n")
+            .replace("        timeout: 5s\n", "        timeout: 5s\n        headers: { authorization: Bearer abc, x-trace: \"1\" }\n")
+            .replace("shutdown:\n", "admin:\n  token: literal-token\nshutdown:\n");
+        let loaded = load_with(&text, &[("KEY_PW", "k")]).unwrap();
+        let mut paths: Vec<&str> = loaded.warnings.iter().map(|w| w.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "admin.token",
+                "kafka.properties.sasl.password",
+                "routes[0].call.http.headers.authorization"
+            ]
+        );
+        for w in &loaded.warnings {
+            assert!(w.position.is_some_and(|p| p.line > 1), "{w}");
+            assert!(
+                !w.to_string().contains("hunter2") && !w.to_string().contains("literal-token"),
+                "{w}"
+            );
+        }
+        let unverified = text.replace(
+            "    sasl.username: ferry\n",
+            "    sasl.username: ferry\n    enable.ssl.certificate.verification: false\n    ssl.endpoint.identification.algorithm: none\n",
+        );
+        let loaded = load_with(&unverified, &[("KEY_PW", "k")]).unwrap();
+        for key in [
+            "enable.ssl.certificate.verification",
+            "ssl.endpoint.identification.algorithm",
+        ] {
+            assert!(
+                loaded
+                    .warnings
+                    .iter()
+                    .any(|w| w.path == format!("kafka.properties.{key}")
+                        && w.message.contains("pose as the broker")),
+                "{key}: {:?}",
+                loaded.warnings
+            );
+        }
+        let referenced = text
+            .replace("hunter2", "${PW}")
+            .replace("literal-token", "${T}")
+            .replace("Bearer abc", "\"Bearer ${T}\"");
+        assert!(
+            load_with(&referenced, &[("KEY_PW", "k"), ("PW", "p"), ("T", "t")])
+                .unwrap()
+                .warnings
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn debug_output_of_a_config_holds_no_credential() {
+        let text = VALID
+            .replace(
+                "  commit_interval: 1s\n",
+                "  commit_interval: 1s\n  properties:\n    sasl.password: \"${PW}\"\n",
+            )
+            .replace(
+                "        timeout: 5s\n",
+                "        timeout: 5s\n        headers: { authorization: \"Bearer ${PW}\" }\n",
+            )
+            .replace("shutdown:\n", "admin:\n  token: \"${PW}\"\nshutdown:\n");
+        let config = load_with(&text, &[("PW", "planted-s3cret")]).unwrap().config;
+        let debug = format!("{config:?} {config:#?}");
+        assert!(!debug.contains("planted-s3cret"), "{debug}");
+        assert!(debug.contains("authorization"), "header names stay visible");
+    }
+
+    #[test]
+    fn librdkafka_checks_the_properties_and_the_files_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = VALID.replace(
+            "  commit_interval: 1s\n",
+            "  commit_interval: 1s\n  properties:\n    security.protocol: SSLL\n    no.such.property: 1\n    ssl.ca.location: missing-ca.pem\n    ssl.certificate.location: client.pem\n",
+        );
+        let file = dir.path().join("ferry.yaml");
+        let errors = parse(&text, &file, &Interpolator::from_pairs(&[])).unwrap_err();
+        let find = |path: &str| {
+            errors
+                .0
+                .iter()
+                .find(|e| e.path == path)
+                .unwrap_or_else(|| panic!("no error at {path}: {errors}"))
+                .clone()
+        };
+        assert!(
+            find("kafka.properties.security.protocol")
+                .message
+                .contains("SSLL")
+        );
+        assert!(
+            find("kafka.properties.no.such.property")
+                .message
+                .contains("No such configuration property")
+        );
+        let ca = find("kafka.properties.ssl.ca.location");
+        assert!(
+            ca.message
+                .contains(&dir.path().join("missing-ca.pem").display().to_string()),
+            "relative to the config file: {ca}"
+        );
+        assert_eq!(ca.position.map(|p| p.line), Some(8), "{ca}");
+        assert!(
+            errors
+                .0
+                .iter()
+                .any(|e| e.path == "kafka.properties.ssl.certificate.location"
+                    && e.message.contains("give `ssl.key.location` too")),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn oauthbearer_needs_a_token_source_librdkafka_runs_itself() {
+        let with = |props: &str| {
+            load(&VALID.replace(
+                "  commit_interval: 1s\n",
+                &format!("  commit_interval: 1s\n  properties:\n{props}"),
+            ))
+        };
+        let errors = with("    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n").unwrap_err();
+        assert_eq!(errors.0[0].path, "kafka.properties.sasl.mechanism", "{errors}");
+        assert!(
+            errors.0[0]
+                .message
+                .contains("enable.sasl.oauthbearer.unsecure.jwt: true"),
+            "{errors}"
+        );
+        let oidc = "    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n    sasl.oauthbearer.method: oidc\n    sasl.oauthbearer.client.id: ferry\n    sasl.oauthbearer.client.secret: \"${X}\"\n    sasl.oauthbearer.token.endpoint.url: https://idp.example/token\n";
+        // This build's librdkafka has no libcurl, so no OIDC: it says so, at the keys.
+        let errors = with(oidc).unwrap_err();
+        assert!(
+            errors
+                .0
+                .iter()
+                .all(|e| e.message.contains("not supported in this build")),
+            "{errors}"
+        );
+        with("    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n    enable.sasl.oauthbearer.unsecure.jwt: true\n    sasl.oauthbearer.config: principal=ferry\n").unwrap();
+    }
+
+    #[test]
+    fn tls_files_of_the_service_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = write("ca.pem", &ca_params.self_signed(&ca_key).unwrap().pem());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = write(
+            "client.pem",
+            &rcgen::CertificateParams::new(vec!["client".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap()
+                .pem(),
+        );
+        let key_file = write("client.key", &key.serialize_pem());
+        let other_key = write("other.key", &rcgen::KeyPair::generate().unwrap().serialize_pem());
+        let junk = write("junk.pem", "not a certificate\n");
+        let http = |url: &str, tls: &str| {
+            VALID.replace(
+                "        url: http://127.0.0.1:8080/{key}\n",
+                &format!("        url: {url}\n{tls}"),
+            )
+        };
+        let problems = |text: String| -> Vec<String> {
+            match load(&text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0.iter().map(|e| format!("{}: {}", e.path, e.message)).collect(),
+            }
+        };
+        let good = format!(
+            "        ca_file: {}\n        cert_file: {}\n        key_file: {}\n",
+            ca.display(),
+            cert.display(),
+            key_file.display()
+        );
+        assert_eq!(
+            problems(http("https://localhost:8443/", &good)),
+            Vec::<String>::new()
+        );
+        let p = problems(http("https://localhost:8443/", ""));
+        assert!(
+            p[0].starts_with("routes[0].call.http.ca_file: an https:// URL needs the CA"),
+            "{p:?}"
+        );
+        let p = problems(http(
+            "http://localhost:8080/",
+            &format!("        ca_file: {}\n", ca.display()),
+        ));
+        assert!(p[0].contains("TLS files are for https:// URLs"), "{p:?}");
+        let p = problems(http(
+            "https://localhost:8443/",
+            &format!("        ca_file: {}\n", junk.display()),
+        ));
+        assert!(
+            p[0].starts_with("routes[0].call.http.ca_file:") && p[0].contains("holds no certificate"),
+            "{p:?}"
+        );
+        let p = problems(http("https://localhost:8443/", "        ca_file: nowhere.pem\n"));
+        assert!(
+            p[0].contains("cannot read") && p[0].contains("nowhere.pem"),
+            "{p:?}"
+        );
+        let p = problems(http(
+            "https://localhost:8443/",
+            &format!(
+                "        ca_file: {}\n        cert_file: {}\n",
+                ca.display(),
+                cert.display()
+            ),
+        ));
+        assert!(
+            p[0].starts_with("routes[0].call.http.key_file: a client certificate needs its private key"),
+            "{p:?}"
+        );
+        let p = problems(http(
+            "https://localhost:8443/",
+            &format!(
+                "        ca_file: {}\n        cert_file: {}\n        key_file: {}\n",
+                ca.display(),
+                cert.display(),
+                other_key.display()
+            ),
+        ));
+        assert!(
+            p[0].starts_with("routes[0].call.http.key_file:")
+                && p[0].contains("is not the key of the certificate"),
+            "{p:?}"
+        );
+        let p = problems(http(
+            "https://localhost:8443/",
+            &format!(
+                "        ca_file: {}\n        cert_file: {}\n        key_file: {}\n",
+                ca.display(),
+                cert.display(),
+                junk.display()
+            ),
+        ));
+        assert!(p[0].contains("holds no unencrypted private key"), "{p:?}");
+
+        // `ferry validate --env-optional` checks a production file whose certificates are
+        // mounted only in production: absent files are no problem there, bad ones still are.
+        let mut optional = Interpolator::from_pairs(&[("X", "1")]);
+        optional.env_optional = true;
+        let absent = http(
+            "https://localhost:8443/",
+            "        ca_file: /nowhere/ca.pem\n        cert_file: /nowhere/tls.crt\n        key_file: /nowhere/tls.key\n",
+        )
+        .replace("  commit_interval: 1s\n", "  commit_interval: 1s\n  properties:\n    ssl.ca.location: /nowhere/kafka-ca.pem\n");
+        parse(&absent, Path::new("p.yaml"), &optional).unwrap();
+        let junk_ca = http(
+            "https://localhost:8443/",
+            &format!("        ca_file: {}\n", junk.display()),
+        );
+        assert!(parse(&junk_ca, Path::new("p.yaml"), &optional).is_err());
     }
 
     proptest! {

@@ -184,6 +184,18 @@ pub struct Ready {
     pub interval: Dur,
     #[serde(default = "default_failure_threshold")]
     pub failure_threshold: u32,
+    /// The CA that signs the service's certificate; required for an `https://` probe.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) presented to a service that asks for one (mTLS).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM, unencrypted) of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl Ready {
+    pub fn tls(&self) -> TlsFiles<'_> {
+        TlsFiles::new(&self.ca_file, &self.cert_file, &self.key_file)
+    }
 }
 
 fn default_ready_interval() -> Dur {
@@ -441,11 +453,49 @@ pub struct GrpcCall {
     /// Ask the service for `method`'s descriptors through gRPC server reflection.
     #[serde(default)]
     pub reflection: bool,
-    /// The CA that signs the service's certificate, for `https://` endpoints.
+    /// The CA that signs the service's certificate; required for `https://` endpoints (the
+    /// system's trust store is not used).
     pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) presented to a service that asks for one (mTLS).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM, unencrypted) of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+impl GrpcCall {
+    pub fn tls(&self) -> TlsFiles<'_> {
+        TlsFiles::new(&self.ca_file, &self.cert_file, &self.key_file)
+    }
+}
+
+/// The TLS files of one connection to the service: the same three keys wherever TLS is
+/// configured (`call.http`, `call.grpc`, `service.ready`).
+#[derive(Debug, Clone, Copy)]
+pub struct TlsFiles<'a> {
+    pub ca: Option<&'a std::path::Path>,
+    pub cert: Option<&'a std::path::Path>,
+    pub key: Option<&'a std::path::Path>,
+}
+
+impl<'a> TlsFiles<'a> {
+    fn new(
+        ca: &'a Option<std::path::PathBuf>,
+        cert: &'a Option<std::path::PathBuf>,
+        key: &'a Option<std::path::PathBuf>,
+    ) -> Self {
+        TlsFiles {
+            ca: ca.as_deref(),
+            cert: cert.as_deref(),
+            key: key.as_deref(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+}
+
+#[derive(Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCall {
     /// May hold `{topic}`, `{partition}`, `{offset}`, `{key}` and `{header.NAME}`.
@@ -460,6 +510,35 @@ pub struct HttpCall {
     /// `cloudevents` (CloudEvents 1.0 HTTP binary mode, with the `ferry-*` headers as well).
     #[serde(default)]
     pub format: Format,
+    /// The CA that signs the service's certificate; required for `https://` URLs (the
+    /// system's trust store is not used).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) presented to a service that asks for one (mTLS).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM, unencrypted) of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl HttpCall {
+    pub fn tls(&self) -> TlsFiles<'_> {
+        TlsFiles::new(&self.ca_file, &self.cert_file, &self.key_file)
+    }
+}
+
+/// Header values often carry credentials: debug output shows the names only.
+impl fmt::Debug for HttpCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCall")
+            .field("url", &self.url)
+            .field("method", &self.method)
+            .field("timeout", &self.timeout)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("format", &self.format)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -994,6 +1073,18 @@ mod tests {
             Some(1_769_857_200_500)
         );
         assert_eq!(parse_rfc3339_ms("2026-13-01T00:00:00Z"), None);
+    }
+
+    #[test]
+    fn secrets_compare_whole_and_never_print() {
+        let s = Secret::new("t0ken");
+        assert!(s.matches(b"t0ken"));
+        for wrong in [&b""[..], b"t0ke", b"t0ken!", b"T0ken", b"x0ken", b"t0kex"] {
+            assert!(!s.matches(wrong), "{wrong:?}");
+        }
+        assert!(!Secret::new("").matches(b"a"));
+        assert_eq!(format!("{s:?}"), "Secret(..)");
+        assert_eq!(format!("{:?}", PropertyValue("pw".into())), "PropertyValue(..)");
     }
 
     #[test]

@@ -152,6 +152,11 @@ Another chart can add ferry to its own pods with it; see the chart's README.
     - name: ferry-config
       mountPath: /etc/ferry
       readOnly: true
+    {{- range $i, $s := $f.secretFiles }}
+    - name: ferry-secret-{{ $i }}
+      mountPath: {{ $s.mountPath }}
+      readOnly: true
+    {{- end }}
 {{- end }}
 
 {{/* ferry.volume: the pod volume ferry.sidecar mounts. Same dict as ferry.sidecar. */}}
@@ -159,4 +164,9 @@ Another chart can add ferry to its own pods with it; see the chart's README.
 - name: ferry-config
   configMap:
     name: {{ .configMap }}
+{{- range $i, $s := .ferry.secretFiles }}
+- name: ferry-secret-{{ $i }}
+  secret:
+    secretName: {{ $s.secret }}
+{{- end }}
 {{- end }}
