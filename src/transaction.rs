@@ -170,45 +170,60 @@ impl Transactions {
 
     /// One transaction: begin, write every output, add the offsets, commit. Any failure
     /// aborts it, so nothing of it becomes visible.
+    ///
+    /// `commit_transaction` waits for every output's acknowledgement and fails if one failed,
+    /// so deliveries are only looked at after a failure, to find outputs refused as too large.
     fn try_commit(
         &self,
         batch: &mut [(Outgoing, Option<Outgoing>)],
         offsets: &TopicPartitionList,
         group: &ConsumerGroupMetadata,
     ) -> Result<(), Failed> {
-        self.producer.begin_transaction().map_err(|e| self.failed(e))?;
+        if let Err(e) = self.producer.begin_transaction() {
+            // An abort that timed out earlier must be finished before anything else.
+            let failed = self.failed(e);
+            if matches!(failed, Failed::Aborted(_)) {
+                self.abort()?;
+            }
+            return Err(failed);
+        }
         let mut deliveries = Vec::with_capacity(batch.len());
-        let mut refused = None;
+        let mut trouble = None;
+        let mut too_large = Vec::new();
         for (i, (out, _)) in batch.iter().enumerate() {
             let headers = produce::headers(out);
             match self.producer.send_result(produce::record(out, headers)) {
                 Ok(d) => deliveries.push((i, d)),
                 Err((e, _)) => {
-                    refused = Some((i, e));
+                    tracing::debug!(error = %e, "An output was refused before it was sent");
+                    if is_too_large(&e) {
+                        too_large.push(i);
+                    }
+                    trouble = Some(e);
                     break;
                 }
             }
         }
-        let mut too_large = Vec::new();
-        let mut trouble = None;
-        if let Some((i, e)) = refused {
-            tracing::debug!(error = %e, "An output was refused before it was sent");
-            if is_too_large(&e) {
-                too_large.push(i);
-            }
-            trouble = Some(e);
+        let committed = match trouble {
+            Some(e) => Err(e),
+            None => self
+                .producer
+                .send_offsets_to_transaction(offsets, group, REQUEST_TIMEOUT)
+                .and_then(|()| self.producer.commit_transaction(COMMIT_DEADLINE)),
+        };
+        let Err(e) = committed else {
+            return Ok(());
+        };
+        let failed = self.failed(e);
+        if let Failed::Fatal(_) = failed {
+            return Err(failed);
         }
+        self.abort()?;
+        // Aborted: every output is acknowledged, failed, or purged by now.
         for (i, d) in deliveries {
-            match futures::executor::block_on(d) {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    if is_too_large(&e) {
-                        too_large.push(i);
-                    }
-                    trouble.get_or_insert(e);
-                }
-                Err(_) => {
-                    trouble.get_or_insert(KafkaError::Canceled);
+            if let Ok(Err((e, _))) = futures::executor::block_on(d) {
+                if is_too_large(&e) {
+                    too_large.push(i);
                 }
             }
         }
@@ -226,29 +241,30 @@ impl Transactions {
                 }
             }
         }
-        if let Some(e) = trouble {
-            self.abort();
-            return Err(Failed::Aborted(e));
-        }
-        let committed = self
-            .producer
-            .send_offsets_to_transaction(offsets, group, REQUEST_TIMEOUT)
-            .and_then(|()| self.producer.commit_transaction(REQUEST_TIMEOUT));
-        match committed {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let failed = self.failed(e);
-                if matches!(failed, Failed::Aborted(_)) {
-                    self.abort();
-                }
-                Err(failed)
-            }
-        }
+        Err(failed)
     }
 
-    fn abort(&self) {
-        if let Err(e) = self.producer.abort_transaction(REQUEST_TIMEOUT) {
-            tracing::warn!(error = %e, "Cannot abort the transaction; the broker aborts it at its timeout");
+    /// Aborts the open transaction, calling again while librdkafka says the abort is still
+    /// under way.
+    fn abort(&self) -> Result<(), Failed> {
+        let deadline = Instant::now() + COMMIT_DEADLINE;
+        loop {
+            match self.producer.abort_transaction(REQUEST_TIMEOUT) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let retriable = matches!(&e, KafkaError::Transaction(t) if t.is_retriable());
+                    match self.failed(e) {
+                        Failed::Fatal(e) => return Err(Failed::Fatal(e)),
+                        Failed::Aborted(e) if !retriable || Instant::now() >= deadline => {
+                            return Err(Failed::Aborted(e));
+                        }
+                        Failed::Aborted(e) => {
+                            tracing::warn!(error = %e, "The abort is not finished yet; waiting for it");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            }
         }
     }
 
