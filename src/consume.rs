@@ -440,7 +440,13 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         transactions: setup.transactions.clone(),
         shutdown: setup.shutdown.clone(),
     };
-    let consumer: Arc<BaseConsumer<Context>> = Arc::new(client.create_with_context(context)?);
+    let wake = Arc::new(Wake::default());
+    let mut consumer: BaseConsumer<Context> = client.create_with_context(context)?;
+    {
+        let w = wake.clone();
+        consumer.set_nonempty_callback(move || w.wake());
+    }
+    let consumer = Arc::new(consumer);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     let subscription = RouteTable::subscription(&setup.routes);
     let subs: Vec<&str> = subscription.iter().map(String::as_str).collect();
@@ -471,7 +477,11 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         for tp in lock(&ctx.gone).drain(..) {
             queues.remove(&tp);
         }
-        queues.extend(lock(&ctx.new_queues).drain(..));
+        for (tp, mut queue) in lock(&ctx.new_queues).drain(..) {
+            let w = wake.clone();
+            queue.set_nonempty_callback(move || w.wake());
+            queues.insert(tp, queue);
+        }
         let mut took = 0;
         for (tp, queue) in &queues {
             // Take what the bounds allow; the rest waits in librdkafka's queue.
@@ -488,11 +498,14 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         }
         // Serves rebalances, errors and commits; records arrive here only for partitions whose
         // queue could not be split.
-        let wait = if took > 0 { Duration::ZERO } else { IDLE };
-        match consumer.poll(wait) {
+        match consumer.poll(Duration::ZERO) {
             Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics),
             // librdkafka recovers from these by itself; they are worth a line, not a stop.
             Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
+            // Nothing to do: sleep until a queue gets records, rather than a fixed nap that
+            // every record arriving at an idle sidecar would wait out. (A partition that is
+            // full waits the nap for room: waking on every record's end cost more than it saved.)
+            None if took == 0 => wake.wait(IDLE),
             None => {}
         }
     }
@@ -572,11 +585,42 @@ fn periodic_commits(consumer: &BaseConsumer<Context>, stop: &CancellationToken, 
     }
 }
 
+/// Wakes the poll loop: set by librdkafka when a queue becomes non-empty. Waking costs a futex
+/// call only when the loop is asleep.
+#[derive(Default)]
+struct Wake {
+    woken: Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl Wake {
+    fn wake(&self) {
+        let mut woken = lock(&self.woken);
+        if !*woken {
+            *woken = true;
+            self.cond.notify_one();
+        }
+    }
+
+    /// Returns once woken (at once, if woken since the last wait) or after `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let mut woken = lock(&self.woken);
+        if !*woken {
+            woken = self
+                .cond
+                .wait_timeout(woken, timeout)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        *woken = false;
+    }
+}
+
 /// Records taken from one partition queue per turn, so one busy partition cannot starve the
 /// others or the group protocol.
 const TURN: usize = 64;
 
-/// How long the loop waits for events when no partition had records.
+/// The longest the loop sleeps when nothing woke it: it still serves the group protocol.
 const IDLE: Duration = Duration::from_millis(5);
 
 /// How often the high watermarks (for lag) are read from librdkafka's cache.

@@ -6,6 +6,7 @@
 //! the contiguous watermark of each partition: the offset below which every record is final.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -271,6 +272,8 @@ pub struct Tracker {
     state: Mutex<State>,
     /// Signalled whenever a record stops being live, for drains to wait on.
     quiet: Condvar,
+    /// Drains waiting on `quiet`: a record's end signals only when one waits.
+    waiting: AtomicUsize,
     /// Parent of every lease's token: cancelled on shutdown.
     stopping: CancellationToken,
 }
@@ -280,6 +283,7 @@ impl Tracker {
         Arc::new(Tracker {
             state: Mutex::new(State::default()),
             quiet: Condvar::new(),
+            waiting: AtomicUsize::new(0),
             stopping,
         })
     }
@@ -363,7 +367,8 @@ impl Tracker {
             })
             .unwrap_or(false);
         drop(s);
-        if done {
+        // A drain waits on `quiet`; without one, a record's end costs no futex call.
+        if done && self.waiting.load(Ordering::SeqCst) > 0 {
             self.quiet.notify_all();
         }
         done
@@ -396,11 +401,14 @@ impl Tracker {
             if now >= deadline {
                 return false;
             }
+            // Counted while the state lock is held, so an update after the wait began sees it.
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             s = self
                 .quiet
                 .wait_timeout(s, deadline - now)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 

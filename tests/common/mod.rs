@@ -256,15 +256,27 @@ impl Kafka {
                 .set("bootstrap.servers", &brokers)
                 .create()
                 .unwrap();
-            let md = c
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .expect("metadata");
+            // A broker that has just been through a fault campaign may answer slowly for a while.
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let retry = |what: &str, e: rdkafka::error::KafkaError| {
+                assert!(Instant::now() < deadline, "{what}: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            };
+            let md = loop {
+                match c.fetch_metadata(Some(&topic), Duration::from_secs(10)) {
+                    Ok(md) => break md,
+                    Err(e) => retry("metadata", e),
+                }
+            };
             let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(1);
             let mut total = 0;
             for p in 0..partitions as i32 {
-                let (low, high) = c
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                    .expect("watermarks");
+                let (low, high) = loop {
+                    match c.fetch_watermarks(&topic, p, Duration::from_secs(10)) {
+                        Ok(w) => break w,
+                        Err(e) => retry("watermarks", e),
+                    }
+                };
                 total += (high - low) as usize;
             }
             // Some brokers hand out small fetches: allow for large topics.

@@ -1,0 +1,949 @@
+//! The benchmark: ferry end to end against its two ceilings, on one machine, in one run.
+//!
+//! - B0, the service path: ferry's HTTP client stack (reqwest, same settings) or gRPC stack
+//!   (tonic) driving the same echo service at the same concurrency, no Kafka;
+//! - B1, the broker path: a plain rdkafka consume → produce loop, no call;
+//! - B3, ferry: the release binary, consume → call → reply → commit, for HTTP and gRPC, `key`
+//!   and `partition` ordering, 100 B and 1 KiB values;
+//! - at a fixed offered rate of 1 000 records/s: ferry's CPU per record, its steady and peak
+//!   RSS, and the latency it adds over B2, the smallest loop that does the same job (consume →
+//!   call → produce, one record at a time);
+//! - start to ready: process start to `/readyz` answering 200.
+//!
+//! `cargo bench --bench pipeline [-- --brokers HOST:PORT] [--records N] [--seconds S]
+//! [--out DIR]`. Without `--brokers` it runs the embedded broker in this process. Prints a table
+//! and writes `DIR/bench.json` and `DIR/bench.svg` (default DIR: `docs`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry::call::grpc::proto::handler_client::HandlerClient;
+use ferry::call::grpc::proto::handler_server::{Handler, HandlerServer};
+use ferry::call::grpc::proto::{Action, Event, Reply};
+use ferry::embedded::EmbeddedBroker;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::json;
+
+const PARTITIONS: i32 = 4;
+const KEYS: usize = 1000;
+/// ferry's in-flight bound in `key` mode: `per_partition` × partitions.
+const PER_PARTITION: usize = 32;
+const RATE: u64 = 1000;
+
+struct Options {
+    brokers: Option<String>,
+    records: usize,
+    seconds: u64,
+    out: PathBuf,
+    /// Run only these parts (b0, b1, b3, steady, ready); all when empty.
+    only: Vec<String>,
+}
+
+/// Extra librdkafka properties for ferry (`--ferry-property key=value`), to try a tuning.
+static FERRY_PROPERTIES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+fn options() -> Options {
+    let mut o = Options {
+        brokers: None,
+        records: 20_000,
+        seconds: 15,
+        out: PathBuf::from("docs"),
+        only: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    let mut properties = Vec::new();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--brokers" => o.brokers = args.next(),
+            "--records" => o.records = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.records),
+            "--seconds" => o.seconds = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.seconds),
+            "--out" => o.out = args.next().map(PathBuf::from).unwrap_or(o.out),
+            "--ferry-property" => {
+                if let Some((k, v)) = args.next().as_deref().and_then(|kv| kv.split_once('=')) {
+                    properties.push((k.to_string(), v.to_string()));
+                }
+            }
+            "--only" => {
+                o.only = args
+                    .next()
+                    .map_or(Vec::new(), |v| v.split(',').map(String::from).collect())
+            }
+            // `cargo bench` passes --bench.
+            _ => {}
+        }
+    }
+    let _ = FERRY_PROPERTIES.set(properties);
+    o
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A value of `size` bytes that starts with the time it was made, for latency.
+fn value(size: usize) -> Vec<u8> {
+    let mut v = format!("{}:", now_micros()).into_bytes();
+    v.resize(size.max(v.len()), b'x');
+    v
+}
+
+fn sent_at(v: &[u8]) -> Option<u64> {
+    let end = v.iter().position(|&b| b == b':')?;
+    std::str::from_utf8(&v[..end]).ok()?.parse().ok()
+}
+
+// ---------------------------------------------------------------- the echo services
+
+async fn serve_http() -> SocketAddr {
+    let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move { body });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+struct Echo;
+
+#[tonic::async_trait]
+impl Handler for Echo {
+    async fn handle(&self, request: tonic::Request<Event>) -> Result<tonic::Response<Reply>, tonic::Status> {
+        let event = request.into_inner();
+        Ok(tonic::Response::new(Reply {
+            action: Action::Reply as i32,
+            payload: Some(event.value),
+            ..Default::default()
+        }))
+    }
+}
+
+async fn serve_grpc() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(HandlerServer::new(Echo))
+            .serve_with_incoming(incoming),
+    );
+    addr
+}
+
+// ---------------------------------------------------------------- B0: the service path
+
+/// Calls per second through the client stack alone, `concurrency` at a time.
+async fn b0(transport: &str, addr: SocketAddr, size: usize, concurrency: usize, calls: usize) -> f64 {
+    let left = Arc::new(AtomicU64::new(calls as u64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    if transport == "http" {
+        // The settings of ferry's own client (src/call/http.rs).
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .expect("client");
+        let url = format!("http://{addr}/h");
+        for _ in 0..concurrency {
+            let (client, url, left) = (client.clone(), url.clone(), left.clone());
+            tasks.push(tokio::spawn(async move {
+                while left.fetch_sub(1, Ordering::Relaxed) as i64 > 0 {
+                    let r = client.post(&url).body(value(size)).send().await.expect("call");
+                    let _ = r.bytes().await;
+                }
+            }));
+        }
+    } else {
+        // One multiplexed HTTP/2 channel, as ferry uses.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .tcp_nodelay(true)
+            .connect_lazy();
+        for _ in 0..concurrency {
+            let (mut client, left) = (HandlerClient::new(channel.clone()), left.clone());
+            tasks.push(tokio::spawn(async move {
+                while left.fetch_sub(1, Ordering::Relaxed) as i64 > 0 {
+                    let e = Event {
+                        value: value(size),
+                        ..Default::default()
+                    };
+                    client.handle(e).await.expect("call");
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    calls as f64 / started.elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------- Kafka helpers
+
+struct Broker {
+    brokers: String,
+    embedded: Option<EmbeddedBroker>,
+}
+
+static TOPICS: AtomicU64 = AtomicU64::new(0);
+
+impl Broker {
+    /// A fresh (source, reply, dead-letter) topic triple.
+    fn topics(&self) -> (String, String, String) {
+        let n = TOPICS.fetch_add(1, Ordering::Relaxed);
+        let run = std::process::id();
+        let names = (
+            format!("bench-{run}-{n}-in"),
+            format!("bench-{run}-{n}-out"),
+            format!("bench-{run}-{n}-dlq"),
+        );
+        for (t, p) in [(&names.0, PARTITIONS), (&names.1, PARTITIONS), (&names.2, 1)] {
+            match &self.embedded {
+                Some(e) => e.create_topic(t, p).expect("create topic"),
+                None => create_external(&self.brokers, t, p),
+            }
+        }
+        names
+    }
+}
+
+fn create_external(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    futures::executor::block_on(admin.create_topics(&[t], &AdminOptions::new())).expect("create topic");
+}
+
+fn producer(brokers: &str, linger_ms: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", linger_ms)
+        .create()
+        .expect("producer")
+}
+
+fn consumer(brokers: &str, group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "0")
+        .create()
+        .expect("consumer")
+}
+
+/// Writes `n` records of `size` bytes with keys spread over `KEYS`.
+fn preload(brokers: &str, topic: &str, n: usize, size: usize) {
+    let p = producer(brokers, "5");
+    for i in 0..n {
+        let key = format!("k{}", i % KEYS);
+        let v = value(size);
+        let mut record = BaseRecord::to(topic).key(&key).payload(&v);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    p.poll(Duration::from_millis(5));
+                }
+            }
+        }
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(60)).expect("preload flushed");
+}
+
+/// Reads `topic` from the beginning until `n` records arrived; each record's arrival time in µs.
+fn read_replies(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    within: Duration,
+    stop: &AtomicBool,
+) -> Vec<(u64, Option<u64>)> {
+    let c = consumer(brokers, &format!("reader-{topic}"));
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        let _ = tpl.add_partition_offset(topic, p, Offset::Beginning);
+    }
+    c.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + within;
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+            got.push((now_micros(), m.payload().and_then(sent_at)));
+        }
+    }
+    got
+}
+
+// ---------------------------------------------------------------- B1: the broker path
+
+/// Records per second through a plain consume → produce loop.
+fn b1(broker: &Broker, size: usize, n: usize) -> f64 {
+    let (source, reply, _) = broker.topics();
+    preload(&broker.brokers, &source, n, size);
+    let c = consumer(&broker.brokers, &format!("b1-{source}"));
+    c.subscribe(&[&source]).expect("subscribe");
+    let p = producer(&broker.brokers, "5");
+    let mut started = None;
+    let mut taken = 0;
+    let mut last_commit = Instant::now();
+    while taken < n {
+        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        started.get_or_insert_with(Instant::now);
+        let mut record = BaseRecord::to(&reply).payload(m.payload().unwrap_or_default());
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    p.poll(Duration::from_millis(1));
+                }
+            }
+        }
+        p.poll(Duration::ZERO);
+        taken += 1;
+        if last_commit.elapsed() > Duration::from_secs(1) {
+            let _ = c.commit_consumer_state(rdkafka::consumer::CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("flushed");
+    let _ = c.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    n as f64 / started.map_or(1.0, |s| s.elapsed().as_secs_f64())
+}
+
+// ---------------------------------------------------------------- B3: ferry
+
+struct Ferry {
+    child: std::process::Child,
+    admin: SocketAddr,
+}
+
+impl Ferry {
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        dir: &Path,
+        brokers: &str,
+        source: &str,
+        reply: &str,
+        dlq: &str,
+        call: &str,
+        ordering: &str,
+    ) -> Ferry {
+        Ferry::spawn_with(dir, brokers, source, reply, dlq, call, ordering, true)
+    }
+
+    /// `eager_fetch`: `fetch.wait.max.ms: 0`. The embedded broker holds an empty fetch for the
+    /// whole wait even when records arrive meanwhile (a real broker answers at once), so the
+    /// latency runs fetch eagerly; that spins fetches, so CPU and memory are measured without it.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_with(
+        dir: &Path,
+        brokers: &str,
+        source: &str,
+        reply: &str,
+        dlq: &str,
+        call: &str,
+        ordering: &str,
+        eager_fetch: bool,
+    ) -> Ferry {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let wait = if eager_fetch { 0 } else { 500 };
+        let extra: String = FERRY_PROPERTIES
+            .get()
+            .map(|p| p.iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect())
+            .unwrap_or_default();
+        let yaml = format!(
+            "kafka:\n  brokers: \"{brokers}\"\n  group_id: ferry-{source}\n  properties:\n    fetch.wait.max.ms: {wait}\n{extra}\
+             routes:\n  - name: bench\n    from: {{ topics: [{source}] }}\n    ordering: {ordering}\n\
+             \x20   concurrency: {{ per_partition: {PER_PARTITION}, total: 256 }}\n\
+             \x20   call: {call}\n    reply: {{ to: {reply} }}\n    dead_letter: {{ to: {dlq} }}\n\
+             admin: {{ listen: \"{admin}\" }}\ntelemetry: {{ log: {{ level: warn }} }}\n"
+        );
+        let path = dir.join(format!("{source}.yaml"));
+        std::fs::write(&path, yaml).expect("config written");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{source}.log"))).expect("log"))
+            .spawn()
+            .expect("ferry starts");
+        Ferry { child, admin }
+    }
+
+    /// User plus system CPU time so far, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+        (ticks(11) + ticks(12)) / clock_ticks()
+    }
+
+    /// (current RSS, peak RSS) in MiB.
+    fn rss_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map_or(0.0, |kb| kb / 1024.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn ready(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_millis(50)) else {
+            return false;
+        };
+        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
+    }
+
+    fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn call_yaml(transport: &str, http: SocketAddr, grpc: SocketAddr) -> String {
+    match transport {
+        "http" => format!("{{ http: {{ url: \"http://{http}/h\" }} }}"),
+        _ => format!("{{ grpc: {{ endpoint: \"http://{grpc}\" }} }}"),
+    }
+}
+
+struct Throughput {
+    rate: f64,
+    cpu_per_10k: f64,
+    peak_rss: f64,
+}
+
+/// ferry end to end over `n` preloaded records: replies per second from the first reply to the
+/// last (the group join is not counted), and its CPU and peak memory.
+fn b3(broker: &Broker, dir: &Path, call: &str, ordering: &str, size: usize, n: usize) -> Throughput {
+    let (source, reply, dlq) = broker.topics();
+    preload(&broker.brokers, &source, n, size);
+    let ferry = Ferry::spawn(dir, &broker.brokers, &source, &reply, &dlq, call, ordering);
+    let stop = AtomicBool::new(false);
+    let got = read_replies(&broker.brokers, &reply, n, Duration::from_secs(600), &stop);
+    let cpu = ferry.cpu_seconds();
+    let (_, peak) = ferry.rss_mib();
+    ferry.stop();
+    assert_eq!(got.len(), n, "every record replied within the time limit");
+    let first = got.iter().map(|g| g.0).min().unwrap_or(0);
+    let last = got.iter().map(|g| g.0).max().unwrap_or(1);
+    Throughput {
+        rate: (n - 1) as f64 / ((last - first).max(1) as f64 / 1e6),
+        cpu_per_10k: cpu / n as f64 * 10_000.0,
+        peak_rss: peak,
+    }
+}
+
+// ---------------------------------------------------------------- at a fixed rate
+
+/// Offers `RATE` records/s to `source` for `seconds`, stopping early if `stop` is set.
+fn offer(brokers: &str, source: &str, size: usize, seconds: u64) -> usize {
+    let p = producer(brokers, "0");
+    // The producer's own start (metadata, producer id) is not the path being measured: wait
+    // for it on a topic nobody reads as a reply.
+    p.client()
+        .fetch_metadata(Some(source), Duration::from_secs(10))
+        .expect("metadata");
+    let _ = p.send(
+        BaseRecord::<(), [u8]>::to(source)
+            .partition(0)
+            .payload(b"warm-up"[..].as_ref()),
+    );
+    p.flush(Duration::from_secs(10)).expect("the producer is up");
+    let total = (RATE * seconds) as usize;
+    let started = Instant::now();
+    for i in 0..total {
+        let due = started + Duration::from_micros(i as u64 * 1_000_000 / RATE);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let key = format!("k{}", i % KEYS);
+        let v = value(size);
+        let _ = p.send(BaseRecord::to(source).key(&key).payload(&v));
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(30)).expect("offered records flushed");
+    total
+}
+
+fn percentiles(mut micros: Vec<u64>) -> [f64; 3] {
+    micros.sort_unstable();
+    let at = |q: f64| {
+        if micros.is_empty() {
+            return 0.0;
+        }
+        let i = ((micros.len() as f64 * q).ceil() as usize).clamp(1, micros.len()) - 1;
+        micros[i] as f64 / 1000.0
+    };
+    [at(0.50), at(0.99), at(0.999)]
+}
+
+struct Steady {
+    latency_ms: [f64; 3],
+    cpu_us_per_record: f64,
+    rss_steady: f64,
+    rss_peak: f64,
+}
+
+/// ferry at `RATE` records/s: end-to-end latency, CPU per record and memory over `seconds`,
+/// after a warm-up.
+fn ferry_steady(
+    broker: &Broker,
+    dir: &Path,
+    call: &str,
+    size: usize,
+    seconds: u64,
+    eager_fetch: bool,
+) -> Steady {
+    let (source, reply, dlq) = broker.topics();
+    let ferry = Ferry::spawn_with(
+        dir,
+        &broker.brokers,
+        &source,
+        &reply,
+        &dlq,
+        call,
+        "key",
+        eager_fetch,
+    );
+    while !ferry.ready() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Warm-up: the group join, connections, allocator pools.
+    offer(&broker.brokers, &source, size, 3);
+    let warm = read_replies(
+        &broker.brokers,
+        &reply,
+        (RATE * 3) as usize,
+        Duration::from_secs(60),
+        &AtomicBool::new(false),
+    );
+    let skip = warm.len();
+    let cpu_before = ferry.cpu_seconds();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut rss = Vec::new();
+    let sampler = {
+        let stop = stop.clone();
+        let pid = ferry.child.id();
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kb) = status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+                {
+                    samples.push(kb / 1024.0);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            samples
+        })
+    };
+    let reader = {
+        let (brokers, reply, stop) = (broker.brokers.clone(), reply.clone(), stop.clone());
+        let want = skip + (RATE * seconds) as usize;
+        std::thread::spawn(move || {
+            read_replies(&brokers, &reply, want, Duration::from_secs(seconds + 60), &stop)
+        })
+    };
+    let offered = offer(&broker.brokers, &source, size, seconds);
+    let got = reader.join().expect("reader");
+    let cpu = ferry.cpu_seconds() - cpu_before;
+    stop.store(true, Ordering::Relaxed);
+    rss.extend(sampler.join().expect("sampler"));
+    let (_, peak) = ferry.rss_mib();
+    ferry.stop();
+    let lat: Vec<u64> = got
+        .iter()
+        .skip(skip)
+        .filter_map(|(at, sent)| sent.map(|s| at.saturating_sub(s)))
+        .collect();
+    rss.sort_by(f64::total_cmp);
+    Steady {
+        latency_ms: percentiles(lat),
+        cpu_us_per_record: cpu * 1e6 / offered as f64,
+        rss_steady: rss.get(rss.len() / 2).copied().unwrap_or(0.0),
+        rss_peak: peak,
+    }
+}
+
+/// B2 at `RATE` records/s: consume → call (ferry's client settings) → produce, one record at a
+/// time, in this process. End-to-end latency percentiles.
+fn b2_steady(
+    broker: &Broker,
+    http: SocketAddr,
+    size: usize,
+    seconds: u64,
+    rt: &tokio::runtime::Handle,
+) -> [f64; 3] {
+    let (source, reply, _) = broker.topics();
+    let stop = Arc::new(AtomicBool::new(false));
+    let lp = {
+        let (brokers, source, reply, stop, rt) = (
+            broker.brokers.clone(),
+            source.clone(),
+            reply.clone(),
+            stop.clone(),
+            rt.clone(),
+        );
+        std::thread::spawn(move || {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .tcp_nodelay(true)
+                .build()
+                .expect("client");
+            let url = format!("http://{http}/h");
+            let c = consumer(&brokers, &format!("b2-{source}"));
+            c.subscribe(&[&source]).expect("subscribe");
+            let p = producer(&brokers, "0");
+            while !stop.load(Ordering::Relaxed) {
+                p.poll(Duration::ZERO);
+                let Some(Ok(m)) = c.poll(Duration::from_millis(5)) else {
+                    continue;
+                };
+                let body = m.payload().unwrap_or_default().to_vec();
+                let answer = rt.block_on(async {
+                    let r = client.post(&url).body(body).send().await?;
+                    r.bytes().await
+                });
+                let Ok(answer) = answer else { continue };
+                let mut record = BaseRecord::to(&reply).payload(answer.as_ref());
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                let _ = p.send(record);
+                p.poll(Duration::ZERO);
+            }
+            let _ = p.flush(Duration::from_secs(10));
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let reader = {
+        let (brokers, reply, stop2) = (
+            broker.brokers.clone(),
+            reply.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let want = (RATE * seconds) as usize;
+        std::thread::spawn(move || {
+            read_replies(&brokers, &reply, want, Duration::from_secs(seconds + 60), &stop2)
+        })
+    };
+    offer(&broker.brokers, &source, size, seconds);
+    let got = reader.join().expect("reader");
+    stop.store(true, Ordering::Relaxed);
+    let _ = lp.join();
+    percentiles(
+        got.iter()
+            .filter_map(|(at, sent)| sent.map(|s| at.saturating_sub(s)))
+            .collect(),
+    )
+}
+
+/// One broker hop at `RATE` records/s: produced → read back, latency percentiles.
+fn hop(broker: &Broker, size: usize, seconds: u64) -> [f64; 3] {
+    let (source, _, _) = broker.topics();
+    let reader = {
+        let (brokers, source) = (broker.brokers.clone(), source.clone());
+        let want = (RATE * seconds) as usize;
+        std::thread::spawn(move || {
+            read_replies(
+                &brokers,
+                &source,
+                want,
+                Duration::from_secs(seconds + 60),
+                &AtomicBool::new(false),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    offer(&broker.brokers, &source, size, seconds);
+    let got = reader.join().expect("reader");
+    percentiles(
+        got.iter()
+            .filter_map(|(at, sent)| sent.map(|s| at.saturating_sub(s)))
+            .collect(),
+    )
+}
+
+/// Process start to `/readyz` answering 200, the median of five starts.
+fn start_to_ready(broker: &Broker, dir: &Path, call: &str) -> f64 {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let (source, reply, dlq) = broker.topics();
+        let started = Instant::now();
+        let ferry = Ferry::spawn(dir, &broker.brokers, &source, &reply, &dlq, call, "key");
+        while !ferry.ready() {
+            std::thread::sleep(Duration::from_millis(1));
+            assert!(started.elapsed() < Duration::from_secs(30), "ferry became ready");
+        }
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        ferry.stop();
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+// ---------------------------------------------------------------- the report
+
+fn main() {
+    let o = options();
+    ferry::sidecar::install_crypto();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (http, grpc) = rt.block_on(async { (serve_http().await, serve_grpc().await) });
+    let broker = match &o.brokers {
+        Some(b) => Broker {
+            brokers: b.clone(),
+            embedded: None,
+        },
+        None => {
+            let e = EmbeddedBroker::start(1).expect("embedded broker");
+            Broker {
+                brokers: e.bootstrap_servers().to_string(),
+                embedded: Some(e),
+            }
+        }
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let n = o.records;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let machine = format!(
+        "{cores} cores, {}",
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown CPU".to_string(), |(_, m)| m.trim().to_string())
+    );
+    let broker_name = if broker.embedded.is_some() {
+        "embedded (librdkafka mock, in the bench process)".to_string()
+    } else {
+        format!("external at {}", broker.brokers)
+    };
+    println!("ferry benchmark: {machine}; broker {broker_name}");
+    println!(
+        "settings: {n} records per throughput run, {PARTITIONS} partitions, {KEYS} keys; ferry per_partition {PER_PARTITION} (key mode in flight {}), total 256; producers idempotent, acks=all; B1 linger.ms 5; B0 at ferry's concurrency; fixed rate {RATE}/s for {} s after a 3 s warm-up\n",
+        PER_PARTITION * PARTITIONS as usize,
+        o.seconds
+    );
+
+    let run = |part: &str| o.only.is_empty() || o.only.iter().any(|p| p == part);
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let mut b0_rates = BTreeMap::new();
+    if run("b0") || run("b3") {
+        for transport in ["http", "grpc"] {
+            for size in [100, 1024] {
+                for (mode, concurrency) in [
+                    ("key", PER_PARTITION * PARTITIONS as usize),
+                    ("partition", PARTITIONS as usize),
+                ] {
+                    let addr = if transport == "http" { http } else { grpc };
+                    let rate = rt.block_on(b0(transport, addr, size, concurrency, n));
+                    println!(
+                        "B0 {transport:<4} {size:>5} B  concurrency {concurrency:>3}: {rate:>9.0} calls/s"
+                    );
+                    b0_rates.insert((transport, size, mode), rate);
+                    rows.push(json!({"bench": "B0", "transport": transport, "size": size, "concurrency": concurrency, "rate": rate}));
+                }
+            }
+        }
+    }
+    let mut b1_rates = BTreeMap::new();
+    if run("b1") || run("b3") {
+        for size in [100, 1024] {
+            let rate = b1(&broker, size, n);
+            println!("B1      {size:>5} B                 : {rate:>9.0} records/s");
+            b1_rates.insert(size, rate);
+            rows.push(json!({"bench": "B1", "size": size, "rate": rate}));
+        }
+    }
+    let mut chart = Vec::new();
+    if run("b3") {
+        println!();
+        println!("| B3: ferry | value | records/s | B3 / min(B0, B1) | CPU s per 10 000 | peak RSS MiB |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for transport in ["http", "grpc"] {
+            for mode in ["key", "partition"] {
+                for size in [100, 1024] {
+                    let t = b3(
+                        &broker,
+                        dir.path(),
+                        &call_yaml(transport, http, grpc),
+                        mode,
+                        size,
+                        n,
+                    );
+                    let ceiling = b0_rates[&(transport, size, mode)].min(b1_rates[&size]);
+                    let ratio = t.rate / ceiling;
+                    println!(
+                        "| {transport} {mode} | {size} B | {:.0} | {ratio:.2} | {:.2} | {:.1} |",
+                        t.rate, t.cpu_per_10k, t.peak_rss
+                    );
+                    chart.push((format!("{transport} {mode} {size}B"), t.rate, ceiling));
+                    rows.push(json!({"bench": "B3", "transport": transport, "ordering": mode, "size": size, "rate": t.rate, "ceiling": ceiling, "ratio": ratio, "cpu_seconds_per_10k": t.cpu_per_10k, "peak_rss_mib": t.peak_rss}));
+                }
+            }
+        }
+    }
+    if run("steady") {
+        let one_hop = hop(&broker, 100, o.seconds);
+        let steady = ferry_steady(
+            &broker,
+            dir.path(),
+            &call_yaml("http", http, grpc),
+            100,
+            o.seconds,
+            true,
+        );
+        // CPU and memory with librdkafka's default fetch wait (see `Ferry::spawn_with`).
+        let costs = ferry_steady(
+            &broker,
+            dir.path(),
+            &call_yaml("http", http, grpc),
+            100,
+            o.seconds,
+            false,
+        );
+        let base = b2_steady(&broker, http, 100, o.seconds, rt.handle());
+        let added: Vec<f64> = steady.latency_ms.iter().zip(base).map(|(f, b)| f - b).collect();
+        println!();
+        println!("at {RATE} records/s (http, key, 100 B):");
+        let show = |name: &str, l: &[f64]| {
+            println!(
+                "  {name:<22}p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms",
+                l[0], l[1], l[2]
+            )
+        };
+        show("one broker hop", &one_hop);
+        show("B2 (minimal loop)", &base);
+        show("ferry end to end", &steady.latency_ms);
+        show("added by ferry", &added);
+        println!(
+            "  ferry CPU             {:.1} µs per record ({:.1} with eager fetching)",
+            costs.cpu_us_per_record, steady.cpu_us_per_record
+        );
+        println!(
+            "  ferry RSS             steady {:.1} MiB, peak {:.1} MiB",
+            costs.rss_steady, costs.rss_peak
+        );
+        rows.push(json!({
+            "bench": "steady", "rate": RATE, "transport": "http", "ordering": "key", "size": 100,
+            "hop_latency_ms": one_hop, "ferry_latency_ms": steady.latency_ms, "b2_latency_ms": base, "added_latency_ms": added,
+            "cpu_us_per_record": costs.cpu_us_per_record, "cpu_us_per_record_eager_fetch": steady.cpu_us_per_record,
+            "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak,
+        }));
+    }
+    if run("ready") {
+        let ready_ms = start_to_ready(&broker, dir.path(), &call_yaml("http", http, grpc));
+        println!(
+            "start to ready: {ready_ms:.0} ms (median of 5; process start to /readyz 200, before the group join)"
+        );
+        rows.push(json!({"bench": "start_to_ready", "ms": ready_ms}));
+    }
+    let report = json!({"machine": machine, "broker": broker_name, "records": n, "results": rows});
+    std::fs::create_dir_all(&o.out).expect("output directory");
+    let json_path = o.out.join("bench.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report).expect("json")).expect("json written");
+    if !chart.is_empty() {
+        let svg_path = o.out.join("bench.svg");
+        std::fs::write(&svg_path, svg(&chart, &machine)).expect("chart written");
+        println!("wrote {}", svg_path.display());
+    }
+    println!("wrote {}", json_path.display());
+}
+
+/// A bar chart: ferry's records/s per variant, beside its ceiling min(B0, B1).
+fn svg(bars: &[(String, f64, f64)], machine: &str) -> String {
+    let max = bars.iter().map(|b| b.1.max(b.2)).fold(1.0, f64::max);
+    let (w, row, left) = (760.0, 34.0, 170.0);
+    let h = 70.0 + row * bars.len() as f64;
+    let scale = |v: f64| v / max * (w - left - 90.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">ferry end to end (records/s) and its ceiling min(B0, B1)</text>\n\
+         <text x=\"10\" y=\"38\" fill=\"#555\">{machine}</text>\n"
+    );
+    for (i, (label, rate, ceiling)) in bars.iter().enumerate() {
+        let y = 55.0 + row * i as f64;
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{label}</text>\n\
+             <rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"12\" fill=\"#bbb\"/>\n\
+             <rect x=\"{left}\" y=\"{}\" width=\"{:.1}\" height=\"12\" fill=\"#2a7ab0\"/>\n\
+             <text x=\"{:.1}\" y=\"{}\">{rate:.0} / {ceiling:.0}</text>\n",
+            left - 8.0,
+            y + 16.0,
+            scale(*ceiling),
+            y + 13.0,
+            scale(*rate),
+            left + scale(rate.max(*ceiling)) + 6.0,
+            y + 16.0,
+        );
+    }
+    s += "</svg>\n";
+    s
+}
