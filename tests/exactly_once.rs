@@ -21,8 +21,18 @@ use rdkafka_sys::types::RDKafkaApiKey;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn exactly_once(text: String) -> String {
-    text.replace("admin:\n", "delivery: exactly_once\nadmin:\n")
+/// The tests' one-route config with `delivery: exactly_once`.
+fn exactly_once_config(kafka: &Kafka, t: &RouteTopics, service: &Service) -> String {
+    config_text(
+        kafka,
+        &t.group,
+        &t.source,
+        &service.url("/h"),
+        &t.reply,
+        &t.dlq,
+        "",
+    )
+    .replace("admin:\n", "delivery: exactly_once\nadmin:\n")
 }
 
 /// The offsets ferry committed (in transactions), summed over its partitions.
@@ -54,15 +64,7 @@ async fn outputs_and_offsets_are_committed_together_and_offsets_never_outside_a_
     }
     let t = kafka.route_topics(4).await;
     let service = echo_with_poison().await;
-    let text = exactly_once(config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    ));
+    let text = exactly_once_config(&kafka, &t, &service);
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
     let n = 200;
     for i in 0..n {
@@ -133,15 +135,7 @@ async fn an_aborted_transaction_is_written_again_whole() {
     };
     let t = kafka.route_topics(2).await;
     let service = echo_with_poison().await;
-    let text = exactly_once(config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    ));
+    let text = exactly_once_config(&kafka, &t, &service);
     let n = 60;
     for i in 0..n {
         kafka
@@ -198,15 +192,7 @@ async fn a_reply_too_large_for_the_broker_is_dead_lettered_inside_the_transactio
         }
     })
     .await;
-    let text = exactly_once(config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    ));
+    let text = exactly_once_config(&kafka, &t, &service);
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
     for v in ["a", "huge", "b"] {
         kafka.send(&t.source, None, Some("k"), v, &[]).await;
@@ -252,16 +238,7 @@ async fn sigkilled_again_and_again_a_read_committed_reader_sees_each_outcome_onc
     let service = echo_with_poison().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferry.yaml");
-    let text = exactly_once(config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    ))
-    .replace(
+    let text = exactly_once_config(&kafka, &t, &service).replace(
         "  commit_interval: 100ms\n",
         &format!(
             "  commit_interval: 200ms\n  transactional_id: {}\n",
