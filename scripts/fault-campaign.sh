@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault campaign (tests/campaign.rs): 100 000 records through two ferry processes on the
-# embedded broker, then 20 000 on Tansu with sqlite storage, with SIGKILLs, broker restarts, a graceful handover and a faulty
+# embedded broker, then 10 000 on Tansu with sqlite storage, with SIGKILLs, broker restarts, a graceful handover and a faulty
 # service; prints the figures quoted in the README ("Guarantees, measured").
 # FERRY_CAMPAIGN_RECORDS changes the number of records.
 set -euo pipefail
