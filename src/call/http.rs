@@ -17,6 +17,9 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 pub struct Http {
     client: reqwest::Client,
     url: Template,
+    /// The URL parsed once, when it has no placeholders (most routes): parsing it for every
+    /// request cost more than building the rest of the request.
+    fixed_url: Option<reqwest::Url>,
     method: reqwest::Method,
     timeout: Duration,
     headers: HeaderMap,
@@ -47,9 +50,15 @@ impl Http {
         let client = with_tls(builder, config.tls())?
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let fixed_url = if url.is_fixed() {
+            Some(reqwest::Url::parse(&config.url).map_err(|e| format!("`{}`: {e}", config.url))?)
+        } else {
+            None
+        };
         Ok(Http {
             client,
             url,
+            fixed_url,
             method,
             timeout: config.timeout.0,
             headers,
@@ -65,10 +74,7 @@ impl Http {
             .unwrap_or(HeaderValue::from_static("application/octet-stream"));
         h.insert(reqwest::header::CONTENT_TYPE, content_type);
         super::describe(record, attempt, |name, value| {
-            match (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
+            match (header_name(name), HeaderValue::from_bytes(value)) {
                 (Ok(n), Ok(v)) => {
                     // Record headers may repeat; everything else is set once.
                     if name.starts_with("ferry-header-") {
@@ -89,11 +95,11 @@ impl Http {
             }
         }
         let body = record.value.clone().unwrap_or_default();
-        self.client
-            .request(self.method.clone(), self.url.render(record))
-            .headers(h)
-            .timeout(self.timeout)
-            .body(body)
+        let request = match &self.fixed_url {
+            Some(url) => self.client.request(self.method.clone(), url.clone()),
+            None => self.client.request(self.method.clone(), self.url.render(record)),
+        };
+        request.headers(h).timeout(self.timeout).body(body)
     }
 
     async fn call_once(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
@@ -119,6 +125,21 @@ impl Http {
         answer.body = body.freeze();
         Ok(answer)
     }
+}
+
+/// The header names ferry sets on every request, without parsing or allocating them.
+fn header_name(name: &str) -> Result<HeaderName, reqwest::header::InvalidHeaderName> {
+    Ok(match name {
+        "ferry-topic" => HeaderName::from_static("ferry-topic"),
+        "ferry-partition" => HeaderName::from_static("ferry-partition"),
+        "ferry-offset" => HeaderName::from_static("ferry-offset"),
+        "ferry-timestamp" => HeaderName::from_static("ferry-timestamp"),
+        "ferry-key" => HeaderName::from_static("ferry-key"),
+        "ferry-attempt" => HeaderName::from_static("ferry-attempt"),
+        "idempotency-key" => HeaderName::from_static("idempotency-key"),
+        "traceparent" => HeaderName::from_static("traceparent"),
+        _ => return HeaderName::from_bytes(name.as_bytes()),
+    })
 }
 
 /// Trusts only the configured CA (no system roots) and presents the client certificate, if any.

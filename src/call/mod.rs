@@ -97,11 +97,13 @@ pub enum CallError {
 /// and says whether the transport could carry it (a key that cannot travel as text goes as
 /// `ferry-key-base64`; a record header that cannot travel is left out, with a debug line).
 pub(crate) fn describe(record: &Record, attempt: &Attempt, mut put: impl FnMut(&str, &[u8]) -> bool) {
+    // Numbers are formatted on the stack: this runs for every attempt.
+    let mut number = itoa::Buffer::new();
     put("ferry-topic", record.topic.as_bytes());
-    put("ferry-partition", record.partition.to_string().as_bytes());
-    put("ferry-offset", record.offset.to_string().as_bytes());
+    put("ferry-partition", number.format(record.partition).as_bytes());
+    put("ferry-offset", number.format(record.offset).as_bytes());
     if let Some(ts) = record.timestamp_ms {
-        put("ferry-timestamp", ts.to_string().as_bytes());
+        put("ferry-timestamp", number.format(ts).as_bytes());
     }
     if let Some(key) = &record.key {
         let printable = std::str::from_utf8(key).is_ok_and(|k| !k.chars().any(char::is_control));
@@ -112,7 +114,7 @@ pub(crate) fn describe(record: &Record, attempt: &Attempt, mut put: impl FnMut(&
             );
         }
     }
-    put("ferry-attempt", attempt.number.to_string().as_bytes());
+    put("ferry-attempt", number.format(attempt.number).as_bytes());
     put("idempotency-key", record.idempotency_key().as_bytes());
     if let Some(trace) = &attempt.trace {
         for (name, value) in &trace.0 {
