@@ -342,19 +342,6 @@ struct Ferry {
 }
 
 impl Ferry {
-    #[allow(clippy::too_many_arguments)]
-    fn spawn(
-        dir: &Path,
-        brokers: &str,
-        source: &str,
-        reply: &str,
-        dlq: &str,
-        call: &str,
-        ordering: &str,
-    ) -> Ferry {
-        Ferry::spawn_with(dir, brokers, source, reply, dlq, call, ordering, true)
-    }
-
     /// `eager_fetch`: `fetch.wait.max.ms: 0`. The embedded broker holds an empty fetch for the
     /// whole wait even when records arrive meanwhile (a real broker answers at once), so the
     /// latency runs fetch eagerly; that spins fetches, so CPU and memory are measured without it.
@@ -472,7 +459,7 @@ struct Throughput {
 fn b3(broker: &Broker, dir: &Path, call: &str, ordering: &str, size: usize, n: usize) -> Throughput {
     let (source, reply, dlq) = broker.topics();
     preload(&broker.brokers, &source, n, size);
-    let ferry = Ferry::spawn(dir, &broker.brokers, &source, &reply, &dlq, call, ordering);
+    let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, ordering, true);
     let stop = AtomicBool::new(false);
     let got = read_replies(&broker.brokers, &reply, n, Duration::from_secs(600), &stop);
     let cpu = ferry.cpu_seconds();
@@ -728,7 +715,7 @@ fn start_to_ready(broker: &Broker, dir: &Path, call: &str) -> f64 {
     for _ in 0..5 {
         let (source, reply, dlq) = broker.topics();
         let started = Instant::now();
-        let ferry = Ferry::spawn(dir, &broker.brokers, &source, &reply, &dlq, call, "key");
+        let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, "key", true);
         while !ferry.ready() {
             std::thread::sleep(Duration::from_millis(1));
             assert!(started.elapsed() < Duration::from_secs(30), "ferry became ready");

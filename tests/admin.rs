@@ -656,16 +656,7 @@ async fn prestop_drains_only_when_the_config_allows_it() {
 
     let kafka = &b.kafka;
     let t = kafka.route_topics(1).await;
-    let text = config_text(
-        kafka,
-        &t.group,
-        &t.source,
-        &b.service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    )
-    .replace(
+    let text = route_config(kafka, &t, &b.service.url("/h"), "").replace(
         "admin:\n  listen: 127.0.0.1:0\n",
         "admin:\n  listen: 127.0.0.1:0\n  prestop: true\n",
     );

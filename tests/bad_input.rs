@@ -26,15 +26,7 @@ async fn awkward_records_each_get_their_defined_outcome() {
         }
     })
     .await;
-    let text = config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "    ordering: partition\n",
-    );
+    let text = route_config(&kafka, &t, &service.url("/h"), "    ordering: partition\n");
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
 
     // 0: a key that is not UTF-8, and a header value that is not either.

@@ -331,20 +331,12 @@ async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repea
         Resp::new(200, &r.body)
     })
     .await;
-    let text = config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    )
-    .replace("        timeout: 2s\n", "        timeout: 1s\n")
-    .replace(
-        "    retry:\n      max_attempts: 3\n",
-        "    retry:\n      max_attempts: 5\n",
-    );
+    let text = route_config(&kafka, &t, &service.url("/h"), "")
+        .replace("        timeout: 2s\n", "        timeout: 1s\n")
+        .replace(
+            "    retry:\n      max_attempts: 3\n",
+            "    retry:\n      max_attempts: 5\n",
+        );
     std::fs::write(dir.path().join("ferry.yaml"), &text).unwrap();
     let config = dir.path().join("ferry.yaml");
     let log = |name: &str| dir.path().join(format!("{name}.log"));

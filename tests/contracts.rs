@@ -42,13 +42,10 @@ async fn records_and_replies_that_break_their_schema_are_dead_lettered_with_the_
     std::fs::create_dir(dir.path().join("schemas")).unwrap();
     std::fs::write(dir.path().join("schemas/order.json"), ORDER).unwrap();
     std::fs::write(dir.path().join("schemas/result.json"), RESULT).unwrap();
-    let text = config_text(
+    let text = route_config(
         &kafka,
-        &t.group,
-        &t.source,
+        &t,
         &service.url("/orders"),
-        &t.reply,
-        &t.dlq,
         "    validate:\n      schema: schemas/order.json\n",
     )
     .replace(
@@ -175,16 +172,7 @@ async fn cloudevents_format_sends_binary_mode_headers() {
     let kafka = Kafka::start();
     let t = kafka.route_topics(1).await;
     let service = Service::start(|_r: Req| async move { Resp::new(204, "") }).await;
-    let text = config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/events"),
-        &t.reply,
-        &t.dlq,
-        "",
-    )
-    .replace(
+    let text = route_config(&kafka, &t, &service.url("/events"), "").replace(
         "        timeout: 2s\n",
         "        timeout: 2s\n        format: cloudevents\n",
     );

@@ -23,16 +23,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// The tests' one-route config with `delivery: exactly_once`.
 fn exactly_once_config(kafka: &Kafka, t: &RouteTopics, service: &Service) -> String {
-    config_text(
-        kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    )
-    .replace("admin:\n", "delivery: exactly_once\nadmin:\n")
+    route_config(kafka, t, &service.url("/h"), "").replace("admin:\n", "delivery: exactly_once\nadmin:\n")
 }
 
 /// The offsets ferry committed (in transactions), summed over its partitions.

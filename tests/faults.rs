@@ -24,15 +24,7 @@ async fn produce_commit_and_fetch_errors_leader_moves_and_a_broker_restart_lose_
     };
     let t = kafka.route_topics(2).await;
     let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
-    let text = config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    );
+    let text = route_config(&kafka, &t, &service.url("/h"), "");
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
     let mock = embedded.mock().unwrap();
     let mut sent = 0;

@@ -27,7 +27,7 @@ async fn secrets_never_appear_in_trace_logs_status_or_metrics() {
     let service_token = "service-t0ken-planted";
     std::fs::write(dir.path().join("kafka-password"), kafka_password).unwrap();
     let port = free_port();
-    let text = config_text(&kafka, &t.group, &t.source, &service.url("/h"), &t.reply, &t.dlq, "")
+    let text = route_config(&kafka, &t, &service.url("/h"), "")
         .replace(
             "    session.timeout.ms: 6000\n",
             &format!(

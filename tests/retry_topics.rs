@@ -53,16 +53,7 @@ async fn bench() -> Bench {
         "    ordering: none\n    retry:\n      max_attempts: 10\n      backoff: {{ initial: 700ms, max: 700ms, jitter: none }}\n      topics: [{}, {}]\n",
         retries[0], retries[1]
     );
-    let text = config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    )
-    .replace(
+    let text = route_config(&kafka, &t, &service.url("/h"), "").replace(
         "    retry:\n      max_attempts: 3\n      backoff: { initial: 10ms, max: 50ms }\n",
         &extra,
     );

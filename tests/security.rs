@@ -133,8 +133,7 @@ impl TlsService {
 
 /// A one-route config calling `url` with these TLS lines (indented by 8) in `call.http`.
 fn https_config(kafka: &Kafka, t: &RouteTopics, url: &str, tls: &str) -> String {
-    config_text(kafka, &t.group, &t.source, url, &t.reply, &t.dlq, "")
-        .replace("        timeout: 2s\n", &format!("        timeout: 2s\n{tls}"))
+    route_config(kafka, t, url, "").replace("        timeout: 2s\n", &format!("        timeout: 2s\n{tls}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +268,7 @@ async fn sasl_refused_by_the_broker_is_a_clear_error_and_no_busy_loop() {
         let t = kafka.route_topics(1).await;
         kafka.send(&t.source, None, Some("k"), "waiting", &[]).await;
         let port = free_port();
-        let text = config_text(&kafka, &t.group, &t.source, &service.url("/h"), &t.reply, &t.dlq, "")
+        let text = route_config(&kafka, &t, &service.url("/h"), "")
             .replace(
                 "    session.timeout.ms: 6000\n",
                 &format!(
@@ -327,7 +326,7 @@ async fn every_sasl_mechanism_reaches_librdkafka() {
         ("SCRAM-SHA-512", user),
         ("OAUTHBEARER", token),
     ] {
-        let text = config_text(&kafka, &t.group, &t.source, "http://127.0.0.1:1/", &t.reply, &t.dlq, "").replace(
+        let text = route_config(&kafka, &t, "http://127.0.0.1:1/", "").replace(
             "    session.timeout.ms: 6000\n",
             &format!(
                 "    session.timeout.ms: 6000\n    security.protocol: SASL_PLAINTEXT\n    sasl.mechanism: {mechanism}\n{credentials}"

@@ -118,17 +118,10 @@ async fn a_record_trace_runs_from_its_traceparent_through_the_call_to_the_reply_
         }
     })
     .await;
-    let text = config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    ) + &format!(
-        "telemetry:\n  traces:\n    otlp_endpoint: \"{endpoint}\"\n    sample_ratio: 0.0\n    service_name: payments-ferry\n"
-    );
+    let text = route_config(&kafka, &t, &service.url("/h"), "")
+        + &format!(
+            "telemetry:\n  traces:\n    otlp_endpoint: \"{endpoint}\"\n    sample_ratio: 0.0\n    service_name: payments-ferry\n"
+        );
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
 
     // Sampled by its parent although the ratio is 0: the caller's decision is followed.
@@ -278,15 +271,7 @@ async fn without_a_collector_the_records_own_traceparent_travels_unchanged() {
     let kafka = Kafka::start();
     let t = kafka.route_topics(1).await;
     let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
-    let text = config_text(
-        &kafka,
-        &t.group,
-        &t.source,
-        &service.url("/h"),
-        &t.reply,
-        &t.dlq,
-        "",
-    );
+    let text = route_config(&kafka, &t, &service.url("/h"), "");
     let _sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
     let incoming = format!("00-{TRACE}-{PARENT}-01");
     kafka
@@ -308,19 +293,7 @@ async fn the_standard_environment_variable_turns_export_on() {
     let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferry.yaml");
-    std::fs::write(
-        &config,
-        config_text(
-            &kafka,
-            &t.group,
-            &t.source,
-            &service.url("/h"),
-            &t.reply,
-            &t.dlq,
-            "",
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, route_config(&kafka, &t, &service.url("/h"), "")).unwrap();
     let _ferry = Ferry::spawn_with(
         &config,
         &dir.path().join("ferry.log"),

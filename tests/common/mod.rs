@@ -545,6 +545,11 @@ shutdown:
     )
 }
 
+/// [`config_text`] for one route over `t`'s topics.
+pub fn route_config(kafka: &Kafka, t: &RouteTopics, url: &str, extra: &str) -> String {
+    config_text(kafka, &t.group, &t.source, url, &t.reply, &t.dlq, extra)
+}
+
 pub fn parse(text: &str) -> Config {
     config::parse(
         text,
