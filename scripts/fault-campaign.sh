@@ -12,4 +12,4 @@ fi
 FERRY_CAMPAIGN_RECORDS="${FERRY_CAMPAIGN_RECORDS:-100000}" \
 FERRY_CAMPAIGN_TANSU_RECORDS="${FERRY_CAMPAIGN_TANSU_RECORDS:-10000}" \
   cargo nextest run --test campaign --run-ignored only --no-capture --test-threads 1 "$@" 2>&1 \
-  | grep --line-buffered -E '^(campaign|fault campaign)|^ +(PASS|FAIL|TIMEOUT) |panicked|Summary'
+  | grep --line-buffered -E '^(campaign|fault campaign|read )|^ +(PASS|FAIL|TIMEOUT) |panicked|Summary'

@@ -201,8 +201,10 @@ impl Context {
         if live > 0 {
             self.count_abandoned(tps, live);
         }
-        if commit_final {
-            commit(c, &offsets);
+        // A refused final commit is not repeated later: the partitions are no longer ours. The
+        // next owner starts from the last committed offsets and repeats what was final above.
+        if commit_final && !commit(c, &offsets) {
+            tracing::warn!(offsets = %describe_offsets(&offsets), "The broker refused the final commit of revoked partitions; their next owner will repeat the records above the last committed offsets");
         }
         self.tracing.forget(tps);
     }
@@ -362,6 +364,13 @@ fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
         .iter()
         .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
         .collect()
+}
+
+/// `topic/partition@offset,…`, sorted, for logs.
+fn describe_offsets(offsets: &[(Tp, i64)]) -> String {
+    let mut v: Vec<String> = offsets.iter().map(|((t, p), o)| format!("{t}/{p}@{o}")).collect();
+    v.sort();
+    v.join(",")
 }
 
 fn describe(tps: &[Tp]) -> String {

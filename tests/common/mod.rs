@@ -342,26 +342,45 @@ fn read_blocking(brokers: &str, topic: &str, want: usize, within: Duration) -> V
     }
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
+    let mut last_error = None;
     let deadline = Instant::now() + within;
     while out.len() < want && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
-            let mut headers = BTreeMap::new();
-            if let Some(hs) = m.headers() {
-                for h in hs.iter() {
-                    headers.insert(
-                        h.key.to_string(),
-                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                    );
-                }
+        let m = match c.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                last_error = Some(e);
+                continue;
             }
-            out.push(Rec {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
-                headers,
-            });
+            None => continue,
+        };
+        let mut headers = BTreeMap::new();
+        if let Some(hs) = m.headers() {
+            for h in hs.iter() {
+                headers.insert(
+                    h.key.to_string(),
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                );
+            }
         }
+        out.push(Rec {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+            headers,
+        });
+    }
+    if out.len() < want {
+        // Where the reading stopped, for the post-mortem of a broker that stopped serving.
+        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in &out {
+            let o = last.entry(r.partition).or_insert(r.offset);
+            *o = (*o).max(r.offset);
+        }
+        eprintln!(
+            "read {topic}: {} of {want} records within {within:?}; last offset read per partition {last:?}; last error {last_error:?}",
+            out.len()
+        );
     }
     out
 }
