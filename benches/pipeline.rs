@@ -107,6 +107,12 @@ async fn serve_http() -> SocketAddr {
     let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move { body });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    // Without TCP_NODELAY a response written in more than one piece waits for the client's
+    // delayed acknowledgement (up to 40 ms): the service, not the client, would set the pace.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
@@ -128,7 +134,14 @@ impl Handler for Echo {
 async fn serve_grpc() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY, as for the HTTP service: HTTP/2 writes a response as headers, data and
+    // trailers, and without it the later pieces wait for the client's delayed acknowledgement.
+    use tokio_stream::StreamExt;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    });
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(HandlerServer::new(Echo))
