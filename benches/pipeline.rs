@@ -429,6 +429,18 @@ impl Ferry {
         matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
     }
 
+    /// The text of `/metrics`; empty when it cannot be read.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(1)) else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    }
+
     fn stop(mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
@@ -534,6 +546,9 @@ fn percentiles(mut micros: Vec<u64>) -> [f64; 3] {
 
 struct Steady {
     latency_ms: [f64; 3],
+    /// From ferry's own histograms over the measured seconds, as bucket bounds in ms:
+    /// (record timestamp → outcome p50, p99), (call p50, p99).
+    inside_ms: ([f64; 2], [f64; 2]),
     cpu_us_per_record: f64,
     rss_steady: f64,
     rss_peak: f64,
@@ -574,6 +589,7 @@ fn ferry_steady(
     );
     let skip = warm.len();
     let cpu_before = ferry.cpu_seconds();
+    let metrics_before = ferry.metrics();
     let stop = Arc::new(AtomicBool::new(false));
     let mut rss = Vec::new();
     let sampler = {
@@ -606,6 +622,13 @@ fn ferry_steady(
     let offered = offer(&broker.brokers, &source, size, seconds);
     let got = reader.join().expect("reader");
     let cpu = ferry.cpu_seconds() - cpu_before;
+    let metrics_after = ferry.metrics();
+    let inside = |name: &str| {
+        let during = Buckets::of(&metrics_after, name).minus(&Buckets::of(&metrics_before, name));
+        [during.quantile_ms(0.5), during.quantile_ms(0.99)]
+    };
+    use ferry::telemetry::names;
+    let inside_ms = (inside(names::END_TO_END), inside(names::CALL_DURATION));
     stop.store(true, Ordering::Relaxed);
     rss.extend(sampler.join().expect("sampler"));
     let (_, peak) = ferry.rss_mib();
@@ -618,6 +641,7 @@ fn ferry_steady(
     rss.sort_by(f64::total_cmp);
     Steady {
         latency_ms: percentiles(lat),
+        inside_ms,
         cpu_us_per_record: cpu * 1e6 / offered as f64,
         rss_steady: rss.get(rss.len() / 2).copied().unwrap_or(0.0),
         rss_peak: peak,
@@ -738,6 +762,59 @@ fn start_to_ready(broker: &Broker, dir: &Path, call: &str) -> f64 {
     }
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
+}
+
+/// A Prometheus histogram's cumulative bucket counts, summed over its label sets.
+struct Buckets(Vec<(f64, f64)>);
+
+impl Buckets {
+    /// `name`'s buckets in the text `metrics`.
+    fn of(metrics: &str, name: &str) -> Buckets {
+        let prefix = format!("{name}_bucket{{");
+        let mut by_bound: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for line in metrics.lines().filter(|l| l.starts_with(&prefix)) {
+            let Some((labels, count)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Some(le) = labels.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else {
+                continue;
+            };
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            let e = by_bound.entry(le.to_string()).or_insert((bound, 0.0));
+            e.1 += count.parse::<f64>().unwrap_or(0.0);
+        }
+        let mut v: Vec<(f64, f64)> = by_bound.into_values().collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Buckets(v)
+    }
+
+    fn minus(&self, before: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|&(b, n)| {
+                    let was = before.0.iter().find(|(bb, _)| *bb == b).map_or(0.0, |x| x.1);
+                    (b, n - was)
+                })
+                .collect(),
+        )
+    }
+
+    /// The upper bound, in ms, of the bucket holding quantile `q`; NaN without samples.
+    fn quantile_ms(&self, q: f64) -> f64 {
+        let total = self.0.last().map_or(0.0, |x| x.1);
+        if total <= 0.0 {
+            return f64::NAN;
+        }
+        self.0
+            .iter()
+            .find(|(_, n)| *n >= q * total)
+            .map_or(f64::NAN, |(b, _)| b * 1000.0)
+    }
 }
 
 // ---------------------------------------------------------------- the report
@@ -879,6 +956,11 @@ fn main() {
         show("B2 (minimal loop)", &base);
         show("ferry end to end", &steady.latency_ms);
         show("added by ferry", &added);
+        let (e2e, call) = steady.inside_ms;
+        println!(
+            "  inside ferry          record timestamp to outcome p50 ≤ {} ms, p99 ≤ {} ms; the call p50 ≤ {} ms, p99 ≤ {} ms (its histograms' bucket bounds)",
+            e2e[0], e2e[1], call[0], call[1]
+        );
         println!(
             "  ferry CPU             {:.1} µs per record ({:.1} with eager fetching)",
             costs.cpu_us_per_record, steady.cpu_us_per_record
@@ -889,7 +971,8 @@ fn main() {
         );
         rows.push(json!({
             "bench": "steady", "rate": RATE, "transport": "http", "ordering": "key", "size": 100,
-            "hop_latency_ms": one_hop, "ferry_latency_ms": steady.latency_ms, "b2_latency_ms": base, "added_latency_ms": added,
+            "hop_latency_ms": one_hop, "ferry_latency_ms": steady.latency_ms,
+            "inside_ferry_end_to_end_ms_p50_p99": steady.inside_ms.0, "inside_ferry_call_ms_p50_p99": steady.inside_ms.1, "b2_latency_ms": base, "added_latency_ms": added,
             "cpu_us_per_record": costs.cpu_us_per_record, "cpu_us_per_record_eager_fetch": steady.cpu_us_per_record,
             "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak,
         }));

@@ -4,7 +4,7 @@
 //! bounded drain while a revoke or shutdown is in progress. Feeds the dispatch lanes with
 //! records and the offset tracker with what was taken; commits what the tracker says is final.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -197,14 +197,26 @@ impl Context {
         // Only a final commit needs to keep the periodic one out; a lost assignment commits
         // nothing and must not wait behind a commit to an unreachable coordinator.
         let _committing = commit_final.then(|| lock(&self.commit_lock));
+        let acknowledged = self.tracker.acknowledged(tps);
         let (offsets, live) = self.tracker.release(tps);
         if live > 0 {
             self.count_abandoned(tps, live);
         }
-        // A refused final commit is not repeated later: the partitions are no longer ours. The
-        // next owner starts from the last committed offsets and repeats what was final above.
-        if commit_final && !commit(c, &offsets) {
-            tracing::warn!(offsets = %describe_offsets(&offsets), "The broker refused the final commit of revoked partitions; their next owner will repeat the records above the last committed offsets");
+        if commit_final {
+            if commit(c, &offsets) {
+                // Where the next owner should start: for an operator following a handover (and
+                // for the fault campaign, which holds the broker to it).
+                let mut at: BTreeMap<Tp, i64> = acknowledged.into_iter().collect();
+                at.extend(offsets);
+                if !at.is_empty() {
+                    let at: Vec<(Tp, i64)> = at.into_iter().collect();
+                    tracing::info!(offsets = %describe_offsets(&at), "Handed over the revoked partitions at these committed offsets");
+                }
+            } else {
+                // Not repeated later: the partitions are no longer ours. The next owner starts
+                // from the last committed offsets and repeats what was final above them.
+                tracing::warn!(offsets = %describe_offsets(&offsets), "The broker refused the final commit of revoked partitions; their next owner will repeat the records above the last committed offsets");
+            }
         }
         self.tracing.forget(tps);
     }
@@ -475,6 +487,9 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
 
     let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
     let mut queues: HashMap<Tp, PartitionQueue<Context>> = HashMap::new();
+    // Assigned partitions whose first record is still to come: where a partition starts is
+    // worth a line at each handover.
+    let mut fresh: HashSet<Tp> = HashSet::new();
     let mut next_watermarks = Instant::now();
     while !setup.shutdown.is_cancelled() {
         setup.health.beat();
@@ -484,11 +499,13 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             read_high_watermarks(&consumer, &setup.tracker);
         }
         for tp in lock(&ctx.gone).drain(..) {
+            fresh.remove(&tp);
             queues.remove(&tp);
         }
         for (tp, mut queue) in lock(&ctx.new_queues).drain(..) {
             let w = wake.clone();
             queue.set_nonempty_callback(move || w.wake());
+            fresh.insert(tp.clone());
             queues.insert(tp, queue);
         }
         let mut took = 0;
@@ -497,7 +514,12 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             let mut turn = 0;
             while turn < TURN && has_room(ctx, tp) {
                 match queue.poll(Duration::ZERO) {
-                    Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics),
+                    Some(Ok(msg)) => {
+                        if !fresh.is_empty() && fresh.remove(tp) {
+                            tracing::info!(partition = %format!("{}/{}", tp.0, tp.1), offset = msg.offset(), "First record of an assigned partition");
+                        }
+                        take(ctx, &msg, &routes, &mut topics)
+                    }
                     Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
                     None => break,
                 }

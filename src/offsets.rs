@@ -412,6 +412,15 @@ impl Tracker {
         }
     }
 
+    /// The offsets the broker last confirmed for these partitions (their last commits that
+    /// succeeded).
+    pub fn acknowledged(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+        let s = self.lock();
+        tps.iter()
+            .filter_map(|tp| Some((tp.clone(), s.partitions.get(tp)?.committed?)))
+            .collect()
+    }
+
     /// Forgets these partitions. Returns the offsets still to commit for them and how many
     /// records were live (their results will be discarded).
     pub fn release(&self, tps: &[Tp]) -> (Vec<(Tp, i64)>, usize) {
