@@ -341,6 +341,32 @@ impl Taken {
     }
 }
 
+/// Each partition of `topic` with its leader, or the error the metadata gives for it.
+fn leaders(brokers: &str, topic: &str) -> Vec<(i32, String)> {
+    let c: rdkafka::consumer::BaseConsumer = match rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+    {
+        Ok(c) => c,
+        Err(e) => return vec![(-1, e.to_string())],
+    };
+    match rdkafka::consumer::Consumer::fetch_metadata(&c, Some(topic), Duration::from_secs(10)) {
+        Ok(md) => md
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .map(|p| {
+                let state = match p.error() {
+                    Some(e) => format!("error {e:?}"),
+                    None => format!("leader {}", p.leader()),
+                };
+                (p.id(), state)
+            })
+            .collect(),
+        Err(e) => vec![(-1, e.to_string())],
+    }
+}
+
 /// `2026-12-01T15:13:06.931062Z` as micros since the epoch; `None` for anything else.
 fn micros_of_rfc3339(s: &str) -> Option<u64> {
     let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
@@ -618,9 +644,27 @@ async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repea
         let _ = f.exit_code(Duration::from_secs(60)).await;
     }
 
-    // The books.
-    let replies = kafka.read_all(&t.reply).await;
-    let dead = kafka.read_all(&t.dlq).await;
+    // The books. Tansu now and then stops serving some partitions to new readers after the
+    // campaign (no error, nothing fetched); a restart of the broker, whose storage is durable,
+    // is tried once before the run is called unjudgeable.
+    let mut restarted = false;
+    let (replies, dead) = loop {
+        let replies = kafka.read_all(&t.reply).await;
+        let dead = kafka.read_all(&t.dlq).await;
+        let hw = snapshot(&brokers, &t.group, &t, partitions).await.reply_hw;
+        let unserved: Vec<usize> = (0..partitions as usize)
+            .filter(|&p| hw[p] > 0 && !replies.iter().any(|r| r.partition as usize == p))
+            .collect();
+        if unserved.is_empty() || restarted {
+            break (replies, dead);
+        }
+        eprintln!(
+            "campaign ({name}): the broker serves nothing from reply partitions {unserved:?} (high watermarks {hw:?}; partition leaders {:?}); restarting it and reading again",
+            leaders(&brokers, &t.reply)
+        );
+        broker.restart().await;
+        restarted = true;
+    };
     eprintln!(
         "campaign ({name}): read {} replies and {} dead letters",
         replies.len(),
