@@ -380,13 +380,16 @@ fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
 
 /// `topic/partition@offset,…`, sorted, for logs.
 fn describe_offsets(offsets: &[(Tp, i64)]) -> String {
-    let mut v: Vec<String> = offsets.iter().map(|((t, p), o)| format!("{t}/{p}@{o}")).collect();
-    v.sort();
-    v.join(",")
+    sorted_list(offsets.iter().map(|((t, p), o)| format!("{t}/{p}@{o}")))
 }
 
+/// `topic/partition,…`, sorted, for logs.
 fn describe(tps: &[Tp]) -> String {
-    let mut v: Vec<String> = tps.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+    sorted_list(tps.iter().map(|(t, p)| format!("{t}/{p}")))
+}
+
+fn sorted_list(items: impl Iterator<Item = String>) -> String {
+    let mut v: Vec<String> = items.collect();
     v.sort();
     v.join(",")
 }

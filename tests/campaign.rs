@@ -196,6 +196,46 @@ async fn snapshot(brokers: &str, group: &str, t: &RouteTopics, partitions: i32) 
     .unwrap()
 }
 
+/// Each ferry instance's log in `dir` (`{instance}.log`), without colours.
+fn instance_logs(dir: &Path) -> Vec<(String, String)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| {
+            let instance = p.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            (
+                instance,
+                without_colours(&std::fs::read_to_string(&p).unwrap_or_default()),
+            )
+        })
+        .collect()
+}
+
+/// The `topic/partition[@offset]` items of a log line's `field` (`partitions=`, `offsets=`,
+/// `partition=`), as (partition, offset if any).
+fn listed(line: &str, field: &str) -> Vec<(usize, Option<i64>)> {
+    let Some(list) = line.split(field).nth(1).and_then(|r| r.split_whitespace().next()) else {
+        return Vec::new();
+    };
+    list.split(',')
+        .filter_map(|item| {
+            let (tp, offset) = match item.split_once('@') {
+                Some((tp, o)) => (tp, Some(o.parse().ok()?)),
+                None => (item, None),
+            };
+            Some((tp.rsplit_once('/')?.1.parse().ok()?, offset))
+        })
+        .collect()
+}
+
+/// The partitions of `listed`.
+fn partitions_listed(line: &str, field: &str) -> Vec<usize> {
+    listed(line, field).into_iter().map(|(p, _)| p).collect()
+}
+
 /// The input partitions on which the broker, not the campaign, made a live instance's finished
 /// work uncommittable, read from the ferry logs in `dir` (`{instance}.log`, UTC timestamps):
 /// - revoked with `lost=true` (the coordinator took them; nothing may be committed);
@@ -216,51 +256,18 @@ fn partitions_the_broker_took_away(dir: &Path, kills: &HashMap<String, u64>) -> 
     // (instance, partition, offset, at): handed over at a committed offset, and first records.
     let mut handed: Vec<(String, usize, i64, u64)> = Vec::new();
     let mut started: Vec<(String, usize, i64, u64)> = Vec::new();
-    // `topic/partition@offset` pairs after `field`.
-    let pairs = |line: &str, field: &str| -> Vec<(usize, i64)> {
-        let Some(list) = line.split(field).nth(1) else {
-            return Vec::new();
-        };
-        list.split_whitespace()
-            .next()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|tp| {
-                let (tp, o) = tp.split_once('@')?;
-                Some((tp.rsplit_once('/')?.1.parse().ok()?, o.parse().ok()?))
-            })
-            .collect()
-    };
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "log") {
-            continue;
-        }
-        let instance = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
-        let text = without_colours(&std::fs::read_to_string(&path).unwrap_or_default());
+    for (instance, text) in instance_logs(dir) {
         let mut holding: HashMap<usize, u64> = HashMap::new();
         for line in text.lines() {
             let Some(at) = line.split_whitespace().next().and_then(micros_of_rfc3339) else {
                 continue;
             };
-            let listed = |field: &str| -> Vec<usize> {
-                let Some(list) = line.split(field).nth(1) else {
-                    return Vec::new();
-                };
-                list.split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .split(',')
-                    .filter_map(|tp| tp.split('@').next()?.rsplit_once('/'))
-                    .filter_map(|(_, p)| p.parse().ok())
-                    .collect()
-            };
             if line.contains("Partitions assigned") {
-                for p in listed("partitions=") {
+                for p in partitions_listed(line, "partitions=") {
                     holding.entry(p).or_insert(at);
                 }
             } else if line.contains("Partitions revoked") {
-                let revoked = listed("partitions=");
+                let revoked = partitions_listed(line, "partitions=");
                 if line.contains("lost=true") {
                     for &p in &revoked {
                         take(p, format!("lost by {instance}"));
@@ -272,23 +279,21 @@ fn partitions_the_broker_took_away(dir: &Path, kills: &HashMap<String, u64>) -> 
                     }
                 }
             } else if line.contains("Handed over the revoked partitions") {
-                for (p, o) in pairs(line, "offsets=") {
-                    handed.push((instance.clone(), p, o, at));
+                for (p, o) in listed(line, "offsets=") {
+                    if let Some(o) = o {
+                        handed.push((instance.clone(), p, o, at));
+                    }
                 }
             } else if line.contains("First record of an assigned partition") {
-                let p = line
-                    .split("partition=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next()?.rsplit_once('/')?.1.parse().ok());
-                let o = line
+                let offset = line
                     .split("offset=")
                     .nth(1)
                     .and_then(|r| r.split_whitespace().next()?.parse().ok());
-                if let (Some(p), Some(o)) = (p, o) {
-                    started.push((instance.clone(), p, o, at));
+                if let (Some(p), Some(o)) = (partitions_listed(line, "partition=").first(), offset) {
+                    started.push((instance.clone(), *p, o, at));
                 }
             } else if line.contains("refused the final commit") {
-                for p in listed("offsets=") {
+                for p in partitions_listed(line, "offsets=") {
                     take(p, format!("final commit refused to {instance}"));
                 }
             }
@@ -332,34 +337,23 @@ fn partitions_the_broker_took_away(dir: &Path, kills: &HashMap<String, u64>) -> 
 /// without having been given a single record of them since the assignment, from the logs.
 fn starved_partitions(dir: &Path, kills: &HashMap<String, u64>) -> BTreeSet<usize> {
     let mut starved = BTreeSet::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        let instance = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
-        if path.extension().is_none_or(|e| e != "log") || kills.contains_key(&instance) {
+    for (instance, text) in instance_logs(dir) {
+        if kills.contains_key(&instance) {
             continue;
         }
-        let text = without_colours(&std::fs::read_to_string(&path).unwrap_or_default());
         // Partition → served since its assignment?
         let mut held: BTreeMap<usize, bool> = BTreeMap::new();
-        let partition_of = |tp: &str| tp.rsplit_once('/').and_then(|(_, p)| p.parse::<usize>().ok());
         for line in text.lines() {
-            let list = |field: &str| -> Vec<usize> {
-                line.split(field)
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .map(|l| l.split(',').filter_map(partition_of).collect())
-                    .unwrap_or_default()
-            };
             if line.contains("Partitions assigned") {
-                for p in list("partitions=") {
+                for p in partitions_listed(line, "partitions=") {
                     held.entry(p).or_insert(false);
                 }
             } else if line.contains("Partitions revoked") {
-                for p in list("partitions=") {
+                for p in partitions_listed(line, "partitions=") {
                     held.remove(&p);
                 }
             } else if line.contains("First record of an assigned partition") {
-                for p in list("partition=") {
+                for p in partitions_listed(line, "partition=") {
                     held.insert(p, true);
                 }
             }
