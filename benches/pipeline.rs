@@ -11,7 +11,7 @@
 //! - start to ready: process start to `/readyz` answering 200.
 //!
 //! `cargo bench --bench pipeline [-- --brokers HOST:PORT] [--records N] [--seconds S]
-//! [--out DIR]`. Without `--brokers` it runs the embedded broker in this process. Prints a table
+//! [--out DIR]`. Without `--brokers` it runs the embedded broker in a process of its own (`ferry dev broker`). Prints a table
 //! and writes `DIR/bench.json` and `DIR/bench.svg` (default DIR: `docs`).
 
 use std::collections::BTreeMap;
@@ -24,7 +24,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ferry::call::grpc::proto::handler_client::HandlerClient;
 use ferry::call::grpc::proto::handler_server::{Handler, HandlerServer};
 use ferry::call::grpc::proto::{Action, Event, Reply};
-use ferry::embedded::EmbeddedBroker;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -44,6 +43,13 @@ struct Options {
     out: PathBuf,
     /// Run only these parts (b0, b1, b3, steady, ready); all when empty.
     only: Vec<String>,
+}
+
+/// `fetch.wait.max.ms` of the latency runs' consumers (`--fetch-wait-ms`).
+static FETCH_WAIT_MS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+fn fetch_wait_ms() -> u32 {
+    *FETCH_WAIT_MS.get().unwrap_or(&1)
 }
 
 /// Extra librdkafka properties for ferry (`--ferry-property key=value`), to try a tuning.
@@ -68,6 +74,11 @@ fn options() -> Options {
             "--ferry-property" => {
                 if let Some((k, v)) = args.next().as_deref().and_then(|kv| kv.split_once('=')) {
                     properties.push((k.to_string(), v.to_string()));
+                }
+            }
+            "--fetch-wait-ms" => {
+                if let Some(ms) = args.next().and_then(|n| n.parse().ok()) {
+                    let _ = FETCH_WAIT_MS.set(ms);
                 }
             }
             "--only" => {
@@ -206,7 +217,76 @@ async fn b0(transport: &str, addr: SocketAddr, size: usize, concurrency: usize, 
 
 struct Broker {
     brokers: String,
-    embedded: Option<EmbeddedBroker>,
+    /// The embedded broker's own process (`ferry dev broker`), with the topics made for it.
+    embedded: Option<EmbeddedProcess>,
+}
+
+/// The embedded broker in a process of its own, like an external broker: in the bench process
+/// it competed with the load generator and the readers for the same threads, and the minimal
+/// loop's p99 read 90 to 270 ms. Its topics are made at start (it has no controller for
+/// CreateTopics): a pool of triples handed out in turn.
+struct EmbeddedProcess {
+    child: std::process::Child,
+    /// Kept open: the broker still prints after its address, and a closed pipe would end it.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+    next: AtomicU64,
+}
+
+/// Topic triples made at the embedded broker's start; every run of the bench takes fewer.
+const TOPIC_POOL: u64 = 40;
+
+impl EmbeddedProcess {
+    fn start() -> (EmbeddedProcess, String) {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+        command.args(["dev", "broker"]);
+        for n in 0..TOPIC_POOL {
+            let (source, reply, dlq) = pool_names(n);
+            command
+                .arg("--topic")
+                .arg(format!("{source}:{PARTITIONS}"))
+                .arg("--topic")
+                .arg(format!("{reply}:{PARTITIONS}"))
+                .arg("--topic")
+                .arg(format!("{dlq}:1"));
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the embedded broker starts");
+        let stdout = child.stdout.take().expect("its output");
+        let mut stdout = std::io::BufReader::new(stdout);
+        let address = (&mut stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.strip_prefix("embedded broker listening on ")
+                    .map(str::to_string)
+            })
+            .expect("the embedded broker prints its address");
+        let process = EmbeddedProcess {
+            child,
+            _stdout: stdout,
+            next: AtomicU64::new(0),
+        };
+        (process, address)
+    }
+}
+
+impl Drop for EmbeddedProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pool_names(n: u64) -> (String, String, String) {
+    (
+        format!("bench-{n}-in"),
+        format!("bench-{n}-out"),
+        format!("bench-{n}-dlq"),
+    )
 }
 
 static TOPICS: AtomicU64 = AtomicU64::new(0);
@@ -214,6 +294,11 @@ static TOPICS: AtomicU64 = AtomicU64::new(0);
 impl Broker {
     /// A fresh (source, reply, dead-letter) topic triple.
     fn topics(&self) -> (String, String, String) {
+        if let Some(e) = &self.embedded {
+            let n = e.next.fetch_add(1, Ordering::Relaxed);
+            assert!(n < TOPIC_POOL, "the embedded broker's topic pool is used up");
+            return pool_names(n);
+        }
         let n = TOPICS.fetch_add(1, Ordering::Relaxed);
         let run = std::process::id();
         let names = (
@@ -222,10 +307,7 @@ impl Broker {
             format!("bench-{run}-{n}-dlq"),
         );
         for (t, p) in [(&names.0, PARTITIONS), (&names.1, PARTITIONS), (&names.2, 1)] {
-            match &self.embedded {
-                Some(e) => e.create_topic(t, p).expect("create topic"),
-                None => create_external(&self.brokers, t, p),
-            }
+            create_external(&self.brokers, t, p);
         }
         names
     }
@@ -257,7 +339,7 @@ fn consumer(brokers: &str, group: &str) -> BaseConsumer {
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "0")
+        .set("fetch.wait.max.ms", fetch_wait_ms().to_string())
         .create()
         .expect("consumer")
 }
@@ -297,7 +379,7 @@ fn read_replies(
     n: usize,
     within: Duration,
     stop: &AtomicBool,
-) -> Vec<(u64, Option<u64>)> {
+) -> Vec<(u64, Option<u64>, i64)> {
     let c = consumer(brokers, &format!("reader-{topic}"));
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
@@ -308,7 +390,8 @@ fn read_replies(
     let mut got = Vec::with_capacity(n);
     while got.len() < n && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
-            got.push((now_micros(), m.payload().and_then(sent_at)));
+            let created = m.timestamp().to_millis().unwrap_or(0);
+            got.push((now_micros(), m.payload().and_then(sent_at), created));
         }
     }
     got
@@ -370,7 +453,7 @@ impl Ferry {
         eager_fetch: bool,
     ) -> Ferry {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let wait = if eager_fetch { 0 } else { 500 };
+        let wait = if eager_fetch { fetch_wait_ms() } else { 500 };
         let extra: String = FERRY_PROPERTIES
             .get()
             .map(|p| p.iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect())
@@ -546,6 +629,11 @@ fn percentiles(mut micros: Vec<u64>) -> [f64; 3] {
 
 struct Steady {
     latency_ms: [f64; 3],
+    /// The end-to-end latency split at the reply's create time (a millisecond timestamp):
+    /// input produced → reply made (ferry's consumer, dispatch, the call), and reply made → read
+    /// (ferry's produce, the broker, the reader).
+    before_reply: [f64; 3],
+    after_reply: [f64; 3],
     /// From ferry's own histograms over the measured seconds, as bucket bounds in ms:
     /// (record timestamp → outcome p50, p99), (call p50, p99).
     inside_ms: ([f64; 2], [f64; 2]),
@@ -636,10 +724,24 @@ fn ferry_steady(
     let lat: Vec<u64> = got
         .iter()
         .skip(skip)
-        .filter_map(|(at, sent)| sent.map(|s| at.saturating_sub(s)))
+        .filter_map(|(at, sent, _)| sent.map(|s| at.saturating_sub(s)))
         .collect();
     rss.sort_by(f64::total_cmp);
+    // Split at the reply's create time (ms): before it, ferry's consumer, dispatch and the call;
+    // after it, ferry's produce, the broker and the reader.
+    let split = |f: &dyn Fn(u64, u64, u64) -> u64| {
+        percentiles(
+            got.iter()
+                .skip(skip)
+                .filter_map(|&(at, sent, created)| sent.map(|s| f(s, created as u64 * 1000, at)))
+                .collect(),
+        )
+    };
+    let before_reply = split(&|s, c, _| c.saturating_sub(s));
+    let after_reply = split(&|_, c, a| a.saturating_sub(c));
     Steady {
+        before_reply,
+        after_reply,
         latency_ms: percentiles(lat),
         inside_ms,
         cpu_us_per_record: cpu * 1e6 / offered as f64,
@@ -715,7 +817,7 @@ fn b2_steady(
     let _ = lp.join();
     percentiles(
         got.iter()
-            .filter_map(|(at, sent)| sent.map(|s| at.saturating_sub(s)))
+            .filter_map(|(at, sent, _)| sent.map(|s| at.saturating_sub(s)))
             .collect(),
     )
 }
@@ -741,7 +843,7 @@ fn hop(broker: &Broker, size: usize, seconds: u64) -> [f64; 3] {
     let got = reader.join().expect("reader");
     percentiles(
         got.iter()
-            .filter_map(|(at, sent)| sent.map(|s| at.saturating_sub(s)))
+            .filter_map(|(at, sent, _)| sent.map(|s| at.saturating_sub(s)))
             .collect(),
     )
 }
@@ -834,9 +936,9 @@ fn main() {
             embedded: None,
         },
         None => {
-            let e = EmbeddedBroker::start(1).expect("embedded broker");
+            let (e, address) = EmbeddedProcess::start();
             Broker {
-                brokers: e.bootstrap_servers().to_string(),
+                brokers: address,
                 embedded: Some(e),
             }
         }
@@ -854,7 +956,7 @@ fn main() {
             .map_or("unknown CPU".to_string(), |(_, m)| m.trim().to_string())
     );
     let broker_name = if broker.embedded.is_some() {
-        "embedded (librdkafka mock, in the bench process)".to_string()
+        "embedded (librdkafka mock, `ferry dev broker` in its own process)".to_string()
     } else {
         format!("external at {}", broker.brokers)
     };
@@ -956,6 +1058,8 @@ fn main() {
         show("B2 (minimal loop)", &base);
         show("ferry end to end", &steady.latency_ms);
         show("added by ferry", &added);
+        show("  input → reply made", &steady.before_reply);
+        show("  reply made → read", &steady.after_reply);
         let (e2e, call) = steady.inside_ms;
         println!(
             "  inside ferry          record timestamp to outcome p50 ≤ {} ms, p99 ≤ {} ms; the call p50 ≤ {} ms, p99 ≤ {} ms (its histograms' bucket bounds)",
@@ -971,7 +1075,7 @@ fn main() {
         );
         rows.push(json!({
             "bench": "steady", "rate": RATE, "transport": "http", "ordering": "key", "size": 100,
-            "hop_latency_ms": one_hop, "ferry_latency_ms": steady.latency_ms,
+            "hop_latency_ms": one_hop, "ferry_latency_ms": steady.latency_ms, "ferry_input_to_reply_made_ms": steady.before_reply, "ferry_reply_made_to_read_ms": steady.after_reply,
             "inside_ferry_end_to_end_ms_p50_p99": steady.inside_ms.0, "inside_ferry_call_ms_p50_p99": steady.inside_ms.1, "b2_latency_ms": base, "added_latency_ms": added,
             "cpu_us_per_record": costs.cpu_us_per_record, "cpu_us_per_record_eager_fetch": steady.cpu_us_per_record,
             "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak,
