@@ -11,8 +11,9 @@
 //! - start to ready: process start to `/readyz` answering 200.
 //!
 //! `cargo bench --bench pipeline [-- --brokers HOST:PORT] [--records N] [--seconds S]
-//! [--out DIR]`. Without `--brokers` it runs the embedded broker in a process of its own (`ferry dev broker`). Prints a table
-//! and writes `DIR/bench.json` and `DIR/bench.svg` (default DIR: `docs`).
+//! [--repeat R] [--fetch-wait-ms MS] [--only PARTS] [--out DIR]`. Without `--brokers` it runs
+//! the embedded broker in a process of its own (`ferry dev broker`). Prints a table and writes
+//! `DIR/bench.json` and `DIR/bench.svg` (default DIR: `docs`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +44,8 @@ struct Options {
     out: PathBuf,
     /// Run only these parts (b0, b1, b3, steady, ready); all when empty.
     only: Vec<String>,
+    /// Runs of the latency measurement (ferry and B2 in turn); the report takes the medians.
+    repeat: usize,
 }
 
 /// `fetch.wait.max.ms` of the latency runs' consumers (`--fetch-wait-ms`).
@@ -62,6 +65,7 @@ fn options() -> Options {
         seconds: 15,
         out: PathBuf::from("docs"),
         only: Vec::new(),
+        repeat: 3,
     };
     let mut args = std::env::args().skip(1);
     let mut properties = Vec::new();
@@ -76,6 +80,7 @@ fn options() -> Options {
                     properties.push((k.to_string(), v.to_string()));
                 }
             }
+            "--repeat" => o.repeat = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.repeat),
             "--fetch-wait-ms" => {
                 if let Some(ms) = args.next().and_then(|n| n.parse().ok()) {
                     let _ = FETCH_WAIT_MS.set(ms);
@@ -438,9 +443,10 @@ struct Ferry {
 }
 
 impl Ferry {
-    /// `eager_fetch`: `fetch.wait.max.ms: 0`. The embedded broker holds an empty fetch for the
-    /// whole wait even when records arrive meanwhile (a real broker answers at once), so the
-    /// latency runs fetch eagerly; that spins fetches, so CPU and memory are measured without it.
+    /// `eager_fetch`: `fetch.wait.max.ms` of `--fetch-wait-ms` (1). The embedded broker holds an
+    /// empty fetch for the whole wait even when records arrive meanwhile (a real broker answers
+    /// at once), so the latency runs fetch eagerly; that costs a fetch per millisecond, so CPU and
+    /// memory are also measured with librdkafka's default wait (500 ms).
     #[allow(clippy::too_many_arguments)]
     fn spawn_with(
         dir: &Path,
@@ -627,13 +633,59 @@ fn percentiles(mut micros: Vec<u64>) -> [f64; 3] {
     [at(0.50), at(0.99), at(0.999)]
 }
 
-struct Steady {
-    latency_ms: [f64; 3],
-    /// The end-to-end latency split at the reply's create time (a millisecond timestamp):
-    /// input produced → reply made (ferry's consumer, dispatch, the call), and reply made → read
-    /// (ferry's produce, the broker, the reader).
+/// End-to-end latency percentiles (p50, p99, p99.9 in ms), and the same split at the reply's
+/// create time (a millisecond timestamp): input produced → reply made (the loop's consumer,
+/// dispatch and call), and reply made → read (its produce, the broker, the reader).
+#[derive(Clone, Copy, Default)]
+struct Latency {
+    end_to_end: [f64; 3],
     before_reply: [f64; 3],
     after_reply: [f64; 3],
+}
+
+impl Latency {
+    /// From the reader's (arrival µs, sent µs, reply create ms), without the first `skip`.
+    fn of(got: &[(u64, Option<u64>, i64)], skip: usize) -> Latency {
+        let part = |f: &dyn Fn(u64, u64, u64) -> u64| {
+            percentiles(
+                got.iter()
+                    .skip(skip)
+                    .filter_map(|&(at, sent, made)| sent.map(|s| f(s, made.max(0) as u64 * 1000, at)))
+                    .collect(),
+            )
+        };
+        Latency {
+            end_to_end: part(&|s, _, a| a.saturating_sub(s)),
+            before_reply: part(&|s, m, _| m.saturating_sub(s)),
+            after_reply: part(&|_, m, a| a.saturating_sub(m)),
+        }
+    }
+
+    /// Per percentile, the median over `runs`.
+    fn median(runs: &[Latency]) -> Latency {
+        let pick = |f: fn(&Latency) -> [f64; 3]| {
+            let mut out = [0.0; 3];
+            for (i, o) in out.iter_mut().enumerate() {
+                let mut v: Vec<f64> = runs.iter().map(|r| f(r)[i]).collect();
+                v.sort_by(f64::total_cmp);
+                *o = v.get(v.len() / 2).copied().unwrap_or(0.0);
+            }
+            out
+        };
+        Latency {
+            end_to_end: pick(|l| l.end_to_end),
+            before_reply: pick(|l| l.before_reply),
+            after_reply: pick(|l| l.after_reply),
+        }
+    }
+}
+
+struct Steady {
+    latency: Latency,
+    /// Memory the process touched during the measured seconds (pages referenced, from
+    /// `clear_refs` at the start to `smaps_rollup` at the end), MiB: its working set, where RSS
+    /// also counts pages of the executable touched once at start.
+    working_set: f64,
     /// From ferry's own histograms over the measured seconds, as bucket bounds in ms:
     /// (record timestamp → outcome p50, p99), (call p50, p99).
     inside_ms: ([f64; 2], [f64; 2]),
@@ -676,6 +728,9 @@ fn ferry_steady(
         &AtomicBool::new(false),
     );
     let skip = warm.len();
+    // Writing "1" clears the referenced bits of every page of the process: what is referenced
+    // at the end was touched while measured.
+    let _ = std::fs::write(format!("/proc/{}/clear_refs", ferry.child.id()), "1");
     let cpu_before = ferry.cpu_seconds();
     let metrics_before = ferry.metrics();
     let stop = Arc::new(AtomicBool::new(false));
@@ -717,32 +772,21 @@ fn ferry_steady(
     };
     use ferry::telemetry::names;
     let inside_ms = (inside(names::END_TO_END), inside(names::CALL_DURATION));
+    let working_set = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", ferry.child.id()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Referenced:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0);
     stop.store(true, Ordering::Relaxed);
     rss.extend(sampler.join().expect("sampler"));
     let (_, peak) = ferry.rss_mib();
     ferry.stop();
-    let lat: Vec<u64> = got
-        .iter()
-        .skip(skip)
-        .filter_map(|(at, sent, _)| sent.map(|s| at.saturating_sub(s)))
-        .collect();
     rss.sort_by(f64::total_cmp);
-    // Split at the reply's create time (ms): before it, ferry's consumer, dispatch and the call;
-    // after it, ferry's produce, the broker and the reader.
-    let split = |f: &dyn Fn(u64, u64, u64) -> u64| {
-        percentiles(
-            got.iter()
-                .skip(skip)
-                .filter_map(|&(at, sent, created)| sent.map(|s| f(s, created as u64 * 1000, at)))
-                .collect(),
-        )
-    };
-    let before_reply = split(&|s, c, _| c.saturating_sub(s));
-    let after_reply = split(&|_, c, a| a.saturating_sub(c));
     Steady {
-        before_reply,
-        after_reply,
-        latency_ms: percentiles(lat),
+        latency: Latency::of(&got, skip),
+        working_set,
         inside_ms,
         cpu_us_per_record: cpu * 1e6 / offered as f64,
         rss_steady: rss.get(rss.len() / 2).copied().unwrap_or(0.0),
@@ -751,14 +795,14 @@ fn ferry_steady(
 }
 
 /// B2 at `RATE` records/s: consume → call (ferry's client settings) → produce, one record at a
-/// time, in this process. End-to-end latency percentiles.
+/// time, in this process.
 fn b2_steady(
     broker: &Broker,
     http: SocketAddr,
     size: usize,
     seconds: u64,
     rt: &tokio::runtime::Handle,
-) -> [f64; 3] {
+) -> Latency {
     let (source, reply, _) = broker.topics();
     let stop = Arc::new(AtomicBool::new(false));
     let lp = {
@@ -815,11 +859,7 @@ fn b2_steady(
     let got = reader.join().expect("reader");
     stop.store(true, Ordering::Relaxed);
     let _ = lp.join();
-    percentiles(
-        got.iter()
-            .filter_map(|(at, sent, _)| sent.map(|s| at.saturating_sub(s)))
-            .collect(),
-    )
+    Latency::of(&got, 0)
 }
 
 /// One broker hop at `RATE` records/s: produced → read back, latency percentiles.
@@ -1027,14 +1067,26 @@ fn main() {
     }
     if run("steady") {
         let one_hop = hop(&broker, 100, o.seconds);
-        let steady = ferry_steady(
-            &broker,
-            dir.path(),
-            &call_yaml("http", http, grpc),
-            100,
-            o.seconds,
-            true,
-        );
+        // This machine's noise moves the tails by tens of milliseconds from one run to the next:
+        // ferry and B2 are measured in turn, `--repeat` times, and each percentile is the median.
+        let mut ferry_runs = Vec::new();
+        let mut b2_runs = Vec::new();
+        let mut inside = Vec::new();
+        let mut eager_cpu = Vec::new();
+        for _ in 0..o.repeat.max(1) {
+            let s = ferry_steady(
+                &broker,
+                dir.path(),
+                &call_yaml("http", http, grpc),
+                100,
+                o.seconds,
+                true,
+            );
+            ferry_runs.push(s.latency);
+            inside.push(s.inside_ms);
+            eager_cpu.push(s.cpu_us_per_record);
+            b2_runs.push(b2_steady(&broker, http, 100, o.seconds, rt.handle()));
+        }
         // CPU and memory with librdkafka's default fetch wait (see `Ferry::spawn_with`).
         let costs = ferry_steady(
             &broker,
@@ -1044,41 +1096,71 @@ fn main() {
             o.seconds,
             false,
         );
-        let base = b2_steady(&broker, http, 100, o.seconds, rt.handle());
-        let added: Vec<f64> = steady.latency_ms.iter().zip(base).map(|(f, b)| f - b).collect();
+        let (ferry_lat, base) = (Latency::median(&ferry_runs), Latency::median(&b2_runs));
+        let added: Vec<f64> = ferry_lat
+            .end_to_end
+            .iter()
+            .zip(base.end_to_end)
+            .map(|(f, b)| f - b)
+            .collect();
+        eager_cpu.sort_by(f64::total_cmp);
+        let eager_cpu = eager_cpu[eager_cpu.len() / 2];
         println!();
-        println!("at {RATE} records/s (http, key, 100 B):");
+        println!(
+            "at {RATE} records/s (http, key, 100 B), median of {} runs per percentile:",
+            ferry_runs.len()
+        );
         let show = |name: &str, l: &[f64]| {
             println!(
-                "  {name:<22}p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms",
+                "  {name:<24}p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms",
                 l[0], l[1], l[2]
             )
         };
         show("one broker hop", &one_hop);
-        show("B2 (minimal loop)", &base);
-        show("ferry end to end", &steady.latency_ms);
+        show("B2 (minimal loop)", &base.end_to_end);
+        show("  input → reply made", &base.before_reply);
+        show("  reply made → read", &base.after_reply);
+        show("ferry end to end", &ferry_lat.end_to_end);
+        show("  input → reply made", &ferry_lat.before_reply);
+        show("  reply made → read", &ferry_lat.after_reply);
         show("added by ferry", &added);
-        show("  input → reply made", &steady.before_reply);
-        show("  reply made → read", &steady.after_reply);
-        let (e2e, call) = steady.inside_ms;
+        let runs = |l: &[Latency]| {
+            l.iter()
+                .map(|r| format!("{:.1}", r.end_to_end[1]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         println!(
-            "  inside ferry          record timestamp to outcome p50 ≤ {} ms, p99 ≤ {} ms; the call p50 ≤ {} ms, p99 ≤ {} ms (its histograms' bucket bounds)",
-            e2e[0], e2e[1], call[0], call[1]
+            "  p99 of each run: ferry {} ms; B2 {} ms",
+            runs(&ferry_runs),
+            runs(&b2_runs)
+        );
+        for (e2e, call) in &inside {
+            println!(
+                "  inside ferry            record timestamp to outcome p50 ≤ {} ms, p99 ≤ {} ms; the call p50 ≤ {} ms, p99 ≤ {} ms (its histograms' bucket bounds)",
+                e2e[0], e2e[1], call[0], call[1]
+            );
+        }
+        println!(
+            "  ferry CPU               {:.1} µs per record ({eager_cpu:.1} with eager fetching)",
+            costs.cpu_us_per_record
         );
         println!(
-            "  ferry CPU             {:.1} µs per record ({:.1} with eager fetching)",
-            costs.cpu_us_per_record, steady.cpu_us_per_record
+            "  ferry RSS               steady {:.1} MiB, peak {:.1} MiB; working set {:.1} MiB (pages touched while measured)",
+            costs.rss_steady, costs.rss_peak, costs.working_set
         );
-        println!(
-            "  ferry RSS             steady {:.1} MiB, peak {:.1} MiB",
-            costs.rss_steady, costs.rss_peak
-        );
+        let triple = |l: &Latency| json!({"end_to_end": l.end_to_end, "input_to_reply_made": l.before_reply, "reply_made_to_read": l.after_reply});
         rows.push(json!({
             "bench": "steady", "rate": RATE, "transport": "http", "ordering": "key", "size": 100,
-            "hop_latency_ms": one_hop, "ferry_latency_ms": steady.latency_ms, "ferry_input_to_reply_made_ms": steady.before_reply, "ferry_reply_made_to_read_ms": steady.after_reply,
-            "inside_ferry_end_to_end_ms_p50_p99": steady.inside_ms.0, "inside_ferry_call_ms_p50_p99": steady.inside_ms.1, "b2_latency_ms": base, "added_latency_ms": added,
-            "cpu_us_per_record": costs.cpu_us_per_record, "cpu_us_per_record_eager_fetch": steady.cpu_us_per_record,
-            "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak,
+            "runs": ferry_runs.len(), "fetch_wait_ms": fetch_wait_ms(),
+            "hop_latency_ms": one_hop, "ferry_latency_ms": triple(&ferry_lat), "b2_latency_ms": triple(&base),
+            "ferry_p99_per_run_ms": ferry_runs.iter().map(|r| r.end_to_end[1]).collect::<Vec<_>>(),
+            "b2_p99_per_run_ms": b2_runs.iter().map(|r| r.end_to_end[1]).collect::<Vec<_>>(),
+            "added_latency_ms": added,
+            "inside_ferry_end_to_end_ms_p50_p99": inside.iter().map(|i| i.0).collect::<Vec<_>>(),
+            "inside_ferry_call_ms_p50_p99": inside.iter().map(|i| i.1).collect::<Vec<_>>(),
+            "cpu_us_per_record": costs.cpu_us_per_record, "cpu_us_per_record_eager_fetch": eager_cpu,
+            "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak, "working_set_mib": costs.working_set,
         }));
     }
     if run("ready") {
