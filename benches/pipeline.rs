@@ -25,10 +25,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ferry::call::grpc::proto::handler_client::HandlerClient;
 use ferry::call::grpc::proto::handler_server::{Handler, HandlerServer};
 use ferry::call::grpc::proto::{Action, Event, Reply};
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 
 const PARTITIONS: i32 = 4;
@@ -62,10 +62,15 @@ fn options() -> Options {
     let mut o = Options {
         brokers: None,
         records: 20_000,
-        seconds: 15,
+        // Short runs, repeated: the embedded broker finds a fetch's offset by walking the
+        // partition's log from its start (librdkafka's mock: "FIXME: Maintain an index"), and
+        // at 1 000 records/s with `linger.ms: 0` every record is a batch of its own, so each
+        // fetch costs more the longer a run lasts. In 15 s runs the tails grew from a few
+        // milliseconds to hundreds, for the minimal loop (B2) as much as for ferry.
+        seconds: 5,
         out: PathBuf::from("docs"),
         only: Vec::new(),
-        repeat: 3,
+        repeat: 5,
     };
     let mut args = std::env::args().skip(1);
     let mut properties = Vec::new();
@@ -232,20 +237,19 @@ struct Broker {
 /// CreateTopics): a pool of triples handed out in turn.
 struct EmbeddedProcess {
     child: std::process::Child,
+    pool: u64,
     /// Kept open: the broker still prints after its address, and a closed pipe would end it.
     _stdout: std::io::BufReader<std::process::ChildStdout>,
     next: AtomicU64,
 }
 
-/// Topic triples made at the embedded broker's start; every run of the bench takes fewer.
-const TOPIC_POOL: u64 = 40;
-
 impl EmbeddedProcess {
-    fn start() -> (EmbeddedProcess, String) {
+    /// With `pool` topic triples.
+    fn start(pool: u64) -> (EmbeddedProcess, String) {
         use std::io::BufRead;
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
         command.args(["dev", "broker"]);
-        for n in 0..TOPIC_POOL {
+        for n in 0..pool {
             let (source, reply, dlq) = pool_names(n);
             command
                 .arg("--topic")
@@ -272,6 +276,7 @@ impl EmbeddedProcess {
             .expect("the embedded broker prints its address");
         let process = EmbeddedProcess {
             child,
+            pool,
             _stdout: stdout,
             next: AtomicU64::new(0),
         };
@@ -301,7 +306,7 @@ impl Broker {
     fn topics(&self) -> (String, String, String) {
         if let Some(e) = &self.embedded {
             let n = e.next.fetch_add(1, Ordering::Relaxed);
-            assert!(n < TOPIC_POOL, "the embedded broker's topic pool is used up");
+            assert!(n < e.pool, "the embedded broker's topic pool is used up");
             return pool_names(n);
         }
         let n = TOPICS.fetch_add(1, Ordering::Relaxed);
@@ -385,12 +390,14 @@ fn read_replies(
     within: Duration,
     stop: &AtomicBool,
 ) -> Vec<(u64, Option<u64>, i64)> {
-    let c = consumer(brokers, &format!("reader-{topic}"));
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        let _ = tpl.add_partition_offset(topic, p, Offset::Beginning);
-    }
-    c.assign(&tpl).expect("assign");
+    // A group of its own per reader, from the earliest offset. (Readers that assigned the
+    // partitions themselves lagged: hundreds of milliseconds behind at p99 in some runs, while
+    // a second reader of the same topic in another process saw the replies within 40 ms.)
+    let c = consumer(
+        brokers,
+        &format!("reader-{topic}-{}", TOPICS.fetch_add(1, Ordering::Relaxed)),
+    );
+    c.subscribe(&[topic]).expect("subscribe");
     let deadline = Instant::now() + within;
     let mut got = Vec::with_capacity(n);
     while got.len() < n && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
@@ -976,7 +983,8 @@ fn main() {
             embedded: None,
         },
         None => {
-            let (e, address) = EmbeddedProcess::start();
+            // Throughput runs and start-to-ready take 15 triples; each latency run two more.
+            let (e, address) = EmbeddedProcess::start(20 + 2 * o.repeat as u64);
             Broker {
                 brokers: address,
                 embedded: Some(e),
@@ -1002,9 +1010,11 @@ fn main() {
     };
     println!("ferry benchmark: {machine}; broker {broker_name}");
     println!(
-        "settings: {n} records per throughput run, {PARTITIONS} partitions, {KEYS} keys; ferry per_partition {PER_PARTITION} (key mode in flight {}), total 256; producers idempotent, acks=all; B1 linger.ms 5; B0 at ferry's concurrency; fixed rate {RATE}/s for {} s after a 3 s warm-up\n",
+        "settings: {n} records per throughput run, {PARTITIONS} partitions, {KEYS} keys; ferry per_partition {PER_PARTITION} (key mode in flight {}), total 256; producers idempotent, acks=all; B1 linger.ms 5; B0 at ferry's concurrency; fixed rate {RATE}/s for {} s after a 3 s warm-up, {} runs, fresh topics each; latency consumers fetch.wait.max.ms {}\n",
         PER_PARTITION * PARTITIONS as usize,
-        o.seconds
+        o.seconds,
+        o.repeat,
+        fetch_wait_ms()
     );
 
     let run = |part: &str| o.only.is_empty() || o.only.iter().any(|p| p == part);
