@@ -48,7 +48,8 @@ struct Options {
     repeat: usize,
 }
 
-/// `fetch.wait.max.ms` of the latency runs' consumers (`--fetch-wait-ms`).
+/// `fetch.wait.max.ms` of the bench's consumers, and of ferry in the latency runs
+/// (`--fetch-wait-ms`).
 static FETCH_WAIT_MS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 fn fetch_wait_ms() -> u32 {
@@ -231,10 +232,9 @@ struct Broker {
     embedded: Option<EmbeddedProcess>,
 }
 
-/// The embedded broker in a process of its own, like an external broker: in the bench process
-/// it competed with the load generator and the readers for the same threads, and the minimal
-/// loop's p99 read 90 to 270 ms. Its topics are made at start (it has no controller for
-/// CreateTopics): a pool of triples handed out in turn.
+/// The embedded broker in a process of its own, as an external broker would be, rather than
+/// threads of the bench process beside the load generator and the readers. Its topics are made
+/// at start (it has no controller for CreateTopics): a pool of triples handed out in turn.
 struct EmbeddedProcess {
     child: std::process::Child,
     pool: u64,
