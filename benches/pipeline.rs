@@ -673,9 +673,7 @@ impl Latency {
         let pick = |f: fn(&Latency) -> [f64; 3]| {
             let mut out = [0.0; 3];
             for (i, o) in out.iter_mut().enumerate() {
-                let mut v: Vec<f64> = runs.iter().map(|r| f(r)[i]).collect();
-                v.sort_by(f64::total_cmp);
-                *o = v.get(v.len() / 2).copied().unwrap_or(0.0);
+                *o = median(runs.iter().map(|r| f(r)[i]).collect());
             }
             out
         };
@@ -685,6 +683,12 @@ impl Latency {
             after_reply: pick(|l| l.after_reply),
         }
     }
+}
+
+/// The middle value (the upper of the two middle ones); 0 when there is none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 struct Steady {
@@ -790,13 +794,12 @@ fn ferry_steady(
     rss.extend(sampler.join().expect("sampler"));
     let (_, peak) = ferry.rss_mib();
     ferry.stop();
-    rss.sort_by(f64::total_cmp);
     Steady {
         latency: Latency::of(&got, skip),
         working_set,
         inside_ms,
         cpu_us_per_record: cpu * 1e6 / offered as f64,
-        rss_steady: rss.get(rss.len() / 2).copied().unwrap_or(0.0),
+        rss_steady: median(rss),
         rss_peak: peak,
     }
 }
@@ -909,8 +912,7 @@ fn start_to_ready(broker: &Broker, dir: &Path, call: &str) -> f64 {
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         ferry.stop();
     }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    median(times)
 }
 
 /// A Prometheus histogram's cumulative bucket counts, summed over its label sets.
@@ -1083,29 +1085,25 @@ fn main() {
         let mut b2_runs = Vec::new();
         let mut inside = Vec::new();
         let mut eager_cpu = Vec::new();
-        for _ in 0..o.repeat.max(1) {
-            let s = ferry_steady(
+        let steady = |eager_fetch| {
+            ferry_steady(
                 &broker,
                 dir.path(),
                 &call_yaml("http", http, grpc),
                 100,
                 o.seconds,
-                true,
-            );
+                eager_fetch,
+            )
+        };
+        for _ in 0..o.repeat.max(1) {
+            let s = steady(true);
             ferry_runs.push(s.latency);
             inside.push(s.inside_ms);
             eager_cpu.push(s.cpu_us_per_record);
             b2_runs.push(b2_steady(&broker, http, 100, o.seconds, rt.handle()));
         }
         // CPU and memory with librdkafka's default fetch wait (see `Ferry::spawn_with`).
-        let costs = ferry_steady(
-            &broker,
-            dir.path(),
-            &call_yaml("http", http, grpc),
-            100,
-            o.seconds,
-            false,
-        );
+        let costs = steady(false);
         let (ferry_lat, base) = (Latency::median(&ferry_runs), Latency::median(&b2_runs));
         let added: Vec<f64> = ferry_lat
             .end_to_end
@@ -1113,8 +1111,7 @@ fn main() {
             .zip(base.end_to_end)
             .map(|(f, b)| f - b)
             .collect();
-        eager_cpu.sort_by(f64::total_cmp);
-        let eager_cpu = eager_cpu[eager_cpu.len() / 2];
+        let eager_cpu = median(eager_cpu);
         println!();
         println!(
             "at {RATE} records/s (http, key, 100 B), median of {} runs per percentile:",
