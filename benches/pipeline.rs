@@ -1,6 +1,6 @@
 //! The benchmark: ferry end to end against its two ceilings, on one machine, in one run.
 //!
-//! - B0, the service path: ferry's HTTP client stack (reqwest, same settings) or gRPC stack
+//! - B0, the service path: ferry's HTTP client stack (hyper's pooled client, same settings) or gRPC stack
 //!   (tonic) driving the same echo service at the same concurrency, no Kafka;
 //! - B1, the broker path: a plain rdkafka consume → produce loop, no call;
 //! - B3, ferry: the release binary, consume → call → reply → commit, for HTTP and gRPC, `key`
@@ -22,9 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use ferry::call::grpc::proto::handler_client::HandlerClient;
 use ferry::call::grpc::proto::handler_server::{Handler, HandlerServer};
 use ferry::call::grpc::proto::{Action, Event, Reply};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -180,22 +183,13 @@ async fn b0(transport: &str, addr: SocketAddr, size: usize, concurrency: usize, 
     let started = Instant::now();
     let mut tasks = Vec::new();
     if transport == "http" {
-        // The settings of ferry's own client (src/call/http.rs).
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build()
-            .expect("client");
-        let url = format!("http://{addr}/h");
+        let client = http_client();
+        let uri: http::Uri = format!("http://{addr}/h").parse().expect("uri");
         for _ in 0..concurrency {
-            let (client, url, left) = (client.clone(), url.clone(), left.clone());
+            let (client, uri, left) = (client.clone(), uri.clone(), left.clone());
             tasks.push(tokio::spawn(async move {
                 while left.fetch_sub(1, Ordering::Relaxed) as i64 > 0 {
-                    let r = client.post(&url).body(value(size)).send().await.expect("call");
-                    let _ = r.bytes().await;
+                    post(&client, &uri, value(size)).await.expect("call");
                 }
             }));
         }
@@ -222,6 +216,29 @@ async fn b0(transport: &str, addr: SocketAddr, size: usize, concurrency: usize, 
         let _ = t.await;
     }
     calls as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A client with the settings of ferry's own (src/call/http.rs).
+fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector)
+}
+
+type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// One POST and its whole answer.
+async fn post(client: &HttpClient, uri: &http::Uri, body: Vec<u8>) -> Result<Bytes, String> {
+    let request = http::Request::post(uri.clone())
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok(body.to_bytes())
 }
 
 // ---------------------------------------------------------------- Kafka helpers
@@ -824,12 +841,8 @@ fn b2_steady(
             rt.clone(),
         );
         std::thread::spawn(move || {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .tcp_nodelay(true)
-                .build()
-                .expect("client");
-            let url = format!("http://{http}/h");
+            let client = http_client();
+            let uri: http::Uri = format!("http://{http}/h").parse().expect("uri");
             let c = consumer(&brokers, &format!("b2-{source}"));
             c.subscribe(&[&source]).expect("subscribe");
             let p = producer(&brokers, "0");
@@ -839,10 +852,7 @@ fn b2_steady(
                     continue;
                 };
                 let body = m.payload().unwrap_or_default().to_vec();
-                let answer = rt.block_on(async {
-                    let r = client.post(&url).body(body).send().await?;
-                    r.bytes().await
-                });
+                let answer = rt.block_on(post(&client, &uri, body));
                 let Ok(answer) = answer else { continue };
                 let mut record = BaseRecord::to(&reply).payload(answer.as_ref());
                 if let Some(k) = m.key() {

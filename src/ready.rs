@@ -51,7 +51,7 @@ impl Probe {
         let timeout = config.interval.0.min(Duration::from_secs(5));
         if let Some(url) = &config.http {
             let builder = reqwest::Client::builder().no_proxy().timeout(timeout);
-            let client = crate::call::http::with_tls(builder, config.tls())?
+            let client = with_tls(builder, config.tls())?
                 .build()
                 .map_err(|e| format!("cannot build the probe client: {e}"))?;
             return Ok(Probe::Http {
@@ -138,4 +138,21 @@ pub async fn watch(probe: Probe, config: Ready, gate: std::sync::Arc<Gate>, stop
             }
         }
     }
+}
+
+/// Trusts only the configured CA (no system roots) and presents the client certificate, if any.
+fn with_tls(
+    builder: reqwest::ClientBuilder,
+    files: crate::config::TlsFiles<'_>,
+) -> Result<reqwest::ClientBuilder, String> {
+    let Some(pem) = crate::call::tls::load(files)? else {
+        return Ok(builder);
+    };
+    let ca = reqwest::Certificate::from_pem_bundle(&pem.ca).map_err(|e| format!("ca_file: {e}"))?;
+    let mut builder = builder.tls_certs_only(ca);
+    if let Some(bundle) = pem.identity_bundle() {
+        builder = builder
+            .identity(reqwest::Identity::from_pem(&bundle).map_err(|e| format!("cert_file/key_file: {e}"))?);
+    }
+    Ok(builder)
 }

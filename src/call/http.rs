@@ -3,7 +3,13 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::template::Template;
 use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
@@ -15,21 +21,67 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// The HTTP transport of one route.
 pub struct Http {
-    client: reqwest::Client,
+    client: Pool,
     url: Template,
     /// The URL parsed once, when it has no placeholders (most routes): parsing it for every
     /// request cost more than building the rest of the request.
-    fixed_url: Option<reqwest::Url>,
-    method: reqwest::Method,
+    fixed_url: Option<Uri>,
+    method: Method,
     timeout: Duration,
     headers: HeaderMap,
     format: Format,
 }
 
+/// hyper's pooled HTTP/1.1 client: plain for `http://`, through rustls for `https://`.
+enum Pool {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl Pool {
+    fn new(tls: Option<rustls::ClientConfig>) -> Pool {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            // Without a timer the pool never expires an idle connection.
+            .pool_timer(TokioTimer::new());
+        let mut connector = HttpConnector::new();
+        // Requests are small and latency matters: no Nagle.
+        connector.set_nodelay(true);
+        match tls {
+            None => Pool::Plain(builder.build(connector)),
+            Some(config) => {
+                // The TLS layer sees the scheme; the TCP connector must accept `https` URIs.
+                connector.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(config)
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(connector);
+                Pool::Tls(builder.build(https))
+            }
+        }
+    }
+
+    fn send(&self, request: Request<Full<Bytes>>) -> ResponseFuture {
+        match self {
+            Pool::Plain(c) => c.request(request),
+            Pool::Tls(c) => c.request(request),
+        }
+    }
+}
+
+/// A URL as hyper takes it, after the WHATWG parse (and its normalisation) a browser would apply.
+fn uri(text: &str) -> Result<Uri, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    Uri::try_from(url.as_str()).map_err(|e| format!("`{text}` is not a URL: {e}"))
+}
+
 impl Http {
     pub fn new(config: &HttpCall) -> Result<Http, String> {
         let url = Template::parse(&config.url)?;
-        let method = reqwest::Method::from_bytes(config.method.to_ascii_uppercase().as_bytes())
+        let method = Method::from_bytes(config.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| format!("`{}` is not an HTTP method", config.method))?;
         let mut headers = HeaderMap::new();
         for (k, v) in &config.headers {
@@ -39,24 +91,18 @@ impl Http {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let builder = reqwest::Client::builder()
-            // The service is co-located: no proxy, no redirects (a 3xx is an answer), and
-            // Nagle off because requests are small and latency matters.
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024);
-        let client = with_tls(builder, config.tls())?
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        // What every client sends; some frameworks answer 406 without it.
+        if !headers.contains_key(http::header::ACCEPT) {
+            headers.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+        }
+        let tls = super::tls::client_config(config.tls())?;
         let fixed_url = if url.is_fixed() {
-            Some(reqwest::Url::parse(&config.url).map_err(|e| format!("`{}`: {e}", config.url))?)
+            Some(uri(&config.url)?)
         } else {
             None
         };
         Ok(Http {
-            client,
+            client: Pool::new(tls),
             url,
             fixed_url,
             method,
@@ -66,7 +112,7 @@ impl Http {
         })
     }
 
-    fn request(&self, record: &Record, attempt: &Attempt) -> reqwest::RequestBuilder {
+    fn request(&self, record: &Record, attempt: &Attempt) -> Result<Request<Full<Bytes>>, CallError> {
         // Sized once for the configured headers and the dozen ferry adds: growing the map as
         // they arrive showed in the profile.
         let mut h = HeaderMap::with_capacity(self.headers.len() + 12 + record.headers.len());
@@ -75,7 +121,7 @@ impl Http {
             .header("content-type")
             .and_then(|v| HeaderValue::from_bytes(v).ok())
             .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-        h.insert(reqwest::header::CONTENT_TYPE, content_type);
+        h.insert(http::header::CONTENT_TYPE, content_type);
         super::describe(record, attempt, |name, value| {
             match (header_name(name), HeaderValue::from_bytes(value)) {
                 (Ok(n), Ok(v)) => {
@@ -97,28 +143,43 @@ impl Http {
                 }
             }
         }
-        let body = record.value.clone().unwrap_or_default();
-        let request = match &self.fixed_url {
-            Some(url) => self.client.request(self.method.clone(), url.clone()),
-            None => self.client.request(self.method.clone(), self.url.render(record)),
+        let uri = match &self.fixed_url {
+            Some(uri) => uri.clone(),
+            // A record whose key or header makes no URL cannot be called, now or later.
+            None => uri(&self.url.render(record)).map_err(CallError::Encode)?,
         };
-        request.headers(h).timeout(self.timeout).body(body)
+        let body = Full::new(record.value.clone().unwrap_or_default());
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = h;
+        Ok(request)
     }
 
+    /// The request and its whole answer, within the route's timeout.
     async fn call_once(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
-        let classify = |e: reqwest::Error| {
-            if e.is_timeout() {
-                CallError::Timeout(self.timeout)
-            } else {
-                // The URL may carry a credential (`?key=${KEY}`); the route names the call.
-                CallError::Connect(error_chain(&e.without_url()))
-            }
-        };
-        let mut response = self.request(record, attempt).send().await.map_err(classify)?;
-        let status = response.status().as_u16();
-        let mut answer = answer_headers(status, response.headers());
+        let request = self.request(record, attempt)?;
+        tokio::time::timeout(self.timeout, self.exchange(request))
+            .await
+            .map_err(|_| CallError::Timeout(self.timeout))?
+    }
+
+    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<Answer, CallError> {
+        // The URL may carry a credential (`?key=${KEY}`), and hyper's errors never name it.
+        let response = self
+            .client
+            .send(request)
+            .await
+            .map_err(|e| CallError::Connect(error_chain(&e)))?;
+        let mut answer = answer_headers(response.status().as_u16(), response.headers());
+        let mut incoming = response.into_body();
         let mut body = BytesMut::new();
-        while let Some(chunk) = response.chunk().await.map_err(classify)? {
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| CallError::Connect(error_chain(&e)))?;
+            let Ok(chunk) = frame.into_data() else {
+                // Trailers: nothing ferry reads.
+                continue;
+            };
             if body.len() + chunk.len() > MAX_BODY {
                 answer.body_too_large = true;
                 break;
@@ -131,7 +192,7 @@ impl Http {
 }
 
 /// The header names ferry sets on every request, without parsing or allocating them.
-fn header_name(name: &str) -> Result<HeaderName, reqwest::header::InvalidHeaderName> {
+fn header_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName> {
     Ok(match name {
         "ferry-topic" => HeaderName::from_static("ferry-topic"),
         "ferry-partition" => HeaderName::from_static("ferry-partition"),
@@ -143,23 +204,6 @@ fn header_name(name: &str) -> Result<HeaderName, reqwest::header::InvalidHeaderN
         "traceparent" => HeaderName::from_static("traceparent"),
         _ => return HeaderName::from_bytes(name.as_bytes()),
     })
-}
-
-/// Trusts only the configured CA (no system roots) and presents the client certificate, if any.
-pub(crate) fn with_tls(
-    builder: reqwest::ClientBuilder,
-    files: crate::config::TlsFiles<'_>,
-) -> Result<reqwest::ClientBuilder, String> {
-    let Some(pem) = super::tls::load(files)? else {
-        return Ok(builder);
-    };
-    let ca = reqwest::Certificate::from_pem_bundle(&pem.ca).map_err(|e| format!("ca_file: {e}"))?;
-    let mut builder = builder.tls_certs_only(ca);
-    if let Some(bundle) = pem.identity_bundle() {
-        builder = builder
-            .identity(reqwest::Identity::from_pem(&bundle).map_err(|e| format!("cert_file/key_file: {e}"))?);
-    }
-    Ok(builder)
 }
 
 impl Call for Http {
@@ -209,7 +253,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// reqwest's top-level message is generic; the cause says what happened.
+/// hyper's top-level message is generic ("client error (Connect)"); the cause says what happened.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = e.source();

@@ -1,7 +1,7 @@
 //! TLS towards the service — HTTP calls, gRPC channels, readiness probes — with rustls and ring.
 //!
 //! Fed by the `ca_file`, `cert_file` and `key_file` of `call.http`, `call.grpc` and
-//! `service.ready`; feeds the PEM text to reqwest and tonic. ferry trusts only the CA it is
+//! `service.ready`; feeds rustls (HTTP calls) and the PEM text to reqwest and tonic. ferry trusts only the CA it is
 //! given, never the system's store: no public CA can vouch for a service in the same pod. The
 //! files are read and checked when the config is loaded, so a wrong one is a config error at its
 //! key, not a failure at the first call.
@@ -110,6 +110,27 @@ pub fn load(files: TlsFiles<'_>) -> Result<Option<Pem>, String> {
     }))
 }
 
+/// The rustls client configuration of HTTP calls: only the given CA, and the client certificate
+/// when mTLS is configured; `None` without TLS files.
+pub fn client_config(files: TlsFiles<'_>) -> Result<Option<rustls::ClientConfig>, String> {
+    let Some(ca) = files.ca else {
+        return Ok(None);
+    };
+    let roots = read_ca(ca)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots);
+    let config = match (files.cert, files.key) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
+            .map_err(|e| format!("cert_file/key_file: {e}"))?,
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(config))
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
@@ -124,7 +145,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-fn read_ca(path: &Path) -> Result<(), String> {
+fn read_ca(path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in read_certs(path)? {
         roots.add(cert).map_err(|e| {
@@ -134,7 +155,7 @@ fn read_ca(path: &Path) -> Result<(), String> {
             )
         })?;
     }
-    Ok(())
+    Ok(roots)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
