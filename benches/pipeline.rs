@@ -407,6 +407,22 @@ fn read_replies(
     within: Duration,
     stop: &AtomicBool,
 ) -> Vec<(u64, Option<u64>, i64)> {
+    read_replies_after(brokers, topic, 0, n, within, stop, &AtomicBool::new(false))
+}
+
+/// As `read_replies`, for a reader that must be live before the records it times are offered:
+/// sets `live` once it has its partitions and has read the `backlog` already on the topic (the
+/// warm-up's replies, counted in `n`). A reader still catching up would add its catch-up time
+/// to the first records it times.
+fn read_replies_after(
+    brokers: &str,
+    topic: &str,
+    backlog: usize,
+    n: usize,
+    within: Duration,
+    stop: &AtomicBool,
+    live: &AtomicBool,
+) -> Vec<(u64, Option<u64>, i64)> {
     // A group of its own per reader, from the earliest offset. (Readers that assigned the
     // partitions themselves lagged: hundreds of milliseconds behind at p99 in some runs, while
     // a second reader of the same topic in another process saw the replies within 40 ms.)
@@ -422,8 +438,19 @@ fn read_replies(
             let created = m.timestamp().to_millis().unwrap_or(0);
             got.push((now_micros(), m.payload().and_then(sent_at), created));
         }
+        if got.len() >= backlog && !live.load(Ordering::Relaxed) {
+            live.store(c.assignment().is_ok_and(|a| a.count() > 0), Ordering::Relaxed);
+        }
     }
     got
+}
+
+/// Waits for a reader to be live (see `read_replies_after`), at most a minute.
+fn wait_live(live: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !live.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 // ---------------------------------------------------------------- B1: the broker path
@@ -783,13 +810,17 @@ fn ferry_steady(
             samples
         })
     };
+    let live = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (brokers, reply, stop) = (broker.brokers.clone(), reply.clone(), stop.clone());
+        let (brokers, reply, stop, live) =
+            (broker.brokers.clone(), reply.clone(), stop.clone(), live.clone());
         let want = skip + (RATE * seconds) as usize;
         std::thread::spawn(move || {
-            read_replies(&brokers, &reply, want, Duration::from_secs(seconds + 60), &stop)
+            let within = Duration::from_secs(seconds + 60);
+            read_replies_after(&brokers, &reply, skip, want, within, &stop, &live)
         })
     };
+    wait_live(&live);
     let offered = offer(&broker.brokers, &source, size, seconds);
     let got = reader.join().expect("reader");
     let cpu = ferry.cpu_seconds() - cpu_before;
@@ -864,6 +895,7 @@ fn b2_steady(
         })
     };
     std::thread::sleep(Duration::from_secs(3));
+    let live = Arc::new(AtomicBool::new(false));
     let reader = {
         let (brokers, reply, stop2) = (
             broker.brokers.clone(),
@@ -871,10 +903,13 @@ fn b2_steady(
             Arc::new(AtomicBool::new(false)),
         );
         let want = (RATE * seconds) as usize;
+        let live = live.clone();
         std::thread::spawn(move || {
-            read_replies(&brokers, &reply, want, Duration::from_secs(seconds + 60), &stop2)
+            let within = Duration::from_secs(seconds + 60);
+            read_replies_after(&brokers, &reply, 0, want, within, &stop2, &live)
         })
     };
+    wait_live(&live);
     offer(&broker.brokers, &source, size, seconds);
     let got = reader.join().expect("reader");
     stop.store(true, Ordering::Relaxed);
@@ -885,20 +920,17 @@ fn b2_steady(
 /// One broker hop at `RATE` records/s: produced → read back, latency percentiles.
 fn hop(broker: &Broker, size: usize, seconds: u64) -> [f64; 3] {
     let (source, _, _) = broker.topics();
+    let live = Arc::new(AtomicBool::new(false));
     let reader = {
         let (brokers, source) = (broker.brokers.clone(), source.clone());
         let want = (RATE * seconds) as usize;
+        let live = live.clone();
         std::thread::spawn(move || {
-            read_replies(
-                &brokers,
-                &source,
-                want,
-                Duration::from_secs(seconds + 60),
-                &AtomicBool::new(false),
-            )
+            let within = Duration::from_secs(seconds + 60);
+            read_replies_after(&brokers, &source, 0, want, within, &AtomicBool::new(false), &live)
         })
     };
-    std::thread::sleep(Duration::from_secs(1));
+    wait_live(&live);
     offer(&broker.brokers, &source, size, seconds);
     let got = reader.join().expect("reader");
     percentiles(
