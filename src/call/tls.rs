@@ -1,10 +1,10 @@
 //! TLS towards the service — HTTP calls, gRPC channels, readiness probes — with rustls and ring.
 //!
 //! Fed by the `ca_file`, `cert_file` and `key_file` of `call.http`, `call.grpc` and
-//! `service.ready`; feeds rustls (HTTP calls) and the PEM text to reqwest and tonic. ferry trusts only the CA it is
-//! given, never the system's store: no public CA can vouch for a service in the same pod. The
-//! files are read and checked when the config is loaded, so a wrong one is a config error at its
-//! key, not a failure at the first call.
+//! `service.ready`; feeds a rustls configuration to the HTTP calls and the PEM text to reqwest
+//! (the HTTP probe) and tonic. ferry trusts only the CA it is given, never the system's store: no
+//! public CA can vouch for a service in the same pod. The files are read and checked when the
+//! config is loaded, so a wrong one is a config error at its key, not a failure at the first call.
 
 use std::path::Path;
 
