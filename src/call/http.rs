@@ -72,10 +72,18 @@ impl Pool {
     }
 }
 
+/// Why a URL with a user name or password is refused, at load and at start.
+pub const URL_CREDENTIALS: &str = "the URL holds a user name or password, which ferry does not send; give the credential as a header instead (`headers: { authorization: \"Basic ${CREDENTIAL}\" }`)";
+
 /// A URL as hyper takes it, after the WHATWG parse (and its normalisation) a browser would apply.
 fn uri(text: &str) -> Result<Uri, String> {
-    let url = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
-    Uri::try_from(url.as_str()).map_err(|e| format!("`{text}` is not a URL: {e}"))
+    // The messages never repeat the URL: it may hold a credential (`?key=${KEY}`).
+    let url = reqwest::Url::parse(text).map_err(|e| format!("the URL is not valid: {e}"))?;
+    // hyper sends no credentials from the URL; silently calling without them would be worse.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(URL_CREDENTIALS.into());
+    }
+    Uri::try_from(url.as_str()).map_err(|e| format!("the URL is not valid: {e}"))
 }
 
 impl Http {
@@ -268,6 +276,22 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_taken_as_a_browser_would_and_credentials_in_them_are_refused() {
+        assert_eq!(
+            uri("http://127.0.0.1:8080/a b?q=1").unwrap(),
+            "http://127.0.0.1:8080/a%20b?q=1"
+        );
+        assert_eq!(uri("HTTP://Svc:80/x").unwrap(), "http://svc/x");
+        let refused = uri("http://user:secret@svc/x").unwrap_err();
+        assert!(refused.contains("as a header"), "{refused}");
+        assert!(
+            !refused.contains("secret"),
+            "the credential is not repeated: {refused}"
+        );
+        assert!(uri("not a url").is_err());
+    }
 
     #[test]
     fn retry_after_in_seconds_and_as_a_date() {

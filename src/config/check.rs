@@ -419,6 +419,9 @@ pub fn check(config: &Config, absent_ok: bool) -> Vec<(String, String)> {
             Some(http) => {
                 let probe = crate::call::template::sample(&http.url);
                 match reqwest::Url::parse(&probe) {
+                    Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                        say(at("call.http.url"), crate::call::http::URL_CREDENTIALS.into())
+                    }
                     Ok(u) if matches!(u.scheme(), "http" | "https") => {
                         check_tls(http.tls(), u.scheme() == "https", &at("call.http"), absent_ok, &mut say);
                     }

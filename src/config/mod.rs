@@ -410,6 +410,27 @@ shutdown:
         assert!(load(VALID).is_ok());
     }
 
+    #[test]
+    fn a_credential_in_the_call_url_is_refused_at_its_key_without_repeating_it() {
+        let text = VALID.replace(
+            "url: http://127.0.0.1:8080/{key}",
+            "url: http://svc:hunter2@127.0.0.1:8080/{key}",
+        );
+        let errors = load(&text).expect_err("refused");
+        let shown: Vec<String> = errors
+            .0
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect();
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.starts_with("routes[0].call.http.url: the URL holds a user name or password")),
+            "{shown:?}"
+        );
+        assert!(!shown.iter().any(|e| e.contains("hunter2")), "{shown:?}");
+    }
+
     fn load_with(text: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigErrors> {
         parse_with_warnings(text, Path::new("p.yaml"), &Interpolator::from_pairs(env))
     }
