@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer as _};
+use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::offsets::{Lease, Tp};
-use crate::produce::{self, Outgoing};
+use crate::produce::{self, Kafka, Outgoing};
 use crate::telemetry::Metrics;
 
 /// How long one commit may keep trying before it gives the batch back to the next one.
@@ -38,7 +38,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The transactional side of the producer.
 pub struct Transactions {
-    producer: FutureProducer,
+    kafka: Arc<Kafka>,
     /// Outputs of final records not yet in a committed transaction, in the order they ended
     /// (which keeps each key's replies in order).
     held: Mutex<Vec<Held>>,
@@ -76,9 +76,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Transactions {
-    pub fn new(producer: FutureProducer, max_records: usize, metrics: Arc<Metrics>) -> Transactions {
+    pub fn new(kafka: Arc<Kafka>, max_records: usize, metrics: Arc<Metrics>) -> Transactions {
         Transactions {
-            producer,
+            kafka,
             held: Mutex::new(Vec::new()),
             max_records: max_records.max(1),
             fatal: Mutex::new(None),
@@ -90,7 +90,7 @@ impl Transactions {
     /// an earlier producer with the same `transactional.id` and aborts what it left open.
     /// Blocking.
     pub fn init(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.init_transactions(timeout)
+        self.kafka.producer.init_transactions(timeout)
     }
 
     /// Takes a final record's output for the next transaction that commits its offset.
@@ -179,7 +179,7 @@ impl Transactions {
         offsets: &TopicPartitionList,
         group: &ConsumerGroupMetadata,
     ) -> Result<(), Failed> {
-        if let Err(e) = self.producer.begin_transaction() {
+        if let Err(e) = self.kafka.producer.begin_transaction() {
             // An abort that timed out earlier must be finished before anything else.
             let failed = self.failed(e);
             if matches!(failed, Failed::Aborted(_)) {
@@ -191,10 +191,9 @@ impl Transactions {
         let mut trouble = None;
         let mut too_large = Vec::new();
         for (i, (out, _)) in batch.iter().enumerate() {
-            let headers = produce::headers(out);
-            match self.producer.send_result(produce::record(out, headers)) {
-                Ok(d) => deliveries.push((i, d)),
-                Err((e, _)) => {
+            match self.kafka.send(out) {
+                Ok(ack) => deliveries.push((i, ack)),
+                Err(e) => {
                     tracing::debug!(error = %e, "An output was refused before it was sent");
                     if is_too_large(&e) {
                         too_large.push(i);
@@ -207,9 +206,10 @@ impl Transactions {
         let committed = match trouble {
             Some(e) => Err(e),
             None => self
+                .kafka
                 .producer
                 .send_offsets_to_transaction(offsets, group, REQUEST_TIMEOUT)
-                .and_then(|()| self.producer.commit_transaction(COMMIT_DEADLINE)),
+                .and_then(|()| self.kafka.producer.commit_transaction(COMMIT_DEADLINE)),
         };
         let Err(e) = committed else {
             return Ok(());
@@ -220,8 +220,8 @@ impl Transactions {
         }
         self.abort()?;
         // Aborted: every output is acknowledged, failed, or purged by now.
-        for (i, d) in deliveries {
-            if let Ok(Err((e, _))) = futures::executor::block_on(d) {
+        for (i, ack) in deliveries {
+            if let Ok(Err(e)) = futures::executor::block_on(ack) {
                 if is_too_large(&e) {
                     too_large.push(i);
                 }
@@ -249,7 +249,7 @@ impl Transactions {
     fn abort(&self) -> Result<(), Failed> {
         let deadline = Instant::now() + COMMIT_DEADLINE;
         loop {
-            match self.producer.abort_transaction(REQUEST_TIMEOUT) {
+            match self.kafka.producer.abort_transaction(REQUEST_TIMEOUT) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     let retriable = matches!(&e, KafkaError::Transaction(t) if t.is_retriable());
