@@ -1,8 +1,11 @@
 //! The consumer group: subscription, assignment, pause/resume, revoke → drain → commit.
 //!
-//! Runs on its own OS thread so that the poll loop never waits on the async world, except for a
-//! bounded drain while a revoke or shutdown is in progress. Feeds the dispatch lanes with
-//! records and the offset tracker with what was taken; commits what the tracker says is final.
+//! Two sides. The group side runs on its own OS thread, so that serving the group protocol
+//! never waits on the async world, except for a bounded drain while a revoke or shutdown is in
+//! progress; it commits what the tracker says is final. The intake side is a task on the async
+//! runtime: woken by librdkafka when an assigned partition's queue gets records, it feeds the
+//! dispatch lanes with records and the offset tracker with what was taken, on the thread that
+//! then runs their calls (a hand-off from a thread of its own cost a thread wake-up per record).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -18,6 +21,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use regex::Regex;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Control, Health};
@@ -100,10 +104,11 @@ pub struct Context {
     control: Arc<Control>,
     /// The consumer itself, to split each assigned partition's queue off before assigning it.
     consumer: OnceLock<Weak<BaseConsumer<Context>>>,
-    /// Queues split off by the last assignment, for the poll loop to adopt.
-    new_queues: Mutex<Vec<(Tp, PartitionQueue<Context>)>>,
-    /// Partitions revoked since the poll loop last looked; their queues are dropped.
-    gone: Mutex<Vec<Tp>>,
+    /// The assigned partitions' queues. Locked by the rebalance callbacks while they change
+    /// the assignment, so the intake never takes from a partition the tracker no longer has.
+    intake: Arc<Mutex<Intake>>,
+    /// Notified by librdkafka when a partition queue gets records: wakes the intake.
+    records: Arc<Notify>,
     /// Held while offsets are taken from the tracker and committed, so a periodic commit can
     /// never land after the final commit of a revoked partition.
     commit_lock: Mutex<()>,
@@ -155,8 +160,11 @@ impl ConsumerContext for Context {
                     .iter()
                     .filter_map(|tp| self.routes.route_for(&tp.0).map(|r| (tp.clone(), r)))
                     .collect();
-                self.tracker.assign(&with_routes);
-                self.split_queues(&tps);
+                {
+                    let mut intake = lock(&self.intake);
+                    self.tracker.assign(&with_routes);
+                    self.split_queues(&tps, &mut intake);
+                }
                 tracing::info!(partitions = %describe(&tps), "Partitions assigned");
                 if cooperative {
                     c.incremental_assign(tpl)
@@ -189,8 +197,14 @@ impl Context {
     /// Stops dispatching `tps`, waits (up to the drain timeout) for their in-flight records,
     /// commits what is final and forgets them; late results are then discarded.
     fn drain(&self, c: &BaseConsumer<Self>, tps: &[Tp], commit_final: bool) {
-        self.tracker.revoke(tps);
-        lock(&self.gone).extend(tps.iter().cloned());
+        {
+            let mut intake = lock(&self.intake);
+            self.tracker.revoke(tps);
+            for tp in tps {
+                intake.queues.remove(tp);
+                intake.fresh.remove(tp);
+            }
+        }
         if !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
             tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
         }
@@ -225,14 +239,18 @@ impl Context {
     /// librdkafka (bounded by `queued.max.messages.kbytes`) whenever ferry has no room for them,
     /// instead of pausing the partition: a pause throws the prefetched records away and a resume
     /// fetches them again, slowly.
-    fn split_queues(&self, tps: &[Tp]) {
+    fn split_queues(&self, tps: &[Tp], intake: &mut Intake) {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
         };
-        let mut new = lock(&self.new_queues);
         for tp in tps {
             match consumer.split_partition_queue(&tp.0, tp.1) {
-                Some(q) => new.push((tp.clone(), q)),
+                Some(mut queue) => {
+                    let records = self.records.clone();
+                    queue.set_nonempty_callback(move || records.notify_one());
+                    intake.fresh.insert(tp.clone());
+                    intake.queues.insert(tp.clone(), queue);
+                }
                 None => {
                     tracing::error!(topic = %tp.0, partition = tp.1, "Cannot split the partition's queue")
                 }
@@ -302,7 +320,7 @@ impl Context {
 
 /// The one seam through which offsets reach the broker. Synchronous, so the tracker learns
 /// what the broker confirmed; the periodic commits run on their own thread to keep this
-/// round trip off the poll loop.
+/// round trip off the group side.
 fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
     if offsets.is_empty() {
         return true;
@@ -456,20 +474,15 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         gate: setup.gate.clone(),
         control: setup.control.clone(),
         consumer: OnceLock::new(),
-        new_queues: Mutex::new(Vec::new()),
-        gone: Mutex::new(Vec::new()),
+        intake: Arc::new(Mutex::new(Intake::default())),
+        records: Arc::new(Notify::new()),
         commit_lock: Mutex::new(()),
         drain_timeout: setup.drain_timeout,
         default_start,
         transactions: setup.transactions.clone(),
         shutdown: setup.shutdown.clone(),
     };
-    let wake = Arc::new(Wake::default());
-    let mut consumer: BaseConsumer<Context> = client.create_with_context(context)?;
-    {
-        let w = wake.clone();
-        consumer.set_nonempty_callback(move || w.wake());
-    }
+    let consumer: BaseConsumer<Context> = client.create_with_context(context)?;
     let consumer = Arc::new(consumer);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     let subscription = RouteTable::subscription(&setup.routes);
@@ -488,61 +501,38 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             .map_err(|e| KafkaError::Subscription(format!("cannot start the commit thread: {e}")))?
     };
 
+    let intake = tokio::runtime::Handle::current().spawn(intake(
+        consumer.context().intake.clone(),
+        Arc::downgrade(&consumer),
+        consumer.context().records.clone(),
+    ));
+    // Records of partitions whose queue could not be split arrive with the group's events.
     let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
-    let mut queues: HashMap<Tp, PartitionQueue<Context>> = HashMap::new();
-    // Assigned partitions whose first record is still to come: where a partition starts is
-    // worth a line at each handover.
-    let mut fresh: HashSet<Tp> = HashSet::new();
     let mut next_watermarks = Instant::now();
+    let mut intake_failed = false;
     while !setup.shutdown.is_cancelled() {
         setup.health.beat();
-        let ctx = consumer.context();
+        // It ends only when told to, unless a bug panicked it: then stop as a crashed poll
+        // loop would, rather than beat on with nothing taken.
+        if intake.is_finished() {
+            tracing::error!("The record intake stopped unexpectedly; stopping");
+            intake_failed = true;
+            break;
+        }
         if Instant::now() >= next_watermarks {
             next_watermarks = Instant::now() + WATERMARKS_EVERY;
             read_high_watermarks(&consumer, &setup.tracker);
         }
-        for tp in lock(&ctx.gone).drain(..) {
-            fresh.remove(&tp);
-            queues.remove(&tp);
-        }
-        for (tp, mut queue) in lock(&ctx.new_queues).drain(..) {
-            let w = wake.clone();
-            queue.set_nonempty_callback(move || w.wake());
-            fresh.insert(tp.clone());
-            queues.insert(tp, queue);
-        }
-        let mut took = 0;
-        for (tp, queue) in &queues {
-            // Take what the bounds allow; the rest waits in librdkafka's queue.
-            let mut turn = 0;
-            while turn < TURN && has_room(ctx, tp) {
-                match queue.poll(Duration::ZERO) {
-                    Some(Ok(msg)) => {
-                        if !fresh.is_empty() && fresh.remove(tp) {
-                            tracing::info!(partition = %format!("{}/{}", tp.0, tp.1), offset = msg.offset(), "First record of an assigned partition");
-                        }
-                        take(ctx, &msg, &routes, &mut topics)
-                    }
-                    Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
-                    None => break,
-                }
-                turn += 1;
-            }
-            took += turn;
-        }
-        // Serves rebalances, errors and commits; records arrive here only for partitions whose
-        // queue could not be split.
-        match consumer.poll(Duration::ZERO) {
-            Some(Ok(msg)) => take(ctx, &msg, &routes, &mut topics),
+        match consumer.poll(GROUP_WAIT) {
+            Some(Ok(msg)) => take(consumer.context(), &msg, &routes, &mut topics),
             // librdkafka recovers from these by itself; they are worth a line, not a stop.
             Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
-            // Nothing to do: sleep until a queue gets records, rather than a fixed nap that
-            // every record arriving at an idle sidecar would wait out. (A partition that is
-            // full waits the nap for room: waking on every record's end cost more than it saved.)
-            None if took == 0 => wake.wait(IDLE),
             None => {}
         }
     }
+    // No record is taken from here on.
+    lock(&consumer.context().intake).stopped = true;
+    consumer.context().records.notify_one();
     let _ = committer.join();
 
     // Shutdown: stop fetching, let in-flight records finish, commit, leave.
@@ -564,7 +554,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         // Keep serving the group protocol while waiting; records fetched now are not taken.
         let _ = consumer.poll(Duration::from_millis(20));
     }
-    drop(queues);
+    lock(&consumer.context().intake).queues.clear();
     let (offsets, live) = setup.tracker.release(&assigned);
     if live > 0 {
         tracing::warn!(
@@ -595,9 +585,16 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     }
     consumer.context().tracing.forget(&assigned);
     consumer.unsubscribe();
-    // Queues split off and not yet adopted hold the consumer; let them go.
-    lock(&consumer.context().new_queues).clear();
+    // Queues split off by a last assignment hold the consumer; let them go.
+    lock(&consumer.context().intake).queues.clear();
+    // Ended by `stopped`; it holds the consumer only while it takes records.
+    drop(intake);
     tracing::info!("Unsubscribed; leaving the consumer group");
+    if intake_failed {
+        return Err(KafkaError::Subscription(
+            "the record intake stopped unexpectedly".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -619,43 +616,90 @@ fn periodic_commits(consumer: &BaseConsumer<Context>, stop: &CancellationToken, 
     }
 }
 
-/// Wakes the poll loop: set by librdkafka when a queue becomes non-empty. Waking costs a futex
-/// call only when the loop is asleep.
+/// The intake's state: what is taken from, and where each partition's first record is still
+/// to come (where a partition starts is worth a line at each handover).
 #[derive(Default)]
-struct Wake {
-    woken: Mutex<bool>,
-    cond: std::sync::Condvar,
+struct Intake {
+    queues: HashMap<Tp, PartitionQueue<Context>>,
+    fresh: HashSet<Tp>,
+    topics: HashMap<String, (Arc<str>, usize)>,
+    /// Set when ferry stops: nothing more is taken.
+    stopped: bool,
 }
 
-impl Wake {
-    fn wake(&self) {
-        let mut woken = lock(&self.woken);
-        if !*woken {
-            *woken = true;
-            self.cond.notify_one();
+impl Intake {
+    /// Takes what the bounds allow from every queue; the rest waits in librdkafka's queues.
+    /// Returns how many records were taken, and whether a partition had no room.
+    fn take(&mut self, ctx: &Context) -> (usize, bool) {
+        let (mut took, mut full) = (0, false);
+        for (tp, queue) in &self.queues {
+            let mut turn = 0;
+            while turn < TURN {
+                if !has_room(ctx, tp) {
+                    full = true;
+                    break;
+                }
+                match queue.poll(Duration::ZERO) {
+                    Some(Ok(msg)) => {
+                        if !self.fresh.is_empty() && self.fresh.remove(tp) {
+                            tracing::info!(partition = %format!("{}/{}", tp.0, tp.1), offset = msg.offset(), "First record of an assigned partition");
+                        }
+                        take(ctx, &msg, &ctx.routes, &mut self.topics)
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
+                    None => break,
+                }
+                turn += 1;
+            }
+            took += turn;
         }
+        (took, full)
     }
+}
 
-    /// Returns once woken (at once, if woken since the last wait) or after `timeout`.
-    fn wait(&self, timeout: Duration) {
-        let mut woken = lock(&self.woken);
-        if !*woken {
-            woken = self
-                .cond
-                .wait_timeout(woken, timeout)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+/// The intake: takes records whenever librdkafka says a partition queue has some, until ferry
+/// stops. Holds the consumer only while it takes, so the group side can close it.
+async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>>, records: Arc<Notify>) {
+    loop {
+        let (took, full) = {
+            let mut intake = lock(&shared);
+            if intake.stopped {
+                return;
+            }
+            let Some(consumer) = consumer.upgrade() else {
+                return;
+            };
+            intake.take(consumer.context())
+        };
+        if took > 0 {
+            // A queue left with records (a turn takes at most `TURN`) wakes nobody: librdkafka
+            // calls only when a queue stops being empty. So look again at once; the budget
+            // yields to the tasks just started only now and then, since a yield also wakes an
+            // idle worker to steal.
+            tokio::task::coop::consume_budget().await;
+            continue;
         }
-        *woken = false;
+        // A partition without room is looked at again after a nap (waking on every record's
+        // end cost more than it saved); otherwise only records wake the intake. The long
+        // wait also covers records queued before a queue's wake-up was set.
+        let wait = if full { FULL_NAP } else { IDLE };
+        let _ = tokio::time::timeout(wait, records.notified()).await;
     }
 }
 
 /// Records taken from one partition queue per turn, so one busy partition cannot starve the
-/// others or the group protocol.
+/// others.
 const TURN: usize = 64;
 
-/// The longest the loop sleeps when nothing woke it: it still serves the group protocol.
-const IDLE: Duration = Duration::from_millis(5);
+/// How long the group side waits for the group's events before it beats and looks at
+/// shutdown again.
+const GROUP_WAIT: Duration = Duration::from_millis(100);
+
+/// How often the intake looks at a partition that had no room.
+const FULL_NAP: Duration = Duration::from_millis(5);
+
+/// The longest the intake sleeps when no record woke it.
+const IDLE: Duration = Duration::from_millis(100);
 
 /// How often the high watermarks (for lag) are read from librdkafka's cache.
 const WATERMARKS_EVERY: Duration = Duration::from_secs(1);
