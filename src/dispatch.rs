@@ -1,11 +1,11 @@
 //! Lanes: which records may run concurrently and which must wait for each other.
 //!
-//! Fed by the consumer thread with records in partition order; feeds the route handlers. A lane
+//! Fed by the consumer's intake with records in partition order; feeds the route handlers. A lane
 //! is a sequence of records handled strictly one after another: one per key (`ordering: key`,
 //! with each null-key record a lane of its own), one per partition (`partition`), or one per
 //! record (`none`). A lane that has work has exactly one task running it; an in-place retry holds
 //! back only its own lane. How many records are taken at all is bounded upstream, by pausing the
-//! partition (see `consume`), never by blocking the poll loop.
+//! partition (see `consume`), never by blocking the intake.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -97,7 +97,7 @@ impl<T> Scheduler<T> {
     }
 }
 
-/// The lanes of every route, shared by the consumer thread (which adds records) and the lane
+/// The lanes of every route, shared by the consumer's intake (which adds records) and the lane
 /// tasks (which take the next record of their lane).
 pub struct Lanes {
     runtime: Handle,
