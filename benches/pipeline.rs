@@ -45,7 +45,7 @@ struct Options {
     records: usize,
     seconds: u64,
     out: PathBuf,
-    /// Run only these parts (b0, b1, b3, steady, ready); all when empty.
+    /// Run only these parts (b0, b1, b3, steady, idle, ready); all when empty.
     only: Vec<String>,
     /// Runs of the latency measurement (ferry and B2 in turn); the report takes the medians.
     repeat: usize,
@@ -1023,6 +1023,44 @@ fn start_to_ready(broker: &Broker, dir: &Path, call: &str) -> f64 {
     median(times)
 }
 
+/// ferry with nothing to do, in the group and with librdkafka's default fetch wait: (ms of CPU
+/// per second, context switches per second) over 10 s, after a record has been through (so
+/// the group is joined and the connections are open). A sidecar idles most of its life in many
+/// pods: this is its floor.
+fn idle(broker: &Broker, dir: &Path, call: &str) -> (f64, f64) {
+    let (source, reply, dlq) = broker.topics();
+    let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, "key", false);
+    while !ferry.ready() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let p = producer(&broker.brokers, "0");
+    send(
+        &p,
+        BaseRecord::<(), [u8]>::to(&source)
+            .partition(0)
+            .payload(b"idle"[..].as_ref()),
+    );
+    p.flush(Duration::from_secs(10)).expect("the record is offered");
+    let got = read_replies(
+        &broker.brokers,
+        &reply,
+        1,
+        Duration::from_secs(60),
+        &AtomicBool::new(false),
+    );
+    assert_eq!(got.len(), 1, "the idle run's record was handled");
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, switches, started) = (ferry.cpu_seconds(), ferry.switches(), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let secs = started.elapsed().as_secs_f64();
+    let idle = (
+        (ferry.cpu_seconds() - cpu) * 1000.0 / secs,
+        (ferry.switches() - switches) as f64 / secs,
+    );
+    ferry.stop();
+    idle
+}
+
 /// A Prometheus histogram's cumulative bucket counts, summed over its label sets.
 struct Buckets(Vec<(f64, f64)>);
 
@@ -1283,6 +1321,13 @@ fn main() {
             "switches_per_record": costs.switches_per_record, "wake_up_cpu_us": wake_up,
             "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak, "working_set_mib": costs.working_set,
         }));
+    }
+    if run("idle") {
+        let (cpu_ms, switches) = idle(&broker, dir.path(), &call_yaml("http", http, grpc));
+        println!(
+            "idle: {cpu_ms:.2} ms of CPU per second, {switches:.0} context switches per second (10 s, in the group, nothing to consume)"
+        );
+        rows.push(json!({"bench": "idle", "cpu_ms_per_second": cpu_ms, "switches_per_second": switches}));
     }
     if run("ready") {
         let ready_ms = start_to_ready(&broker, dir.path(), &call_yaml("http", http, grpc));

@@ -8,6 +8,7 @@
 //! then runs their calls (a hand-off from a thread of its own cost a thread wake-up per record).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -491,13 +492,14 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     setup.health.set_subscribed(true);
     tracing::info!(topics = %subscription.join(","), "Subscribed");
 
+    // Dropped when the loop below ends, whatever ended it: the periodic commits stop.
+    let (stop_commits, commits_stopped) = std::sync::mpsc::channel::<()>();
     let committer = {
         let consumer = consumer.clone();
-        let stop = setup.shutdown.clone();
         let interval = setup.commit_interval;
         std::thread::Builder::new()
             .name("ferry-commit".into())
-            .spawn(move || periodic_commits(&consumer, &stop, interval))
+            .spawn(move || periodic_commits(&consumer, &commits_stopped, interval))
             .map_err(|e| KafkaError::Subscription(format!("cannot start the commit thread: {e}")))?
     };
 
@@ -533,6 +535,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     // No record is taken from here on.
     lock(&consumer.context().intake).stopped = true;
     consumer.context().records.notify_one();
+    drop(stop_commits);
     let _ = committer.join();
 
     // Shutdown: stop fetching, let in-flight records finish, commit, leave.
@@ -598,14 +601,18 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     Ok(())
 }
 
-/// Commits the tracker's watermarks every `interval` until `stop`.
-fn periodic_commits(consumer: &BaseConsumer<Context>, stop: &CancellationToken, interval: Duration) {
+/// Commits the tracker's watermarks every `interval` until `stop`'s sender is dropped, which
+/// also ends a wait at once.
+fn periodic_commits(consumer: &BaseConsumer<Context>, stop: &Receiver<()>, interval: Duration) {
+    let ctx = consumer.context();
+    // A transaction is also due once it holds enough outputs, so look at it more often; else
+    // the thread sleeps a whole interval (an idle sidecar should hardly wake).
+    let nap = match ctx.transactions {
+        Some(_) => interval.min(Duration::from_millis(50)),
+        None => interval,
+    };
     let mut next = Instant::now() + interval;
-    while !stop.is_cancelled() {
-        // Short naps, so a shutdown never waits a whole interval for this thread.
-        std::thread::sleep(interval.min(Duration::from_millis(50)));
-        let ctx = consumer.context();
-        // A transaction is also due once it holds enough outputs.
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(nap) {
         let due = ctx.transactions.as_ref().is_some_and(|t| t.due());
         if Instant::now() < next && !due {
             continue;
