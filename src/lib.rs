@@ -19,7 +19,8 @@
 //! Modules in the order a record meets them:
 //!
 //! - [`config`]: YAML → interpolated → typed → checked [`config::Config`];
-//! - [`consume`]: the consumer group, pause/resume, revoke → drain → commit;
+//! - [`consume`]: the consumer group on its own thread (rebalances: revoke → drain → commit),
+//!   and the intake, a task that takes records as the bounds allow;
 //! - [`record`]: the owned record that travels;
 //! - [`contract`]: payload schemas of records and replies;
 //! - [`dispatch`]: lanes (per key, per partition or per record) that keep order;
