@@ -156,11 +156,17 @@ impl Kafka {
         Ok(rx)
     }
 
-    /// Hands every acknowledgement librdkafka has ready to the tasks waiting for them.
-    fn serve(&self) {
-        while self.wake.pending() > 0 {
+    /// Hands up to `SERVE_TURN` events of acknowledgements to the tasks waiting for them.
+    /// Returns whether more are ready: librdkafka notifies again only once the queue has been
+    /// empty, so the caller must come back for them.
+    fn serve(&self) -> bool {
+        for _ in 0..SERVE_TURN {
+            if self.wake.pending() == 0 {
+                return false;
+            }
             self.producer.poll(Duration::ZERO);
         }
+        self.wake.pending() > 0
     }
 }
 
@@ -170,12 +176,22 @@ async fn serve_acks(kafka: Weak<Kafka>, ready: Arc<Notify>) {
         // The periodic turn notices a dropped producer, and errors queued before the wake-up
         // was switched on.
         let _ = tokio::time::timeout(Duration::from_millis(100), ready.notified()).await;
-        match kafka.upgrade() {
-            Some(k) => k.serve(),
-            None => return,
+        loop {
+            let Some(kafka) = kafka.upgrade() else {
+                return;
+            };
+            if !kafka.serve() {
+                break;
+            }
+            drop(kafka);
+            // A long burst must not hold this worker from the tasks it wakes.
+            tokio::task::yield_now().await;
         }
     }
 }
+
+/// Events (each a batch of acknowledgements) served per turn of [`serve_acks`].
+const SERVE_TURN: usize = 64;
 
 /// The producer's callbacks: each acknowledgement to its waiting task, logs to tracing.
 pub struct Acks {
