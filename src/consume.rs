@@ -195,8 +195,10 @@ impl ConsumerContext for Context {
 }
 
 impl Context {
-    /// Stops dispatching `tps`, waits (up to the drain timeout) for their in-flight records,
-    /// commits what is final and forgets them; late results are then discarded.
+    /// Stops dispatching `tps`, waits (up to the drain timeout) for their in-flight records to
+    /// reach their outcomes, commits what is final and forgets them; late results are then
+    /// discarded. Without a final commit (the assignment was lost) nothing is waited for: no
+    /// outcome could be committed.
     fn drain(&self, c: &BaseConsumer<Self>, tps: &[Tp], commit_final: bool) {
         {
             let mut intake = lock(&self.intake);
@@ -206,7 +208,7 @@ impl Context {
                 intake.fresh.remove(tp);
             }
         }
-        if !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
+        if commit_final && !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
             tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
         }
         // Only a final commit needs to keep the periodic one out; a lost assignment commits
@@ -551,8 +553,16 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     for tp in &assigned {
         setup.tracker.set_paused(tp, &[PauseReason::Drain]);
     }
+    let fenced = || {
+        consumer
+            .context()
+            .transactions
+            .as_ref()
+            .is_some_and(|t| t.fenced().is_some())
+    };
     let deadline = Instant::now() + setup.drain_timeout;
-    while setup.tracker.live() > 0 && Instant::now() < deadline {
+    // A fenced instance can commit nothing: its records are given up at once.
+    while setup.tracker.live() > 0 && Instant::now() < deadline && !fenced() {
         setup.health.beat();
         // Keep serving the group protocol while waiting; records fetched now are not taken.
         let _ = consumer.poll(Duration::from_millis(20));
@@ -570,13 +580,6 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     // keep serving the group protocol and try again rather than leave them to be repeated.
     let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
     let mut offsets = offsets;
-    let fenced = || {
-        consumer
-            .context()
-            .transactions
-            .as_ref()
-            .is_some_and(|t| t.fenced().is_some())
-    };
     while !commit(&consumer, &offsets) && Instant::now() < deadline && !fenced() {
         setup.health.beat();
         let _ = consumer.poll(Duration::from_millis(100));

@@ -22,7 +22,7 @@ enum Slot {
     Live,
     /// Its outcome is in Kafka (or it was dropped): committable once everything below is.
     Final,
-    /// Given up because the partition is being revoked or ferry is stopping; never committed
+    /// Given up because its partition went away (or its drain gave up on it); never committed
     /// past, so the next owner handles it again.
     Abandoned,
 }
@@ -156,8 +156,13 @@ impl Window {
 pub struct Lease {
     pub tp: Tp,
     generation: u64,
-    /// Cancelled when the partition is revoked or ferry stops: handlers stop retrying and
-    /// queued records are abandoned.
+    /// Cancelled when the partition starts draining (revoked, or ferry stopping). The record
+    /// still goes on to its outcome, retries included, since every record that ends before the
+    /// drain does is one the next owner need not repeat; only a wait with no end in sight (an
+    /// open circuit, a retry topic's delay) gives up at once.
+    pub draining: CancellationToken,
+    /// Cancelled when the partition is released (its drain ended, done or timed out) or
+    /// assigned anew: handlers give up at once, and a result would be discarded anyway.
     pub cancel: CancellationToken,
 }
 
@@ -171,7 +176,9 @@ struct Partition {
     /// Index of the route that reads this partition's topic.
     route: usize,
     generation: u64,
+    /// The leases' tokens: `draining` is a child of `cancel`, so a release also ends a drain.
     cancel: CancellationToken,
+    draining: CancellationToken,
     window: Window,
     /// The last offset handed to the committer.
     requested: Option<i64>,
@@ -274,17 +281,14 @@ pub struct Tracker {
     quiet: Condvar,
     /// Drains waiting on `quiet`: a record's end signals only when one waits.
     waiting: AtomicUsize,
-    /// Parent of every lease's token: cancelled on shutdown.
-    stopping: CancellationToken,
 }
 
 impl Tracker {
-    pub fn new(stopping: CancellationToken) -> Arc<Self> {
+    pub fn new() -> Arc<Self> {
         Arc::new(Tracker {
             state: Mutex::new(State::default()),
             quiet: Condvar::new(),
             waiting: AtomicUsize::new(0),
-            stopping,
         })
     }
 
@@ -307,12 +311,14 @@ impl Tracker {
                 load.window -= old.window.len();
                 load.bytes -= old.window.live_bytes();
             }
+            let cancel = CancellationToken::new();
             s.partitions.insert(
                 tp.clone(),
                 Partition {
                     route: *route,
                     generation,
-                    cancel: self.stopping.child_token(),
+                    draining: cancel.child_token(),
+                    cancel,
                     window: Window::default(),
                     requested: None,
                     committed: None,
@@ -328,12 +334,13 @@ impl Tracker {
     pub fn track(&self, tp: &Tp, offset: i64, size: usize) -> Option<Lease> {
         let mut s = self.lock();
         s.change(tp, |p| {
-            if p.cancel.is_cancelled() || !p.window.push_sized(offset, size) {
+            if p.draining.is_cancelled() || !p.window.push_sized(offset, size) {
                 return None;
             }
             Some(Lease {
                 tp: tp.clone(),
                 generation: p.generation,
+                draining: p.draining.clone(),
                 cancel: p.cancel.clone(),
             })
         })
@@ -374,12 +381,13 @@ impl Tracker {
         done
     }
 
-    /// Stops work on these partitions: queued records will be abandoned and retries given up.
+    /// Starts draining these partitions: no record is taken any more, and those taken go on
+    /// to their outcomes until `release` (see `Lease::draining`).
     pub fn revoke(&self, tps: &[Tp]) {
         let s = self.lock();
         for tp in tps {
             if let Some(p) = s.partitions.get(tp) {
-                p.cancel.cancel();
+                p.draining.cancel();
             }
         }
     }
@@ -593,13 +601,16 @@ mod tests {
 
     #[test]
     fn late_results_of_a_released_partition_are_discarded() {
-        let t = Tracker::new(CancellationToken::new());
+        let t = Tracker::new();
         let tp: Tp = (Arc::from("t"), 0);
         t.assign(&[(tp.clone(), 0)]);
         let old = t.track(&tp, 5, 10).unwrap();
         t.revoke(std::slice::from_ref(&tp));
-        assert!(old.is_cancelled());
+        assert!(old.draining.is_cancelled(), "draining at the revoke");
+        assert!(!old.is_cancelled(), "a draining record goes on to its outcome");
+        assert!(t.track(&tp, 6, 10).is_none(), "nothing is taken while draining");
         let (commits, live) = t.release(std::slice::from_ref(&tp));
+        assert!(old.is_cancelled(), "given up at the release");
         assert!(commits.is_empty());
         assert_eq!(live, 1);
         t.assign(&[(tp.clone(), 0)]);
@@ -615,7 +626,7 @@ mod tests {
 
     #[test]
     fn route_totals_follow_every_change() {
-        let t = Tracker::new(CancellationToken::new());
+        let t = Tracker::new();
         let (a, b): (Tp, Tp) = ((Arc::from("t"), 0), (Arc::from("t"), 1));
         t.assign(&[(a.clone(), 7), (b.clone(), 7)]);
         let la = t.track(&a, 0, 100).unwrap();

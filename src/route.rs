@@ -2,7 +2,8 @@
 //!
 //! Fed by a dispatch lane with records in lane order; feeds the producer with reply and
 //! dead-letter records and the offset tracker with each record's end. A record ends in exactly
-//! one outcome, or is abandoned when its partition is revoked or ferry stops before it is final.
+//! one outcome, or is abandoned when its partition's drain (revoke or stop) ends before it is
+//! final.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -116,7 +117,8 @@ impl RouteHandler {
             let wait = Duration::from_millis(not_before.saturating_sub(epoch_ms()).max(0) as u64);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = record.lease.cancel.cancelled() => return End::Abandoned,
+                // Its time may be minutes away: not worth holding a handover for.
+                _ = record.lease.draining.cancelled() => return End::Abandoned,
             }
         }
         let mut attempts = Attempts::default();
@@ -135,8 +137,11 @@ impl RouteHandler {
         loop {
             let waiting = Instant::now();
             let admission = tokio::select! {
+                // A closed circuit admits at once, draining or not.
+                biased;
                 a = self.circuit.admit() => a,
-                _ = record.lease.cancel.cancelled() => return End::Abandoned,
+                // An open one may stay open past the drain: the next owner calls instead.
+                _ = record.lease.draining.cancelled() => return End::Abandoned,
             };
             // Time the service was known to be down is not the record's age.
             outage += waiting.elapsed();

@@ -104,7 +104,7 @@ impl Sidecar {
                 )?
             }
         };
-        let tracker = Tracker::new(shutdown.child_token());
+        let tracker = Tracker::new();
         let tracing = Arc::new(
             Tracing::start(&config.telemetry.traces, &config.kafka.group_id).map_err(|message| {
                 RunError::Route {

@@ -173,3 +173,84 @@ async fn send_batch(kafka: &Kafka, topic: &str, next: &mut [u32], n: usize) {
         next[k] += 1;
     }
 }
+
+/// SPEC §1 (Rebalance): a revoke waits for the partition's in-flight records, and a record
+/// waiting out a retry's backoff is in flight. It is retried and finished by its owner within
+/// the drain, so the handover commits past it and past the records finished above it: the new
+/// owner repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_waits_for_a_record_between_retries_and_repeats_nothing() {
+    let kafka = Kafka::start();
+    let service = Service::start(|req: Req| async move {
+        if req.body.starts_with("slow") && req.attempt() == 1 {
+            return Resp::new(503, "not yet");
+        }
+        Resp::new(200, &req.body)
+    })
+    .await;
+    let t = kafka.route_topics(2).await;
+    // The second attempt comes 6 s after the first: long enough for the second instance to
+    // join and the first to be told to hand a partition over while its slow record waits.
+    let text = route_config(&kafka, &t, &service.url("/"), "")
+        .replace(
+            "backoff: { initial: 10ms, max: 50ms }",
+            "backoff: { initial: 6s, max: 6s, jitter: none }",
+        )
+        .replace("drain_timeout: 5s", "drain_timeout: 20s");
+    // Each partition: a record that fails its first attempt, then 20 that succeed at once (other
+    // keys, so they run past it and wait, final, above its uncommitted offset).
+    let per_partition = 21;
+    for p in 0..2 {
+        kafka
+            .send(&t.source, Some(p), Some("slow"), &format!("slow{p}"), &[])
+            .await;
+        for i in 0..per_partition - 1 {
+            kafka
+                .send(
+                    &t.source,
+                    Some(p),
+                    Some(&format!("k{i}")),
+                    &format!("v{p}-{i}"),
+                    &[],
+                )
+                .await;
+        }
+    }
+    let a = Sidecar::start(parse(&text)).await.unwrap();
+    kafka.read(&t.reply, 2 * (per_partition as usize - 1), WAIT).await;
+    let b = Sidecar::start(parse(&text)).await.unwrap();
+    eventually(WAIT, "the second instance got a partition", || async {
+        (!b.partitions().is_empty()).then_some(())
+    })
+    .await;
+    eventually(WAIT, "every record committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 2).await == 2 * per_partition as i64).then_some(())
+    })
+    .await;
+    let (sa, sb) = (a.snapshot().remove(0), b.snapshot().remove(0));
+    for s in [a, b] {
+        s.shutdown();
+        tokio::time::timeout(WAIT, s.wait()).await.unwrap().unwrap();
+    }
+    assert_eq!(sa.abandoned, 0, "the first instance gave nothing up: {sa:?}");
+    assert_eq!(
+        sb.received, 0,
+        "the second instance had nothing left to do: {sb:?}"
+    );
+    let replies = kafka.read_all(&t.reply).await;
+    let mut seen = HashSet::new();
+    for r in &replies {
+        let source = (
+            r.header("ferry.source.partition").unwrap().to_string(),
+            r.header("ferry.source.offset").unwrap().to_string(),
+        );
+        assert!(seen.insert(source.clone()), "{source:?} replied twice");
+    }
+    assert_eq!(seen.len(), 2 * per_partition as usize);
+    let slow_calls = service
+        .requests()
+        .iter()
+        .filter(|r| r.body.starts_with("slow"))
+        .count();
+    assert_eq!(slow_calls, 4, "each slow record called twice, by its first owner");
+}

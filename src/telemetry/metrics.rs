@@ -2,7 +2,7 @@
 //! the tracker when `/metrics` is scraped.
 //!
 //! Counters reconcile within one process: `received = Σ outcomes + in flight + abandoned`, where
-//! abandoned counts records that were live when their partition was revoked or ferry stopped.
+//! abandoned counts records given up unfinished when their partition's drain ended or it was lost.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -94,7 +94,7 @@ impl Metrics {
             abandoned: counter(
                 &r,
                 names::ABANDONED,
-                "Records in flight when their partition was revoked or ferry stopped; handled again by the next owner.",
+                "Records given up unfinished when their partition's drain (revoke or stop) ended, or it was lost; handled again by the next owner.",
                 &["route"],
             ),
             retries: counter(

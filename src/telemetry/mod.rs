@@ -18,8 +18,8 @@ pub mod names {
     /// Counter [route, outcome, reason]: records that reached an outcome; `reason` is set on
     /// dead letters only.
     pub const OUTCOMES: &str = "ferry_outcomes_total";
-    /// Counter [route]: records in flight when their partition was revoked or ferry stopped;
-    /// the next owner handles them again.
+    /// Counter [route]: records given up unfinished when their partition's drain (revoke or
+    /// stop) ended, or it was lost; the next owner handles them again.
     pub const ABANDONED: &str = "ferry_records_abandoned_total";
     /// Counter [route, reason]: attempts that will be repeated.
     pub const RETRIES: &str = "ferry_retries_total";
