@@ -39,6 +39,7 @@
 //! - [`sidecar`]: all of the above assembled;
 //! - [`broker`]: why the brokers cannot be reached (TLS, SASL), for the start-up check;
 //! - [`embedded`]: the embedded broker for local work and tests;
+//! - [`memory`]: letting go of the pages only the start needed;
 //! - [`cli`]: the commands.
 
 pub mod config;
@@ -60,4 +61,5 @@ pub mod telemetry;
 pub mod sidecar;
 pub mod broker;
 pub mod embedded;
+pub mod memory;
 pub mod cli;

@@ -212,3 +212,44 @@ async fn second_signal_exits_at_once() {
         "nothing final, nothing committed"
     );
 }
+
+/// `ferry run` lets go of its start-up code's pages once it has run a while (src/memory.rs):
+/// it says so, its resident file-backed memory falls, and records still flow through the code
+/// it maps back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_code_is_let_go_and_records_still_flow() {
+    let service = Service::start(|req: Req| async move { Resp::new(200, &req.body) }).await;
+    let s = setup(1, &service).await;
+    s.kafka.send(&s.source, Some(0), Some("k"), "before", &[]).await;
+    let log = s.dir.path().join("ferry.log");
+    let mut ferry = Ferry::spawn(&s.config, &log);
+    s.kafka.read(&s.reply, 1, WAIT).await;
+    let file_kib = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", ferry.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssFile:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = file_kib();
+    eventually(WAIT, "the start-up code let go", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("Let go of the start-up code's pages").then_some(())
+    })
+    .await;
+    let after = file_kib();
+    assert!(
+        after < before,
+        "resident file-backed memory fell: {before} KiB before, {after} KiB after"
+    );
+    for i in 0..20 {
+        s.kafka
+            .send(&s.source, Some(0), Some("k"), &format!("after{i}"), &[])
+            .await;
+    }
+    let replies = s.kafka.read(&s.reply, 21, WAIT).await;
+    assert_eq!(replies.len(), 21, "records flow after the release");
+    ferry.signal(libc::SIGTERM);
+    assert_eq!(ferry.exit_code(WAIT).await, Some(0), "and it stops cleanly");
+}

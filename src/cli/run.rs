@@ -5,6 +5,7 @@ use std::path::Path;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{self, EXIT_CONFIG, Interpolator, LogFormat};
+use crate::memory;
 use crate::sidecar::Sidecar;
 use crate::telemetry;
 
@@ -35,6 +36,7 @@ pub async fn run(path: &Path) -> i32 {
         Err(e) => return super::fail("cannot start", &e.into()),
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ferry started");
+    tokio::spawn(release_startup_code());
     let stopper = sidecar.stopper();
     let mut done = std::pin::pin!(sidecar.wait());
     tokio::select! {
@@ -48,6 +50,22 @@ pub async fn run(path: &Path) -> i32 {
         r = &mut done => report(r),
         _ = term.recv() => second_signal(),
         _ = int.recv() => second_signal(),
+    }
+}
+
+/// Once the start is well past, lets go of the pages of code only the start ran (see `memory`).
+async fn release_startup_code() {
+    tokio::time::sleep(memory::RELEASE_AFTER).await;
+    match tokio::task::spawn_blocking(memory::release_startup_code).await {
+        Ok(Ok(released)) => tracing::info!(
+            mappings = released.mappings,
+            resident_kib = released.resident_kib,
+            "Let go of the start-up code's pages; what runs on is mapped again as it runs"
+        ),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "Cannot read this process's mappings; the start-up code stays resident")
+        }
+        Err(_) => {}
     }
 }
 
