@@ -1,12 +1,13 @@
 //! What the `ferry run` process keeps resident: letting go of the code only its start needed.
 //!
-//! A process's RSS counts every page of its executable that it has touched, and the kernel maps
-//! code in around each page fault (64 KiB at a time). Start-up runs code that a running sidecar
-//! never runs again — the command line, the config and its JSON schema, the topic checks, the TLS
-//! set-up — and those pages would stay counted for the life of the pod, about half of ferry's
-//! RSS. So once ferry has run for [`RELEASE_AFTER`], `ferry run` drops its mappings of its own
-//! code and read-only data. The pages stay in the kernel's page cache; the code still in use is
-//! mapped again at its next use (a minor fault), and only that stays counted.
+//! A process's RSS counts every page of its executable and libraries that it has touched, and
+//! the kernel maps code in around each page fault (64 KiB at a time). Start-up runs code that a
+//! running sidecar never runs again — the command line, the config and its JSON schema, the
+//! topic checks, the TLS set-up — and those pages would stay counted for the life of the pod,
+//! about a quarter of ferry's RSS. So once ferry has run for [`RELEASE_AFTER`], `ferry run`
+//! drops its mappings of code and read-only data. The pages stay in the kernel's page cache;
+//! the code still in use is mapped again at its next use (a minor fault), and only that stays
+//! counted.
 
 use std::time::Duration;
 
@@ -23,19 +24,19 @@ pub struct Released {
     pub resident_kib: u64,
 }
 
-/// Drops this process's mappings of its own executable's code and read-only data, leaving the
-/// page cache alone. Only mappings that hold no private copy of a page are touched: such a copy
-/// (the relocated read-only data, or a debugger's breakpoint) exists nowhere else, and dropping
-/// it would put the file's unrelocated bytes in its place.
+/// Drops this process's mappings of files' code and read-only data (the executable's and its
+/// libraries'), leaving the page cache alone. Only mappings that hold no private copy of a page
+/// are touched: such a copy (read-only data relocated at start, or a debugger's breakpoint)
+/// exists nowhere else, and dropping it would put the file's bytes in its place.
 pub fn release_startup_code() -> std::io::Result<Released> {
-    let exe = std::fs::read_link("/proc/self/exe")?;
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = Released::default();
-    for m in droppable(&smaps, &exe.to_string_lossy()) {
-        // SAFETY: the range is a whole mapping of this process, read from the kernel's own list;
-        // it is private, never written (no anonymous page in it), and backed by a file that
-        // cannot change while it runs (the kernel refuses writes to a running executable). So
-        // MADV_DONTNEED only unmaps pages whose contents the next access maps back unchanged.
+    for m in droppable(&smaps) {
+        // SAFETY: the range is a whole mapping of this process, read from the kernel's own list:
+        // a private, read-only mapping of a file, with no anonymous page in it, so every page
+        // is the file's clean page-cache page. Those the kernel may itself drop at any time
+        // under memory pressure; MADV_DONTNEED does just that, and the next access maps the
+        // same bytes back.
         let rc = unsafe { libc::madvise(m.start as *mut libc::c_void, m.len, libc::MADV_DONTNEED) };
         if rc == 0 {
             released.mappings += 1;
@@ -53,9 +54,9 @@ struct Mapping {
     resident_kib: u64,
 }
 
-/// The read-only or executable private mappings of `exe` without an anonymous page, from the
+/// The read-only or executable private mappings of files without an anonymous page, from the
 /// text of `/proc/self/smaps`.
-fn droppable(smaps: &str, exe: &str) -> Vec<Mapping> {
+fn droppable(smaps: &str) -> Vec<Mapping> {
     let mut found = Vec::new();
     // The mapping being read, if it qualifies so far, with its resident and anonymous KiB.
     let mut current: Option<(Mapping, Option<u64>)> = None;
@@ -67,7 +68,9 @@ fn droppable(smaps: &str, exe: &str) -> Vec<Mapping> {
     for line in smaps.lines() {
         if let Some(header) = mapping_header(line) {
             finish(current.take());
-            if header.path == exe && (header.perms == "r-xp" || header.perms == "r--p") {
+            // A file's path; not `[heap]`, `[stack]`, `[vdso]` or an anonymous mapping.
+            let file = header.path.starts_with('/');
+            if file && (header.perms == "r-xp" || header.perms == "r--p") {
                 current = header.range.map(|(start, end)| {
                     let m = Mapping {
                         start,
@@ -148,14 +151,17 @@ Anonymous:           900 kB
 7f0000000000-7f0000100000 r-xp 00000000 fd:01 77                         /usr/lib/libc.so.6
 Rss:                 800 kB
 Anonymous:             0 kB
-7f0000200000-7f0000201000 r-xp 00000000 fd:01 42                         /usr/bin/ferry-other
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+Rss:                  92 kB
+Anonymous:            92 kB
+7ffc00100000-7ffc00102000 r-xp 00000000 00:00 0                          [vdso]
 Rss:                   4 kB
 Anonymous:             0 kB
 ";
 
     #[test]
-    fn only_the_executables_unwritten_code_and_read_only_data_are_dropped() {
-        let found = droppable(SMAPS, "/usr/bin/ferry");
+    fn only_unwritten_code_and_read_only_data_of_files_are_dropped() {
+        let found = droppable(SMAPS);
         assert_eq!(
             found,
             vec![
@@ -169,16 +175,21 @@ Anonymous:             0 kB
                     len: 0x200000,
                     resident_kib: 1200
                 },
+                Mapping {
+                    start: 0x7f0000000000,
+                    len: 0x100000,
+                    resident_kib: 800
+                },
             ],
-            "not the relocated read-only data (anonymous pages), the writable data, the heap, \
-             a library or another file"
+            "the executable's and the library's, not the relocated read-only data (anonymous \
+             pages), the writable data, the heap, the stack or the vDSO"
         );
     }
 
     #[test]
     fn a_mapping_whose_anonymous_size_is_unknown_is_kept() {
         let text = "55d0a0100000-55d0a0300000 r-xp 00100000 fd:01 42 /usr/bin/ferry\nRss: 12 kB\n";
-        assert!(droppable(text, "/usr/bin/ferry").is_empty());
+        assert!(droppable(text).is_empty());
     }
 
     #[test]
@@ -186,7 +197,7 @@ Anonymous:             0 kB
         let released = release_startup_code().expect("smaps readable");
         assert!(released.mappings > 0, "{released:?}");
         // Code dropped a moment ago runs again, mapped back from the page cache.
-        let text = format!("{:?}", droppable(SMAPS, "/usr/bin/ferry"));
+        let text = format!("{:?}", droppable(SMAPS));
         assert!(text.contains("Mapping"));
     }
 }
