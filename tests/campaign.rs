@@ -318,36 +318,29 @@ fn partitions_the_broker_took_away(dir: &Path, kills: &HashMap<String, u64>) -> 
             take(*p, format!("held by {a} and {b} at once"));
         }
     }
-    // Where the next owner of `p` started after `at`, if below `offset`: the offsets between
-    // were final at the handover and are repeated.
-    let started_below = |p: &usize, offset: &i64, at: &u64| {
-        started
-            .iter()
-            .filter(|(_, q, _, t)| q == p && t > at)
-            .min_by_key(|(.., t)| *t)
-            .filter(|(_, _, from, _)| from < offset)
-            .map(|(b, _, from, _)| (b.clone(), *from))
+    // For each (instance, partition, offset, at): where the next owner of the partition started
+    // after `at`, if below `offset`. The offsets between were final at the handover and are
+    // repeated; `why` says so.
+    let repeated_below = |events: &[(String, usize, i64, u64)],
+                          why: &dyn Fn(&str, i64, &str, i64) -> String| {
+        let mut ranges = Vec::new();
+        for (a, p, offset, at) in events {
+            let next = started
+                .iter()
+                .filter(|(_, q, _, t)| q == p && t > at)
+                .min_by_key(|(.., t)| *t);
+            if let Some((b, _, from, _)) = next.filter(|(_, _, from, _)| from < offset) {
+                ranges.push((*p, *from..*offset, why(a, *offset, b, *from)));
+            }
+        }
+        ranges
     };
-    let mut below = Vec::new();
-    for (a, p, committed, at) in &handed {
-        if let Some((b, from)) = started_below(p, committed, at) {
-            below.push((
-                *p,
-                from..*committed,
-                format!("{a} handed over at {committed}, {b} started at {from}"),
-            ));
-        }
-    }
-    let mut refusals = Vec::new();
-    for (a, p, offset, at) in &refused {
-        if let Some((b, from)) = started_below(p, offset, at) {
-            refusals.push((
-                *p,
-                from..*offset,
-                format!("the final commit of {offset} refused to {a}, {b} started at {from}"),
-            ));
-        }
-    }
+    let below = repeated_below(&handed, &|a, committed, b, from| {
+        format!("{a} handed over at {committed}, {b} started at {from}")
+    });
+    let refusals = repeated_below(&refused, &|a, offset, b, from| {
+        format!("the final commit of {offset} refused to {a}, {b} started at {from}")
+    });
     Taken {
         partitions: taken,
         below,
