@@ -1,5 +1,5 @@
 //! The real binary's life: killed mid-stream and restarted without loss, SIGTERM drains and
-//! exits 0, a second signal exits at once.
+//! exits 0, a second signal exits at once, the start-up code let go, the runtime's threads.
 
 mod common;
 
@@ -252,4 +252,68 @@ async fn start_up_code_is_let_go_and_records_still_flow() {
     assert_eq!(replies.len(), 21, "records flow after the release");
     ferry.signal(libc::SIGTERM);
     assert_eq!(ferry.exit_code(WAIT).await, Some(0), "and it stops cleanly");
+}
+
+/// The runtime's worker threads, as `ferry run` reports them at start (tokio's own count).
+async fn runtime_workers(log: &std::path::Path) -> String {
+    eventually(WAIT, "the start line", || async {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let line = text.lines().find(|l| l.contains("ferry started"))?.to_string();
+        let at = line.find("runtime_workers")? + "runtime_workers".len();
+        let n: String = line[at..]
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        Some(n)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_work_runs_on_one_thread_unless_ferry_worker_threads_says_otherwise() {
+    let service = Service::start(|req: Req| async move { Resp::new(200, &req.body) }).await;
+    let s = setup(2, &service).await;
+    let log = s.dir.path().join("ferry.log");
+    let mut ferry = Ferry::spawn(&s.config, &log);
+    for i in 0..10 {
+        s.kafka
+            .send(
+                &s.source,
+                Some(i % 2),
+                Some(&format!("k{i}")),
+                &format!("v{i}"),
+                &[],
+            )
+            .await;
+    }
+    assert_eq!(
+        s.kafka.read(&s.reply, 10, WAIT).await.len(),
+        10,
+        "records flow on one worker"
+    );
+    assert_eq!(runtime_workers(&log).await, "1", "one worker by default");
+    ferry.signal(libc::SIGTERM);
+    assert_eq!(ferry.exit_code(WAIT).await, Some(0));
+
+    let wide = Ferry::spawn_with(&s.config, &log, &[("FERRY_WORKER_THREADS", "3")]);
+    assert_eq!(runtime_workers(&log).await, "3", "three when told");
+    s.kafka.send(&s.source, Some(0), Some("k"), "wide", &[]).await;
+    eventually(WAIT, "records flow on three workers", || async {
+        let replies = s.kafka.read_all(&s.reply).await;
+        replies
+            .iter()
+            .any(|r| r.value.as_deref() == Some("wide"))
+            .then_some(())
+    })
+    .await;
+    drop(wide);
+
+    let mut bad = Ferry::spawn_with(&s.config, &log, &[("FERRY_WORKER_THREADS", "many")]);
+    assert_eq!(bad.exit_code(WAIT).await, Some(78), "a configuration error");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("FERRY_WORKER_THREADS=\"many\" is not a number of threads"),
+        "the error names the variable and its value: {said}"
+    );
 }

@@ -110,7 +110,18 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let workers = match worker_threads(std::env::var_os(WORKER_THREADS_VAR).as_deref()) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 78;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -157,8 +168,64 @@ pub fn main() -> i32 {
     code
 }
 
+/// The environment variable that sets how many threads run ferry's async work.
+pub const WORKER_THREADS_VAR: &str = "FERRY_WORKER_THREADS";
+
+/// Threads of the async runtime: one unless `FERRY_WORKER_THREADS` says otherwise.
+///
+/// One, not one per core: a record's work on the runtime is short, and librdkafka runs the
+/// broker I/O on threads of its own, so a second worker mostly adds wake-ups (one worker waking
+/// the other to share a task). Measured at 1 000 records/s on two cores: 40 to 46 µs of CPU per
+/// record against 58 to 76 µs with two, and the same throughput at full speed
+/// (`benches/pipeline.rs`, README "Performance").
+fn worker_threads(value: Option<&std::ffi::OsStr>) -> Result<usize, String> {
+    let Some(value) = value else {
+        return Ok(1);
+    };
+    value
+        .to_str()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=256).contains(n))
+        .ok_or_else(|| {
+            format!(
+                "{WORKER_THREADS_VAR}={value:?} is not a number of threads: give a whole number from 1 to 256, or unset it for one (the default)"
+            )
+        })
+}
+
 /// Prints an error chain for a command that failed, and returns exit code 1.
 fn fail(context: &str, e: &anyhow::Error) -> i32 {
     eprintln!("error: {context}: {e:#}");
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn worker_threads_default_to_one_and_take_a_whole_number() {
+        let cases: &[(Option<&str>, Option<usize>)] = &[
+            (None, Some(1)),
+            (Some("1"), Some(1)),
+            (Some(" 4 "), Some(4)),
+            (Some("256"), Some(256)),
+            (Some("0"), None),
+            (Some("257"), None),
+            (Some("-1"), None),
+            (Some("two"), None),
+            (Some(""), None),
+        ];
+        for (value, want) in cases {
+            let got = worker_threads(value.map(OsStr::new));
+            assert_eq!(got.as_ref().ok(), want.as_ref(), "{value:?}: {got:?}");
+            if let Err(e) = got {
+                assert!(
+                    e.contains("FERRY_WORKER_THREADS") && e.contains("1 to 256"),
+                    "the error names the variable and what it takes: {e}"
+                );
+            }
+        }
+    }
 }

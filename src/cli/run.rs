@@ -35,7 +35,11 @@ pub async fn run(path: &Path) -> i32 {
         Ok(s) => s,
         Err(e) => return super::fail("cannot start", &e.into()),
     };
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "ferry started");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        runtime_workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        "ferry started"
+    );
     tokio::spawn(release_startup_code());
     let stopper = sidecar.stopper();
     let mut done = std::pin::pin!(sidecar.wait());

@@ -111,7 +111,7 @@ pub mod attributes {
 }
 
 /// Log set-up: `level` (a level or a filter) unless `FERRY_LOG` (or `RUST_LOG`) says otherwise;
-/// JSON lines when `json` or `FERRY_LOG_FORMAT=json`. Logs go to stderr.
+/// JSON lines when `json` or `FERRY_LOG_FORMAT=json`. Logs go to stderr, coloured only on a terminal.
 pub fn init_logging(level: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("FERRY_LOG")
@@ -122,7 +122,9 @@ pub fn init_logging(level: &str, json: bool) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours for a person at a terminal only: in a pod's log or a file they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let json = match std::env::var("FERRY_LOG_FORMAT") {
         Ok(f) => f == "json",
         Err(_) => json,
