@@ -293,6 +293,11 @@ async fn async_work_runs_on_one_thread_unless_ferry_worker_threads_says_otherwis
         "records flow on one worker"
     );
     assert_eq!(runtime_workers(&log).await, "1", "one worker by default");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !said.contains('\u{1b}'),
+        "no colour codes in a log that is not a terminal: {said}"
+    );
     ferry.signal(libc::SIGTERM);
     assert_eq!(ferry.exit_code(WAIT).await, Some(0));
 
