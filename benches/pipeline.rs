@@ -548,20 +548,7 @@ impl Ferry {
     /// Context switches of all its threads so far: each is a thread going to sleep or being
     /// put off the CPU, so at a low rate about one per wake-up.
     fn switches(&self) -> u64 {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
-            return 0;
-        };
-        tasks
-            .flatten()
-            .map(|t| {
-                std::fs::read_to_string(t.path().join("status"))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| l.contains("_ctxt_switches:"))
-                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    .sum::<u64>()
-            })
-            .sum()
+        self.by_thread().values().map(|(_, n)| n).sum()
     }
 
     /// CPU nanoseconds and context switches so far, by kind of thread: ferry's runtime, its
