@@ -8,17 +8,21 @@
 //! partition (see `consume`), never by blocking the intake.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
 use bytes::Bytes;
 use futures::FutureExt;
 use tokio::runtime::Handle;
 
 use crate::config::Ordering;
-use crate::offsets::Tp;
+use crate::offsets::{Lease, Tp};
+use crate::produce::ProduceError;
 use crate::record::Record;
-use crate::route::RouteHandler;
+use crate::route::{Pending, RouteHandler};
 
 /// Which lane a record belongs to, within its partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -66,29 +70,29 @@ impl<T> Scheduler<T> {
         }
     }
 
-    /// The running item of a lane finished; returns the next one to start, if any.
-    pub fn done(&mut self, tp: &Tp, lane: &Lane) -> Option<T> {
-        let key = (tp.clone(), lane.clone());
-        let next = self.busy.get_mut(&key).and_then(VecDeque::pop_front);
-        if next.is_none() {
-            self.busy.remove(&key);
-        }
-        next
-    }
-
-    /// As `done`, keeping only the newest queued item: the older ones are returned to be
-    /// finished without running (freshness.conflate).
-    pub fn done_conflated(&mut self, tp: &Tp, lane: &Lane) -> (Option<T>, Vec<T>) {
-        let key = (tp.clone(), lane.clone());
-        let Some(queue) = self.busy.get_mut(&key) else {
+    /// The lane's running item finished and the lane stays busy (its writes are still settling):
+    /// returns the next item to run, if one is queued. With `conflate`, only the newest queued
+    /// item runs; the older ones are returned to be finished without running
+    /// (freshness.conflate).
+    pub fn next(&mut self, tp: &Tp, lane: &Lane, conflate: bool) -> (Option<T>, Vec<T>) {
+        let Some(queue) = self.busy.get_mut(&(tp.clone(), lane.clone())) else {
             return (None, Vec::new());
         };
-        let newest = queue.pop_back();
-        let skipped = queue.drain(..).collect();
-        if newest.is_none() {
-            self.busy.remove(&key);
+        if conflate {
+            let newest = queue.pop_back();
+            (newest, queue.drain(..).collect())
+        } else {
+            (queue.pop_front(), Vec::new())
         }
-        (newest, skipped)
+    }
+
+    /// As `next`, and the lane stops being busy when nothing is queued.
+    pub fn done(&mut self, tp: &Tp, lane: &Lane, conflate: bool) -> (Option<T>, Vec<T>) {
+        let next = self.next(tp, lane, conflate);
+        if next.0.is_none() {
+            self.busy.remove(&(tp.clone(), lane.clone()));
+        }
+        next
     }
 
     /// Busy lanes (for tests and status).
@@ -141,28 +145,136 @@ impl Lanes {
                 .as_ref()
                 .is_some_and(|f| f.conflate);
         self.runtime.spawn(async move {
-            let mut next = Some(first);
-            while let Some(r) = next {
-                let handler = &handlers[r.route];
-                let (lease, offset) = (r.lease.clone(), r.offset);
-                // A bug must not wedge the lane: give the record up (the next owner or the next
-                // run repeats it) and go on with the lane.
-                if AssertUnwindSafe(handler.handle(r)).catch_unwind().await.is_err() {
-                    tracing::error!(topic = %lease.tp.0, partition = lease.tp.1, offset, "Handling a record panicked; it is left uncommitted");
-                    handler.give_up(&lease, offset);
-                }
-                next = if conflate {
-                    let (newest, older) = lock(&scheduler).done_conflated(&tp, &lane);
-                    for r in older {
-                        handler.expire(&r);
-                    }
-                    newest
+            let handler = &handlers[first.route];
+            let take = |release: bool| {
+                let mut scheduler = lock(&scheduler);
+                let (next, older) = if release {
+                    scheduler.done(&tp, &lane, conflate)
                 } else {
-                    lock(&scheduler).done(&tp, &lane)
+                    scheduler.next(&tp, &lane, conflate)
                 };
+                drop(scheduler);
+                for r in older {
+                    handler.expire(&r);
+                }
+                next
+            };
+            let mut window = Window::default();
+            let mut next = Some(first);
+            loop {
+                while let Some(r) = next {
+                    let (lease, offset) = (r.lease.clone(), r.offset);
+                    let started = AssertUnwindSafe(handler.start(r)).catch_unwind();
+                    match window.alongside(handler, started).await {
+                        Ok(Some(pending)) => window.writes.push_back(pending),
+                        Ok(None) => {}
+                        Err(_) => given_up(handler, &lease, offset),
+                    }
+                    window.repair(handler).await;
+                    next = take(false);
+                }
+                // Nothing queued. The lane is released only once its writes are settled, so
+                // that a failed one is written again before any write of a later record.
+                window.settle(handler).await;
+                next = take(true);
+                if next.is_none() {
+                    break;
+                }
             }
         });
     }
+}
+
+/// The writes of one lane whose acknowledgements are still to come, oldest first.
+///
+/// A lane calls its next record as soon as the previous one's output is with the producer, not
+/// when the broker has acknowledged it: the idempotent producer keeps the order of what it is
+/// given, per partition, so a lane of one partition (`ordering: partition`) or one busy key
+/// costs one call per record rather than a call and a produce round trip. The answers are
+/// settled in lane order. When a write fails and must be written again, every later write of
+/// the lane (which may have landed meanwhile) is written again after it, so that the last copy
+/// of each output follows lane order; the duplicates are bounded by the window, which the
+/// partition's in-flight bound bounds.
+#[derive(Default)]
+struct Window {
+    writes: VecDeque<Pending>,
+    /// The oldest write, taken out of `writes`, failed and must be written again before the rest.
+    failed: Option<(Pending, ProduceError)>,
+}
+
+impl Window {
+    /// Runs `work` (the lane's next record) to its end, settling acknowledgements meanwhile.
+    async fn alongside<F: Future>(&mut self, handler: &RouteHandler, work: F) -> F::Output {
+        tokio::pin!(work);
+        loop {
+            let oldest = std::future::poll_fn(|cx| match self.writes.front_mut() {
+                Some(p) if self.failed.is_none() => Pin::new(p.acknowledgement()).poll(cx),
+                _ => Poll::Pending,
+            });
+            tokio::select! {
+                biased;
+                acked = oldest => self.answered(handler, acked).await,
+                out = &mut work => return out,
+            }
+        }
+    }
+
+    /// Settles every write, in order.
+    async fn settle(&mut self, handler: &RouteHandler) {
+        loop {
+            self.repair(handler).await;
+            let Some(oldest) = self.writes.front_mut() else {
+                return;
+            };
+            let acked = oldest.acknowledgement().await;
+            self.answered(handler, acked).await;
+        }
+    }
+
+    /// The oldest write has its answer.
+    async fn answered(&mut self, handler: &RouteHandler, acked: Result<(), ProduceError>) {
+        let Some(oldest) = self.writes.pop_front() else {
+            return;
+        };
+        match acked {
+            // Written again after later writes that may have landed: see `repair`.
+            Err(e @ ProduceError::NotAcknowledged(_)) => self.failed = Some((oldest, e)),
+            // Acknowledged, or never written at all (too large): nothing to put back in order.
+            acked => guarded(handler, oldest, |p| handler.settle(p, acked)).await,
+        }
+    }
+
+    /// After a failed write: writes it again until acknowledged, then writes every later write
+    /// of the lane again after it, once the broker has answered its first try.
+    async fn repair(&mut self, handler: &RouteHandler) {
+        let Some((failed, error)) = self.failed.take() else {
+            return;
+        };
+        guarded(handler, failed, |p| handler.settle(p, Err(error))).await;
+        while let Some(mut later) = self.writes.pop_front() {
+            let acked = later.acknowledgement().await;
+            guarded(handler, later, |p| handler.rewrite(p, acked)).await;
+        }
+    }
+}
+
+/// Runs `f` on a pending record; should it panic, gives the record up.
+async fn guarded<F, Fut>(handler: &RouteHandler, pending: Pending, f: F)
+where
+    F: FnOnce(Pending) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let (lease, offset) = (pending.record().lease.clone(), pending.record().offset);
+    if AssertUnwindSafe(f(pending)).catch_unwind().await.is_err() {
+        given_up(handler, &lease, offset);
+    }
+}
+
+/// A bug must not wedge the lane: the record is given up (the next owner or the next run repeats
+/// it) and the lane goes on.
+fn given_up(handler: &RouteHandler, lease: &Lease, offset: i64) {
+    tracing::error!(topic = %lease.tp.0, partition = lease.tp.1, offset, "Handling a record panicked; it is left uncommitted");
+    handler.give_up(lease, offset);
 }
 
 #[cfg(test)]
@@ -179,8 +291,8 @@ mod tests {
         for i in 1..=4 {
             assert_eq!(s.push(&tp, lane.clone(), i), None);
         }
-        assert_eq!(s.done_conflated(&tp, &lane), (Some(4), vec![1, 2, 3]));
-        assert_eq!(s.done_conflated(&tp, &lane), (None, vec![]));
+        assert_eq!(s.done(&tp, &lane, true), (Some(4), vec![1, 2, 3]));
+        assert_eq!(s.done(&tp, &lane, true), (None, vec![]));
         assert_eq!(s.busy(), 0);
     }
 
@@ -207,7 +319,7 @@ mod tests {
                 // Finish a random running record now and then.
                 if i % 2 == 0 && !running.is_empty() {
                     let (k, _) = running.swap_remove(pick.next().unwrap().index(running.len()));
-                    if let Some(next) = s.done(&tp, &lane(k)) {
+                    if let Some(next) = s.done(&tp, &lane(k), false).0 {
                         running.push(next);
                         started.entry(k).or_default().push(next.1);
                     }
@@ -215,7 +327,7 @@ mod tests {
             }
             while !running.is_empty() {
                 let (k, _) = running.swap_remove(pick.next().unwrap().index(running.len()));
-                if let Some(next) = s.done(&tp, &lane(k)) {
+                if let Some(next) = s.done(&tp, &lane(k), false).0 {
                     prop_assert!(!running.iter().any(|(rk, _)| *rk == k));
                     running.push(next);
                     started.entry(k).or_default().push(next.1);

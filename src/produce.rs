@@ -4,7 +4,10 @@
 //! broker has acknowledged what this module sent (idempotent producer, acks=all).
 
 use std::ffi::c_void;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,22 +90,24 @@ impl Producer {
 
     /// Sends `out` and waits for the broker's acknowledgement.
     pub async fn send(&self, out: &Outgoing) -> Result<(), ProduceError> {
-        let acknowledged = loop {
+        self.enqueue(out).await?.await
+    }
+
+    /// Hands `out` to the producer; the returned [`Written`] resolves with the broker's answer.
+    /// Records enqueued one after another reach each partition in that order (idempotent
+    /// producer), so a lane need not wait for one acknowledgement before making its next reply.
+    pub async fn enqueue(&self, out: &Outgoing) -> Result<Written, ProduceError> {
+        loop {
             match self.inner.send(out) {
-                // A dropped sender: the producer went away with the record unanswered.
-                Ok(ack) => break ack.await.unwrap_or(Err(KafkaError::Canceled)),
+                Ok(ack) => return Ok(Written(ack)),
                 // librdkafka's buffer is full: wait for room, as long as it takes (the record's
                 // offset is not committed meanwhile, and the partition's bounds stop intake).
                 Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     tokio::time::sleep(Duration::from_millis(10)).await
                 }
-                Err(e) => break Err(e),
+                Err(e) => return Err(ProduceError::from(e)),
             }
-        };
-        acknowledged.map_err(|e| match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageSizeTooLarge) => ProduceError::TooLarge(e),
-            _ => ProduceError::NotAcknowledged(e),
-        })
+        }
     }
 
     /// Waits until everything queued is acknowledged, or `timeout`.
@@ -118,6 +123,32 @@ impl Producer {
 
 /// The broker's answer for one record: acknowledged, or why not.
 pub type Ack = oneshot::Receiver<Result<(), KafkaError>>;
+
+/// A record handed to the producer, its acknowledgement still to come.
+#[derive(Debug)]
+pub struct Written(Ack);
+
+impl Future for Written {
+    type Output = Result<(), ProduceError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|answer| {
+            // A dropped sender: the producer went away with the record unanswered.
+            answer
+                .unwrap_or(Err(KafkaError::Canceled))
+                .map_err(ProduceError::from)
+        })
+    }
+}
+
+impl From<KafkaError> for ProduceError {
+    fn from(e: KafkaError) -> Self {
+        match e.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageSizeTooLarge) => ProduceError::TooLarge(e),
+            _ => ProduceError::NotAcknowledged(e),
+        }
+    }
+}
 
 /// librdkafka's producer, its acknowledgements served on the async runtime: the thread that
 /// reads the broker's answer wakes the task waiting for it through [`serve_acks`], not through a

@@ -14,11 +14,11 @@ use crate::config::Route;
 use crate::contract;
 use crate::offsets::Tracker;
 use crate::outcome::{self, Decision, Failure, Outcome, Policy, Reason};
-use crate::produce::{self, Attempts, Outgoing, ProduceError, Producer};
+use crate::produce::{self, Attempts, Outgoing, ProduceError, Producer, Written};
 use crate::record::Record;
 use crate::retry::{self, Next};
 use crate::telemetry::RouteMetrics;
-use crate::telemetry::trace::{RecordTrace, Tracing};
+use crate::telemetry::trace::{RecordTrace, Step, Tracing};
 
 /// Everything one route needs to handle a record.
 pub struct RouteHandler {
@@ -64,23 +64,120 @@ impl Pace {
 }
 
 impl RouteHandler {
-    /// Handles `record` to its end. Never fails: every problem becomes an outcome, a retry, or
-    /// (when the partition goes away) an abandoned record that the next owner repeats.
-    pub async fn handle(&self, record: Record) {
+    /// Handles `record` until its outcome is decided and its output (reply, dead letter or
+    /// retry-topic record) is with the producer. `Some`: the broker's acknowledgement is still to
+    /// come, and [`settle`](Self::settle) takes the record on from there; meanwhile its lane may
+    /// call its next record. `None`: the record has ended (final, or abandoned). Never fails:
+    /// every problem becomes an outcome, a retry, or (when the partition goes away) an abandoned
+    /// record that the next owner repeats.
+    pub async fn start(&self, record: Record) -> Option<Pending> {
         let trace = self.tracing.record(&record, &self.config.name);
         match self.run(&record, &trace).await {
+            End::Writing(write) => Some(Pending { record, trace, write }),
             End::Final(outcome, reason) => {
-                if self.finish(&record, outcome, reason) {
-                    let tp = &record.lease.tp;
-                    self.tracing.finished(trace, tp, record.offset, outcome, reason);
-                } else {
-                    trace.abandon();
-                }
+                self.conclude(record, trace, outcome, reason);
+                None
             }
             End::Abandoned => {
                 self.abandon(&record);
                 trace.abandon();
+                None
             }
+        }
+    }
+
+    /// Takes a pending record to its end with the broker's answer to its write: final when
+    /// acknowledged; otherwise written again (or, too large, dead-lettered instead) until the
+    /// broker acknowledges or the partition goes away.
+    pub async fn settle(&self, pending: Pending, acked: Result<(), ProduceError>) {
+        let Pending { record, trace, write } = pending;
+        let mut backoff = Duration::from_millis(500);
+        let flow = self
+            .written(&record, &write.out, write.step, acked, &mut backoff)
+            .await;
+        self.carry_on(record, trace, write.out, write.what, flow).await;
+    }
+
+    /// Writes a pending record's output again, once the broker has answered its first write,
+    /// because an earlier write of its lane failed and was written again after it: the last copy
+    /// of each output then follows lane order (see `dispatch`).
+    pub async fn rewrite(&self, pending: Pending, acked: Result<(), ProduceError>) {
+        let Pending { record, trace, write } = pending;
+        let flow = match acked {
+            // Never written: nothing to put back in order.
+            Err(e @ ProduceError::TooLarge(_)) => {
+                let mut backoff = Duration::from_millis(500);
+                self.written(&record, &write.out, write.step, Err(e), &mut backoff)
+                    .await
+            }
+            _ if record.lease.is_cancelled() => {
+                write.step.end("abandoned", false);
+                Flow::GaveUp
+            }
+            acked => {
+                write
+                    .step
+                    .end(if acked.is_ok() { "ok" } else { "error" }, acked.is_err());
+                Flow::Again
+            }
+        };
+        self.carry_on(record, trace, write.out, write.what, flow).await;
+    }
+
+    /// Goes on from the broker's answer to a write until the record ends.
+    async fn carry_on(
+        &self,
+        record: Record,
+        trace: RecordTrace,
+        mut out: Outgoing,
+        mut what: Output,
+        mut flow: Flow,
+    ) {
+        loop {
+            let published = match flow {
+                Flow::Done => Ok(Published::Done),
+                Flow::GaveUp => Ok(Published::GaveUp),
+                Flow::Refused(e) => Err(e),
+                Flow::Again => {
+                    self.publish(&record, &trace, &mut out, |_| None, Acknowledge::Now)
+                        .await
+                }
+            };
+            let end = match what {
+                Output::Reply(attempts) => self.replied(&record, &trace, out, attempts, published).await,
+                Output::Deferred(attempts) => self.deferred(&record, &trace, out, attempts, published).await,
+                Output::DeadLetter(failure, attempts) => {
+                    self.dead_lettered(&record, &trace, out, failure, attempts, published)
+                        .await
+                }
+            };
+            match end {
+                End::Final(outcome, reason) => return self.conclude(record, trace, outcome, reason),
+                End::Abandoned => {
+                    self.abandon(&record);
+                    return trace.abandon();
+                }
+                // Only a write that leaves its acknowledgement for later comes back here, and
+                // none of the writes above does; wait for it all the same.
+                End::Writing(write) => {
+                    let mut backoff = Duration::from_millis(500);
+                    let acked = write.written.await;
+                    flow = self
+                        .written(&record, &write.out, write.step, acked, &mut backoff)
+                        .await;
+                    (out, what) = (write.out, write.what);
+                }
+            }
+        }
+    }
+
+    /// Marks a record final and ends its trace.
+    fn conclude(&self, record: Record, trace: RecordTrace, outcome: Outcome, reason: Option<Reason>) {
+        if self.finish(&record, outcome, reason) {
+            let tp = &record.lease.tp;
+            self.tracing.finished(trace, tp, record.offset, outcome, reason);
+        } else {
+            trace.abandon();
         }
     }
 
@@ -105,7 +202,9 @@ impl RouteHandler {
                     retry_after: None,
                 };
                 // It never reaches the service: no attempt was made.
-                return self.dead_letter(record, trace, f, Attempts::default()).await;
+                return self
+                    .dead_letter(record, trace, f, Attempts::default(), Acknowledge::Later)
+                    .await;
             }
         }
         let policy = Policy {
@@ -196,15 +295,23 @@ impl RouteHandler {
                                 message,
                                 retry_after: None,
                             };
-                            return self.dead_letter(record, trace, f, attempts).await;
+                            return self
+                                .dead_letter(record, trace, f, attempts, Acknowledge::Later)
+                                .await;
                         }
                     }
                     let out = produce::reply(record, topic, key, headers, value);
-                    return self.publish_reply(record, trace, out, attempts).await;
+                    return self
+                        .publish_reply(record, trace, out, attempts, Acknowledge::Later)
+                        .await;
                 }
                 Decision::Done => return End::Final(Outcome::Done, None),
                 Decision::Drop => return End::Final(Outcome::Dropped, None),
-                Decision::DeadLetter(f) => return self.dead_letter(record, trace, f, attempts).await,
+                Decision::DeadLetter(f) => {
+                    return self
+                        .dead_letter(record, trace, f, attempts, Acknowledge::Later)
+                        .await;
+                }
                 Decision::Retry(f) => f,
             };
             let delay = match retry::next(
@@ -215,10 +322,16 @@ impl RouteHandler {
                 rand::random(),
             ) {
                 Next::After(d) if !self.config.retry.topics.is_empty() => {
-                    return self.defer(record, trace, failure, attempts, d).await;
+                    return self
+                        .defer(record, trace, failure, attempts, d, Acknowledge::Later)
+                        .await;
                 }
                 Next::After(d) => d,
-                Next::Exhausted => return self.dead_letter(record, trace, failure, attempts).await,
+                Next::Exhausted => {
+                    return self
+                        .dead_letter(record, trace, failure, attempts, Acknowledge::Later)
+                        .await;
+                }
                 Next::TooOld => {
                     let f = Failure {
                         reason: Reason::TooOld,
@@ -231,7 +344,9 @@ impl RouteHandler {
                         ),
                         ..failure
                     };
-                    return self.dead_letter(record, trace, f, attempts).await;
+                    return self
+                        .dead_letter(record, trace, f, attempts, Acknowledge::Later)
+                        .await;
                 }
             };
             tracing::debug!(
@@ -257,6 +372,7 @@ impl RouteHandler {
         failure: Failure,
         attempts: Attempts,
         delay: Duration,
+        ack: Acknowledge,
     ) -> End {
         let hop = record.retry_hop();
         let Some(topic) = self.config.retry.topics.get(hop) else {
@@ -268,7 +384,7 @@ impl RouteHandler {
                 ),
                 ..failure
             };
-            return self.dead_letter(record, trace, f, attempts).await;
+            return self.dead_letter(record, trace, f, attempts, ack).await;
         };
         let not_before = epoch_ms() + delay.as_millis() as i64;
         tracing::debug!(
@@ -284,17 +400,36 @@ impl RouteHandler {
             ));
             Some(self.dead_letter_record(record, &f, attempts))
         };
-        match self.publish(record, trace, &mut out, instead).await {
-            Ok(true) => End::Final(Outcome::Deferred, None),
-            Ok(false) => End::Abandoned,
+        let published = self.publish(record, trace, &mut out, instead, ack).await;
+        self.deferred(record, trace, out, attempts, published).await
+    }
+
+    async fn deferred(
+        &self,
+        record: &Record,
+        trace: &RecordTrace,
+        out: Outgoing,
+        attempts: Attempts,
+        published: Result<Published, ProduceError>,
+    ) -> End {
+        match published {
+            Ok(Published::Done) => End::Final(Outcome::Deferred, None),
+            Ok(Published::Writing(step, written)) => End::Writing(Write {
+                out,
+                step,
+                written,
+                what: Output::Deferred(attempts),
+            }),
+            Ok(Published::GaveUp) => End::Abandoned,
             Err(e) => {
                 let f = Failure {
                     reason: Reason::TooLarge,
                     status: None,
-                    message: format!("the record could not be moved to {topic}: {e}"),
+                    message: format!("the record could not be moved to {}: {e}", out.topic),
                     retry_after: None,
                 };
-                self.dead_letter(record, trace, f, attempts).await
+                self.dead_letter(record, trace, f, attempts, Acknowledge::Now)
+                    .await
             }
         }
     }
@@ -305,6 +440,7 @@ impl RouteHandler {
         trace: &RecordTrace,
         mut out: Outgoing,
         attempts: Attempts,
+        ack: Acknowledge,
     ) -> End {
         let instead = |out: &Outgoing| {
             let f = too_large(format!(
@@ -313,9 +449,27 @@ impl RouteHandler {
             ));
             Some(self.dead_letter_record(record, &f, attempts))
         };
-        match self.publish(record, trace, &mut out, instead).await {
-            Ok(true) => End::Final(Outcome::Replied, None),
-            Ok(false) => End::Abandoned,
+        let published = self.publish(record, trace, &mut out, instead, ack).await;
+        self.replied(record, trace, out, attempts, published).await
+    }
+
+    async fn replied(
+        &self,
+        record: &Record,
+        trace: &RecordTrace,
+        out: Outgoing,
+        attempts: Attempts,
+        published: Result<Published, ProduceError>,
+    ) -> End {
+        match published {
+            Ok(Published::Done) => End::Final(Outcome::Replied, None),
+            Ok(Published::Writing(step, written)) => End::Writing(Write {
+                out,
+                step,
+                written,
+                what: Output::Reply(attempts),
+            }),
+            Ok(Published::GaveUp) => End::Abandoned,
             Err(e) => {
                 let f = Failure {
                     reason: Reason::TooLarge,
@@ -323,7 +477,8 @@ impl RouteHandler {
                     message: format!("the reply to {} could not be published: {e}", out.topic),
                     retry_after: None,
                 };
-                self.dead_letter(record, trace, f, attempts).await
+                self.dead_letter(record, trace, f, attempts, Acknowledge::Now)
+                    .await
             }
         }
     }
@@ -334,6 +489,7 @@ impl RouteHandler {
         trace: &RecordTrace,
         failure: Failure,
         attempts: Attempts,
+        ack: Acknowledge,
     ) -> End {
         let mut out = self.dead_letter_record(record, &failure, attempts);
         tracing::info!(
@@ -341,10 +497,32 @@ impl RouteHandler {
             record.offset = record.offset, reason = %failure.reason, status = failure.status.as_deref(),
             attempts = attempts.count, "Dead-lettering record"
         );
+        let published = self.publish(record, trace, &mut out, |_| None, ack).await;
+        self.dead_lettered(record, trace, out, failure, attempts, published)
+            .await
+    }
+
+    async fn dead_lettered(
+        &self,
+        record: &Record,
+        trace: &RecordTrace,
+        mut out: Outgoing,
+        failure: Failure,
+        attempts: Attempts,
+        mut published: Result<Published, ProduceError>,
+    ) -> End {
         loop {
-            match self.publish(record, trace, &mut out, |_| None).await {
-                Ok(true) => return End::Final(Outcome::DeadLettered, Some(failure.reason)),
-                Ok(false) => return End::Abandoned,
+            match published {
+                Ok(Published::Done) => return End::Final(Outcome::DeadLettered, Some(failure.reason)),
+                Ok(Published::Writing(step, written)) => {
+                    return End::Writing(Write {
+                        out,
+                        step,
+                        written,
+                        what: Output::DeadLetter(failure, attempts),
+                    });
+                }
+                Ok(Published::GaveUp) => return End::Abandoned,
                 // Keep the reason even when the payload (then the record's own headers and key)
                 // cannot travel with it.
                 Err(e) if produce::shrink(&mut out) => {
@@ -357,6 +535,9 @@ impl RouteHandler {
                     }
                 }
             }
+            published = self
+                .publish(record, trace, &mut out, |_| None, Acknowledge::Now)
+                .await;
         }
     }
 
@@ -370,9 +551,9 @@ impl RouteHandler {
         )
     }
 
-    /// Writes `out` and waits for the broker's acknowledgement, retrying broker trouble until it
-    /// succeeds or the partition goes away. `Ok(false)`: given up because the partition went
-    /// away. `Err`: the record can never be written as it is.
+    /// Hands `out` to the producer, retrying broker trouble until the producer takes it and,
+    /// with `Acknowledge::Now`, the broker acknowledges it, or until the partition goes away
+    /// (`Published::GaveUp`). `Err`: the record can never be written as it is.
     ///
     /// With `delivery: exactly_once` the output is held for the transaction that commits the
     /// record's offset, with `instead()` to write should the broker refuse it as too large.
@@ -382,7 +563,8 @@ impl RouteHandler {
         trace: &RecordTrace,
         out: &mut Outgoing,
         instead: impl FnOnce(&Outgoing) -> Option<Outgoing>,
-    ) -> Result<bool, ProduceError> {
+        ack: Acknowledge,
+    ) -> Result<Published, ProduceError> {
         if let Some(transactions) = self.producer.transactions() {
             let step = trace.publish(&out.topic);
             if let Some(h) = step.headers() {
@@ -391,7 +573,7 @@ impl RouteHandler {
             let instead = instead(out);
             transactions.hold(&record.lease, record.offset, out.clone(), instead);
             step.end("held", false);
-            return Ok(true);
+            return Ok(Published::Done);
         }
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -399,27 +581,51 @@ impl RouteHandler {
             if let Some(h) = step.headers() {
                 h.replace_in(&mut out.headers);
             }
-            match self.producer.send(out).await {
-                Ok(()) => {
-                    step.end("ok", false);
-                    return Ok(true);
+            let acked = match self.producer.enqueue(out).await {
+                Ok(written) if ack == Acknowledge::Later => return Ok(Published::Writing(step, written)),
+                Ok(written) => written.await,
+                Err(e) => Err(e),
+            };
+            match self.written(record, out, step, acked, &mut backoff).await {
+                Flow::Done => return Ok(Published::Done),
+                Flow::GaveUp => return Ok(Published::GaveUp),
+                Flow::Refused(e) => return Err(e),
+                Flow::Again => {}
+            }
+        }
+    }
+
+    /// What the broker's answer to a write means for the record. Broker trouble is logged,
+    /// counted and waited out (`backoff`, doubled each time) before the record is written again.
+    async fn written(
+        &self,
+        record: &Record,
+        out: &Outgoing,
+        step: Step,
+        acked: Result<(), ProduceError>,
+        backoff: &mut Duration,
+    ) -> Flow {
+        match acked {
+            Ok(()) => {
+                step.end("ok", false);
+                Flow::Done
+            }
+            Err(e @ ProduceError::TooLarge(_)) => {
+                step.end("too_large", true);
+                Flow::Refused(e)
+            }
+            Err(e) => {
+                step.end("error", true);
+                self.metrics.produce_error();
+                tracing::error!(
+                    route = %self.config.name, topic = %out.topic, error = %e,
+                    "Cannot publish; the record stays uncommitted and will be retried"
+                );
+                if record.lease.is_cancelled() || !self.pause_or_abandon(record, *backoff).await {
+                    return Flow::GaveUp;
                 }
-                Err(e @ ProduceError::TooLarge(_)) => {
-                    step.end("too_large", true);
-                    return Err(e);
-                }
-                Err(e) => {
-                    step.end("error", true);
-                    self.metrics.produce_error();
-                    tracing::error!(
-                        route = %self.config.name, topic = %out.topic, error = %e,
-                        "Cannot publish; the record stays uncommitted and will be retried"
-                    );
-                    if record.lease.is_cancelled() || !self.pause_or_abandon(record, backoff).await {
-                        return Ok(false);
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
+                *backoff = (*backoff * 2).min(Duration::from_secs(30));
+                Flow::Again
             }
         }
     }
@@ -472,12 +678,78 @@ impl RouteHandler {
     }
 }
 
-/// How handling a record ended.
+/// Where handling a record has come to.
+// Moved up a few frames once per record: cheaper than boxing the write, which would allocate.
+#[allow(clippy::large_enum_variant)]
 enum End {
     /// Its outcome is safely in Kafka (or needs nothing there).
     Final(Outcome, Option<Reason>),
     /// Given up because its partition went away; the next owner repeats it.
     Abandoned,
+    /// Its output is with the producer; the broker's acknowledgement decides the rest.
+    Writing(Write),
+}
+
+/// An output handed to the producer, the broker's answer still to come.
+struct Write {
+    out: Outgoing,
+    /// The write's span, ended by the broker's answer.
+    step: Step,
+    written: Written,
+    what: Output,
+}
+
+/// What an output is, and so what its record's outcome becomes once it is acknowledged.
+enum Output {
+    Reply(Attempts),
+    Deferred(Attempts),
+    DeadLetter(Failure, Attempts),
+}
+
+/// Whether a write waits for the broker's acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acknowledge {
+    Now,
+    /// Only hand it to the producer: the record's lane settles it (see [`Pending`]).
+    Later,
+}
+
+/// What came of handing an output to the producer.
+enum Published {
+    /// Acknowledged by the broker (or held for the transaction).
+    Done,
+    Writing(Step, Written),
+    /// The partition went away first.
+    GaveUp,
+}
+
+/// What to do after the broker's answer to a write.
+enum Flow {
+    Done,
+    /// Write it again.
+    Again,
+    /// The partition went away meanwhile.
+    GaveUp,
+    /// It can never be written as it is.
+    Refused(ProduceError),
+}
+
+/// A record whose output is with the producer, its acknowledgement still to come.
+pub struct Pending {
+    record: Record,
+    trace: RecordTrace,
+    write: Write,
+}
+
+impl Pending {
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// Resolves with the broker's answer to the write.
+    pub fn acknowledgement(&mut self) -> &mut Written {
+        &mut self.write.written
+    }
 }
 
 fn too_large(message: String) -> Failure {
