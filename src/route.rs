@@ -114,10 +114,13 @@ impl RouteHandler {
                 write.step.end("abandoned", false);
                 Flow::GaveUp
             }
-            acked => {
-                write
-                    .step
-                    .end(if acked.is_ok() { "ok" } else { "error" }, acked.is_err());
+            Ok(()) => {
+                write.step.end("ok", false);
+                Flow::Again
+            }
+            Err(_) => {
+                write.step.end("error", true);
+                self.metrics.produce_error();
                 Flow::Again
             }
         };

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use ferry::sidecar::Sidecar;
+use rdkafka::mocking::MockCoordinator;
 use rdkafka::types::RDKafkaRespErr::*;
 use rdkafka_sys::types::RDKafkaApiKey;
 
@@ -117,6 +118,151 @@ async fn produce_commit_and_fetch_errors_leader_moves_and_a_broker_restart_lose_
         (kafka.committed_total(&t.group, &t.source, 2).await == sent as i64 + 1).then_some(())
     })
     .await;
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
+}
+
+/// The reply topic led by broker 2, everything else (the source, the dead letters, the group's
+/// coordinator) by broker 1: broker 2 going down holds back the replies and nothing else.
+async fn replies_on_broker_2(kafka: &Kafka, t: &RouteTopics) {
+    let mock = kafka
+        .embedded
+        .as_ref()
+        .and_then(|e| e.mock().ok())
+        .expect("embedded broker");
+    mock.partition_leader(&t.source, 0, Some(1)).unwrap();
+    mock.partition_leader(&t.dlq, 0, Some(1)).unwrap();
+    mock.partition_leader(&t.reply, 0, Some(2)).unwrap();
+    mock.coordinator(MockCoordinator::Group(t.group.clone()), 1)
+        .unwrap();
+}
+
+/// The values of `replies` in the order of each one's last copy: what a reader that keeps the
+/// newest copy of a record sees.
+fn last_copies(replies: &[Rec]) -> Vec<String> {
+    let values: Vec<String> = replies.iter().filter_map(|r| r.value.clone()).collect();
+    let mut last: Vec<String> = Vec::new();
+    for v in values {
+        last.retain(|x| *x != v);
+        last.push(v);
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_lane_calls_its_next_record_while_the_previous_reply_awaits_the_broker() {
+    let kafka = Kafka::start_cluster(2);
+    if kafka.embedded.is_none() {
+        eprintln!("skipping: needs a broker that can be taken down");
+        return;
+    }
+    let t = kafka.route_topics(1).await;
+    replies_on_broker_2(&kafka, &t).await;
+    let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
+    let text = route_config(&kafka, &t, &service.url("/h"), "    ordering: partition\n");
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    kafka.send(&t.source, Some(0), Some("k"), "warm", &[]).await;
+    eventually(WAIT, "the first record committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
+    })
+    .await;
+
+    // No reply can be acknowledged now; the lane calls its records one after another anyway.
+    let mock = kafka.embedded.as_ref().and_then(|e| e.mock().ok()).unwrap();
+    mock.broker_down(2).unwrap();
+    let values: Vec<String> = (0..10).map(|i| format!("{i:03}")).collect();
+    for v in &values {
+        kafka.send(&t.source, Some(0), Some(v), v, &[]).await;
+    }
+    eventually(WAIT, "all ten records called", || async {
+        (service.requests().len() == 11).then_some(())
+    })
+    .await;
+    let called: Vec<String> = service.requests().into_iter().skip(1).map(|r| r.body).collect();
+    assert_eq!(called, values, "called strictly in partition order");
+    assert_eq!(
+        kafka.committed_total(&t.group, &t.source, 1).await,
+        1,
+        "nothing is committed while its reply is unacknowledged"
+    );
+
+    mock.broker_up(2).unwrap();
+    eventually(
+        WAIT,
+        "all committed once the replies are acknowledged",
+        || async { (kafka.committed_total(&t.group, &t.source, 1).await == 11).then_some(()) },
+    )
+    .await;
+    let replies = kafka.read_all(&t.reply).await;
+    let mut want = vec!["warm".to_string()];
+    want.extend(values);
+    assert_eq!(last_copies(&replies), want, "replies in partition order");
+    assert_eq!(sidecar.snapshot()[0].get(ferry::outcome::Outcome::Replied), 11);
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() {
+    let kafka = Kafka::start();
+    let Some(embedded) = &kafka.embedded else {
+        eprintln!("skipping: faults are injected into the embedded broker only");
+        return;
+    };
+    let t = kafka.route_topics(1).await;
+    // The first record's call waits for the test, so that the failure hits its reply.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let service = Service::start(move |r: Req| {
+        let held = held.clone();
+        async move {
+            if r.body == "000" {
+                let _permit = held.acquire().await;
+            }
+            Resp::new(200, &r.body)
+        }
+    })
+    .await;
+    let text = route_config(&kafka, &t, &service.url("/h"), "    ordering: partition\n");
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    let values: Vec<String> = (0..10).map(|i| format!("{i:03}")).collect();
+    for v in &values {
+        kafka.send(&t.source, Some(0), Some(v), v, &[]).await;
+    }
+    eventually(WAIT, "the first record called", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
+
+    // The broker refuses the next produce request for good (librdkafka does not retry it): the
+    // first reply is lost, and the lane has already called the next records when it learns it.
+    embedded.mock().unwrap().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    gate.add_permits(1);
+    eventually(WAIT, "all committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 10).then_some(())
+    })
+    .await;
+    let replies = kafka.read_all(&t.reply).await;
+    let landed: Vec<String> = replies.iter().filter_map(|r| r.value.clone()).collect();
+    let s = &sidecar.snapshot()[0];
+    assert!(
+        s.produce_errors >= 1,
+        "the injected error never hit a reply: {landed:?}"
+    );
+    assert!(
+        landed.first().map(String::as_str) != Some("000"),
+        "the first reply was not lost, so nothing was tested: {landed:?}"
+    );
+    assert_eq!(
+        last_copies(&replies),
+        values,
+        "the lost reply was written after later ones without them following it: {landed:?}"
+    );
+    assert_eq!(s.get(ferry::outcome::Outcome::Replied), 10);
+    assert!(kafka.read_all(&t.dlq).await.is_empty());
     sidecar.shutdown();
     tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
 }

@@ -262,6 +262,7 @@ impl Metrics {
                     names::RECORDS_RECEIVED => s.received += count,
                     names::ABANDONED => s.abandoned += count,
                     names::RETRIES => s.retries += count,
+                    names::PRODUCE_ERRORS => s.produce_errors += count,
                     names::OUTCOMES => {
                         let outcome = label("outcome").unwrap_or_default();
                         if let Some(o) = Outcome::ALL.iter().find(|o| o.as_str() == outcome) {
@@ -377,6 +378,8 @@ pub struct Snapshot {
     pub dead_letter_reasons: BTreeMap<String, u64>,
     pub calls: u64,
     pub retries: u64,
+    /// Writes the broker did not acknowledge (each written again).
+    pub produce_errors: u64,
     pub abandoned: u64,
     /// As of the last refresh of the gauges (a scrape of `/metrics` or `/status`).
     pub in_flight: u64,
