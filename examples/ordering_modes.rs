@@ -32,8 +32,9 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---:|---:|");
     for ordering in ["partition", "key"] {
         for per_partition in [1, 8, 64] {
-            if ordering == "partition" && per_partition > 1 {
-                // One call at a time per partition whatever the bound: measured once.
+            if ordering == "partition" && per_partition > 8 {
+                // One call at a time per partition; the bound only gives room for the replies
+                // awaiting the broker while the next records are called, and 8 is plenty.
                 continue;
             }
             let rate = run(service, ordering, per_partition).await?;

@@ -165,8 +165,11 @@ impl Lanes {
                 while let Some(r) = next {
                     let (lease, offset) = (r.lease.clone(), r.offset);
                     let started = AssertUnwindSafe(handler.start(r)).catch_unwind();
+                    // Pinned here, not in `alongside`: a future passed by value would be laid out
+                    // twice in this task.
+                    tokio::pin!(started);
                     match window.alongside(handler, started).await {
-                        Ok(Some(pending)) => window.writes.push_back(pending),
+                        Ok(Some(pending)) => window.push(pending),
                         Ok(None) => {}
                         Err(_) => given_up(handler, &lease, offset),
                     }
@@ -199,13 +202,22 @@ impl Lanes {
 struct Window {
     writes: VecDeque<Pending>,
     /// The oldest write, taken out of `writes`, failed and must be written again before the rest.
-    failed: Option<(Pending, ProduceError)>,
+    /// (Boxed, like the futures of the rare paths below: every lane task carries a window, and
+    /// a burst of records can make hundreds of lanes at once.)
+    failed: Option<Box<(Pending, ProduceError)>>,
 }
 
 impl Window {
+    fn push(&mut self, pending: Pending) {
+        // Mostly a lane has one write at a time: room for one, not the default four.
+        if self.writes.capacity() == 0 {
+            self.writes.reserve_exact(1);
+        }
+        self.writes.push_back(pending);
+    }
+
     /// Runs `work` (the lane's next record) to its end, settling acknowledgements meanwhile.
-    async fn alongside<F: Future>(&mut self, handler: &RouteHandler, work: F) -> F::Output {
-        tokio::pin!(work);
+    async fn alongside<F: Future>(&mut self, handler: &RouteHandler, mut work: Pin<&mut F>) -> F::Output {
         loop {
             let oldest = std::future::poll_fn(|cx| match self.writes.front_mut() {
                 Some(p) if self.failed.is_none() => Pin::new(p.acknowledgement()).poll(cx),
@@ -213,8 +225,8 @@ impl Window {
             });
             tokio::select! {
                 biased;
-                acked = oldest => self.answered(handler, acked).await,
-                out = &mut work => return out,
+                acked = oldest => self.answered(handler, acked),
+                out = work.as_mut() => return out,
             }
         }
     }
@@ -227,34 +239,50 @@ impl Window {
                 return;
             };
             let acked = oldest.acknowledgement().await;
-            self.answered(handler, acked).await;
+            self.answered(handler, acked);
         }
     }
 
-    /// The oldest write has its answer.
-    async fn answered(&mut self, handler: &RouteHandler, acked: Result<(), ProduceError>) {
+    /// The oldest write has its answer. Not async, so that it takes no room in the lane's task:
+    /// a failed write is left to `repair`.
+    fn answered(&mut self, handler: &RouteHandler, acked: Result<(), ProduceError>) {
         let Some(oldest) = self.writes.pop_front() else {
             return;
         };
         match acked {
-            // Written again after later writes that may have landed: see `repair`.
-            Err(e @ ProduceError::NotAcknowledged(_)) => self.failed = Some((oldest, e)),
-            // Acknowledged, or never written at all (too large): nothing to put back in order.
-            acked => guarded(handler, oldest, |p| handler.settle(p, acked)).await,
+            Ok(()) => {
+                let (lease, offset) = (oldest.record().lease.clone(), oldest.record().offset);
+                let ended = std::panic::catch_unwind(AssertUnwindSafe(|| handler.acknowledged(oldest)));
+                if ended.is_err() {
+                    given_up(handler, &lease, offset);
+                }
+            }
+            Err(e) => self.failed = Some(Box::new((oldest, e))),
         }
     }
 
     /// After a failed write: writes it again until acknowledged, then writes every later write
-    /// of the lane again after it, once the broker has answered its first try.
+    /// of the lane again after it, once the broker has answered its first try. A write refused as
+    /// too large never landed: its record is dead-lettered instead, and nothing is written again.
     async fn repair(&mut self, handler: &RouteHandler) {
-        let Some((failed, error)) = self.failed.take() else {
+        let Some(failed) = self.failed.take() else {
             return;
         };
-        guarded(handler, failed, |p| handler.settle(p, Err(error))).await;
-        while let Some(mut later) = self.writes.pop_front() {
-            let acked = later.acknowledgement().await;
-            guarded(handler, later, |p| handler.rewrite(p, acked)).await;
-        }
+        let writes = &mut self.writes;
+        Box::pin(async move {
+            let (failed, error) = *failed;
+            // Later writes may have landed before it, unless it was refused for its size.
+            let overtaken = matches!(error, ProduceError::NotAcknowledged(_));
+            guarded(handler, failed, |p| handler.settle(p, Err(error))).await;
+            if !overtaken {
+                return;
+            }
+            while let Some(mut later) = writes.pop_front() {
+                let acked = later.acknowledgement().await;
+                guarded(handler, later, |p| handler.rewrite(p, acked)).await;
+            }
+        })
+        .await
     }
 }
 

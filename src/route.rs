@@ -86,10 +86,21 @@ impl RouteHandler {
         }
     }
 
+    /// A pending record's write is acknowledged: its outcome is final.
+    pub fn acknowledged(&self, pending: Pending) {
+        let Pending { record, trace, write } = pending;
+        write.step.end("ok", false);
+        let (outcome, reason) = write.what.outcome();
+        self.conclude(record, trace, outcome, reason);
+    }
+
     /// Takes a pending record to its end with the broker's answer to its write: final when
     /// acknowledged; otherwise written again (or, too large, dead-lettered instead) until the
     /// broker acknowledges or the partition goes away.
     pub async fn settle(&self, pending: Pending, acked: Result<(), ProduceError>) {
+        if acked.is_ok() {
+            return self.acknowledged(pending);
+        }
         let Pending { record, trace, write } = pending;
         let mut backoff = Duration::from_millis(500);
         let flow = self
@@ -707,6 +718,16 @@ enum Output {
     Reply(Attempts),
     Deferred(Attempts),
     DeadLetter(Failure, Attempts),
+}
+
+impl Output {
+    fn outcome(&self) -> (Outcome, Option<Reason>) {
+        match self {
+            Output::Reply(_) => (Outcome::Replied, None),
+            Output::Deferred(_) => (Outcome::Deferred, None),
+            Output::DeadLetter(f, _) => (Outcome::DeadLettered, Some(f.reason)),
+        }
+    }
 }
 
 /// Whether a write waits for the broker's acknowledgement.
