@@ -4,8 +4,10 @@
 //! is a sequence of records handled strictly one after another: one per key (`ordering: key`,
 //! with each null-key record a lane of its own), one per partition (`partition`), or one per
 //! record (`none`). A lane that has work has exactly one task running it; an in-place retry holds
-//! back only its own lane. How many records are taken at all is bounded upstream, by pausing the
-//! partition (see `consume`), never by blocking the intake.
+//! back only its own lane. A lane calls its next record as soon as the previous one's output is
+//! with the producer, and settles the broker's answers in order meanwhile (see `Window`). How
+//! many records are taken at all is bounded upstream, by pausing the partition (see `consume`),
+//! never by blocking the intake.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

@@ -4,6 +4,10 @@
 //! dead-letter records and the offset tracker with each record's end. A record ends in exactly
 //! one outcome, or is abandoned when its partition's drain (revoke or stop) ends before it is
 //! final.
+//!
+//! Handling comes in two halves, so that a lane can call its next record while the broker
+//! acknowledges the previous one's output: [`RouteHandler::start`] runs until the output is
+//! handed to the producer, and [`RouteHandler::settle`] takes the broker's answer from there.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
