@@ -204,12 +204,13 @@ async fn partition_lane_calls_its_next_record_while_the_previous_reply_awaits_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() {
-    let kafka = Kafka::start();
+    let kafka = Kafka::start_cluster(2);
     let Some(embedded) = &kafka.embedded else {
         eprintln!("skipping: faults are injected into the embedded broker only");
         return;
     };
     let t = kafka.route_topics(1).await;
+    replies_on_broker_2(&kafka, &t).await;
     // The first record's call waits for the test, so that the failure hits its reply.
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let held = gate.clone();
@@ -223,29 +224,44 @@ async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() 
         }
     })
     .await;
-    let text = route_config(&kafka, &t, &service.url("/h"), "    ordering: partition\n");
+    // One produce request in flight: the replies behind the lost one wait in the producer's
+    // queue, not in requests the broker would refuse as out of sequence, so librdkafka writes
+    // them once it has bumped its epoch past the gap.
+    let text = route_config(&kafka, &t, &service.url("/h"), "    ordering: partition\n").replace(
+        "    heartbeat.interval.ms: 500\n",
+        "    heartbeat.interval.ms: 500\n    max.in.flight.requests.per.connection: 1\n",
+    );
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    // A first reply opens the producer's connection to broker 2, so that the replies below
+    // leave one request each rather than pile up behind the connection's set-up.
+    kafka.send(&t.source, Some(0), Some("k"), "warm", &[]).await;
+    eventually(WAIT, "the first record committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
+    })
+    .await;
     let values: Vec<String> = (0..10).map(|i| format!("{i:03}")).collect();
     for v in &values {
         kafka.send(&t.source, Some(0), Some(v), v, &[]).await;
     }
     eventually(WAIT, "the first record called", || async {
-        (!service.requests().is_empty()).then_some(())
+        (service.requests().len() == 2).then_some(())
     })
     .await;
 
-    // The broker refuses the next produce request for good (librdkafka does not retry it): the
-    // first reply is lost, and the lane has already called the next records when it learns it.
-    embedded.mock().unwrap().request_errors(
-        RDKafkaApiKey::Produce,
-        &[RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
-    );
+    // The broker refuses the next produce request for good (`INVALID_RECORD`: librdkafka does
+    // not retry it, nor, unlike an authorization error, fail the topic's other records): the
+    // first reply is lost. It answers after half a second, by when the lane has called the
+    // records behind it and handed their replies to the producer.
+    let mock = embedded.mock().unwrap();
+    mock.broker_round_trip_time(2, Duration::from_millis(500))
+        .unwrap();
+    mock.request_errors(RDKafkaApiKey::Produce, &[RD_KAFKA_RESP_ERR_INVALID_RECORD]);
     gate.add_permits(1);
     eventually(WAIT, "all committed", || async {
-        (kafka.committed_total(&t.group, &t.source, 1).await == 10).then_some(())
+        (kafka.committed_total(&t.group, &t.source, 1).await == 11).then_some(())
     })
     .await;
-    let replies = kafka.read_all(&t.reply).await;
+    let replies: Vec<Rec> = kafka.read_all(&t.reply).await.into_iter().skip(1).collect();
     let landed: Vec<String> = replies.iter().filter_map(|r| r.value.clone()).collect();
     let s = &sidecar.snapshot()[0];
     assert!(
@@ -261,7 +277,7 @@ async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() 
         values,
         "the lost reply was written after later ones without them following it: {landed:?}"
     );
-    assert_eq!(s.get(ferry::outcome::Outcome::Replied), 10);
+    assert_eq!(s.get(ferry::outcome::Outcome::Replied), 11);
     assert!(kafka.read_all(&t.dlq).await.is_empty());
     sidecar.shutdown();
     tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
