@@ -88,11 +88,6 @@ impl Producer {
         self.transactions.as_ref()
     }
 
-    /// Sends `out` and waits for the broker's acknowledgement.
-    pub async fn send(&self, out: &Outgoing) -> Result<(), ProduceError> {
-        self.enqueue(out).await?.await
-    }
-
     /// Hands `out` to the producer; the returned [`Written`] resolves with the broker's answer.
     /// Records enqueued one after another reach each partition in that order (idempotent
     /// producer), so a lane need not wait for one acknowledgement before making its next reply.
