@@ -612,7 +612,10 @@ async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repea
     std::fs::write(dir.path().join("ferry.yaml"), &text).unwrap();
     let config = dir.path().join("ferry.yaml");
     let log = |name: &str| dir.path().join(format!("{name}.log"));
-    let mut a = Ferry::spawn(&config, &log("a0"));
+    // `b` (stopped gracefully once) starts alone and `a` (SIGKILLed again and again) joins once
+    // `b` commits. Started together, `a` could form the group alone and be killed while `b`'s
+    // join made it revoke and drain; a dead member holds a rebalance for its whole session
+    // timeout, longer than the interval between kills, so nothing moved until the kills ended.
     let mut b = Ferry::spawn(&config, &log("b0"));
 
     // The input: key k{n % 200}, value "{key}:{seq}" with a per-key sequence number.
@@ -648,6 +651,17 @@ async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repea
             p.flush(Duration::from_secs(300)).expect("the input is written");
         })
     };
+
+    eventually(
+        Duration::from_secs(120),
+        "the first instance's first commit",
+        || async {
+            let c = committed(&brokers, &t.group, &t.source, partitions).await;
+            c.filter(|c| *c > 0).map(|_| ())
+        },
+    )
+    .await;
+    let mut a = Ferry::spawn(&config, &log("a0"));
 
     // The faults, while records flow.
     let (mut kills, mut broker_restarts, mut handovers) = (0, 0, 0);
