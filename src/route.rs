@@ -162,12 +162,11 @@ impl RouteHandler {
                 }
             };
             let end = match what {
-                Output::Reply(attempts) => self.replied(&record, &trace, out, attempts, published).await,
-                Output::Deferred(attempts) => self.deferred(&record, &trace, out, attempts, published).await,
                 Output::DeadLetter(failure, attempts) => {
                     self.dead_lettered(&record, &trace, out, failure, attempts, published)
                         .await
                 }
+                what => self.handed(&record, &trace, out, what, published).await,
             };
             match end {
                 End::Final(outcome, reason) => return self.conclude(record, trace, outcome, reason),
@@ -419,37 +418,8 @@ impl RouteHandler {
             Some(self.dead_letter_record(record, &f, attempts))
         };
         let published = self.publish(record, trace, &mut out, instead, ack).await;
-        self.deferred(record, trace, out, attempts, published).await
-    }
-
-    async fn deferred(
-        &self,
-        record: &Record,
-        trace: &RecordTrace,
-        out: Outgoing,
-        attempts: Attempts,
-        published: Result<Published, ProduceError>,
-    ) -> End {
-        match published {
-            Ok(Published::Done) => End::Final(Outcome::Deferred, None),
-            Ok(Published::Writing(step, written)) => End::Writing(Write {
-                out,
-                step,
-                written,
-                what: Output::Deferred(attempts),
-            }),
-            Ok(Published::GaveUp) => End::Abandoned,
-            Err(e) => {
-                let f = Failure {
-                    reason: Reason::TooLarge,
-                    status: None,
-                    message: format!("the record could not be moved to {}: {e}", out.topic),
-                    retry_after: None,
-                };
-                self.dead_letter(record, trace, f, attempts, Acknowledge::Now)
-                    .await
-            }
-        }
+        self.handed(record, trace, out, Output::Deferred(attempts), published)
+            .await
     }
 
     async fn publish_reply(
@@ -468,34 +438,35 @@ impl RouteHandler {
             Some(self.dead_letter_record(record, &f, attempts))
         };
         let published = self.publish(record, trace, &mut out, instead, ack).await;
-        self.replied(record, trace, out, attempts, published).await
+        self.handed(record, trace, out, Output::Reply(attempts), published)
+            .await
     }
 
-    async fn replied(
+    /// Goes on from handing a reply or a retry-topic record to the producer. One the broker
+    /// refuses as too large never landed, so its record becomes a dead letter instead.
+    async fn handed(
         &self,
         record: &Record,
         trace: &RecordTrace,
         out: Outgoing,
-        attempts: Attempts,
+        what: Output,
         published: Result<Published, ProduceError>,
     ) -> End {
         match published {
-            Ok(Published::Done) => End::Final(Outcome::Replied, None),
+            Ok(Published::Done) => {
+                let (outcome, reason) = what.outcome();
+                End::Final(outcome, reason)
+            }
             Ok(Published::Writing(step, written)) => End::Writing(Write {
                 out,
                 step,
                 written,
-                what: Output::Reply(attempts),
+                what,
             }),
             Ok(Published::GaveUp) => End::Abandoned,
             Err(e) => {
-                let f = Failure {
-                    reason: Reason::TooLarge,
-                    status: None,
-                    message: format!("the reply to {} could not be published: {e}", out.topic),
-                    retry_after: None,
-                };
-                self.dead_letter(record, trace, f, attempts, Acknowledge::Now)
+                let f = too_large(what.refused(&out.topic, &e));
+                self.dead_letter(record, trace, f, what.attempts(), Acknowledge::Now)
                     .await
             }
         }
@@ -730,6 +701,21 @@ impl Output {
             Output::Reply(_) => (Outcome::Replied, None),
             Output::Deferred(_) => (Outcome::Deferred, None),
             Output::DeadLetter(f, _) => (Outcome::DeadLettered, Some(f.reason)),
+        }
+    }
+
+    fn attempts(&self) -> Attempts {
+        match self {
+            Output::Reply(a) | Output::Deferred(a) | Output::DeadLetter(_, a) => *a,
+        }
+    }
+
+    /// Why the output could not be written, for the dead letter that takes its place.
+    fn refused(&self, topic: &str, e: &ProduceError) -> String {
+        match self {
+            Output::Reply(_) => format!("the reply to {topic} could not be published: {e}"),
+            Output::Deferred(_) => format!("the record could not be moved to {topic}: {e}"),
+            Output::DeadLetter(..) => format!("the dead letter to {topic} could not be published: {e}"),
         }
     }
 }

@@ -552,11 +552,43 @@ enum Repeats {
     OrOnAPartitionTheBrokerTookAway,
 }
 
+/// The campaign's directory (its config and the ferry logs), kept when the campaign panics,
+/// wherever it panics: a failed run is read from its logs.
+struct KeptOnPanic {
+    dir: Option<tempfile::TempDir>,
+    campaign: String,
+}
+
+impl KeptOnPanic {
+    fn new(campaign: &str) -> KeptOnPanic {
+        KeptOnPanic {
+            dir: Some(tempfile::tempdir().unwrap()),
+            campaign: campaign.to_string(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().map(|d| d.path()).expect("kept until dropped")
+    }
+}
+
+impl Drop for KeptOnPanic {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take().filter(|_| std::thread::panicking()) {
+            eprintln!(
+                "campaign ({}): ferry logs kept in {}",
+                self.campaign,
+                dir.keep().display()
+            );
+        }
+    }
+}
+
 /// Runs the campaign and judges it (panicking on any failure); `false` when it cannot be judged
 /// because the broker would not serve outputs that its own high watermarks say it holds.
 async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repeats) -> bool {
     let kills_wanted: usize = 10;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = KeptOnPanic::new(name);
     let brokers = broker.brokers();
     let kafka = Kafka::connect(&brokers);
     let partitions = 4;
@@ -742,7 +774,6 @@ async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repea
                 "campaign ({name}): stalled: lagging {lagging:?} (committed {:?}, input high watermarks {:?}), never served {starved:?}",
                 s.committed, s.source_hw
             );
-            eprintln!("campaign ({name}): ferry logs kept in {}", dir.keep().display());
             panic!(
                 "the campaign stalled at {committed} of {records} committed, with every held partition served"
             );
@@ -966,7 +997,6 @@ async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repea
                 s.committed, s.reply_hw, s.dlq_hw
             );
         }
-        eprintln!("campaign ({name}): ferry logs kept in {}", dir.keep().display());
         let failures: Vec<String> = failures
             .iter()
             .map(|f| format!("campaign ({name}) failed: {f}"))
