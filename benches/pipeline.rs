@@ -552,8 +552,9 @@ impl Ferry {
     }
 
     /// CPU nanoseconds and context switches so far, by kind of thread: ferry's runtime, its
-    /// commit thread, librdkafka's broker threads and its main threads (threads that have ended
-    /// are not counted). Shows which side of ferry a record's cost is on.
+    /// commit thread, its group thread (the consumer's poll loop), librdkafka's broker threads
+    /// and its main threads (threads that have ended are not counted). Shows which side of
+    /// ferry a record's cost is on.
     fn by_thread(&self) -> BTreeMap<&'static str, (f64, u64)> {
         let mut kinds = BTreeMap::new();
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
@@ -567,6 +568,7 @@ impl Ferry {
                 n if n.starts_with("rdk:broker") => "librdkafka broker threads",
                 n if n.starts_with("rdk:main") => "librdkafka main threads",
                 "ferry-commit" => "commit thread",
+                "ferry-group" => "group thread",
                 _ => "other",
             };
             // schedstat: time on the CPU in ns, first; precise where stat's ticks are 10 ms.

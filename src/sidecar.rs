@@ -44,7 +44,18 @@ pub enum RunError {
     Consumer(String),
     #[error(transparent)]
     Transaction(#[from] transaction::TransactionError),
+    #[error(
+        "the stop did not finish within {0:?} (shutdown.drain_timeout + {after:?}): the broker did not answer the final commit or the group leave in time; records after the last committed offsets will be handled again by their partition's next owner",
+        after = STOP_AFTER_DRAIN
+    )]
+    StopCutShort(Duration),
 }
+
+/// How long a stop may go on past `shutdown.drain_timeout` (the final commit, leaving the group,
+/// the producer's flush) before ferry gives up on a broker that does not answer: a sync commit
+/// waits for the coordinator as long as `socket.timeout.ms` (60 s by default), leaving waits for
+/// a rebalance to end. The Helm chart's grace period is the drain timeout plus 10 s.
+pub const STOP_AFTER_DRAIN: Duration = Duration::from_secs(8);
 
 /// A running sidecar.
 pub struct Sidecar {
@@ -351,10 +362,16 @@ async fn pipeline(
         }
     }
     let transactions = producer.transactions().cloned();
-    let consumed = tokio::task::spawn_blocking(move || consume::run(setup)).await;
+    let budget = config.shutdown.drain_timeout.0 + STOP_AFTER_DRAIN;
+    let (consumed, stop_deadline) = consume_until_stopped(setup, &shutdown, budget).await;
+    // The flush gets what is left of the stop's budget, and at least a second.
+    let flush_for = stop_deadline.map_or(Duration::from_secs(10), |d| {
+        d.saturating_duration_since(tokio::time::Instant::now())
+            .clamp(Duration::from_secs(1), Duration::from_secs(10))
+    });
     let flushed = {
         let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10))).await
+        tokio::task::spawn_blocking(move || p.flush(flush_for)).await
     };
     if let Ok(Err(e)) = flushed {
         tracing::warn!(error = %e, "Producer flush incomplete");
@@ -363,17 +380,53 @@ async fn pipeline(
     let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     admin_stop.cancel();
     let result = match consumed {
-        Ok(Ok(())) => match transactions.and_then(|t| t.fenced()) {
+        Ok(()) => match transactions.and_then(|t| t.fenced()) {
             Some(why) => Err(transaction::TransactionError::Fenced(why).into()),
             None => Ok(()),
         },
-        Ok(Err(e)) => Err(RunError::Kafka(e)),
-        Err(e) => Err(RunError::Consumer(e.to_string())),
+        Err(e) => Err(e),
     };
     if let Err(e) = &result {
         tracing::error!(error = %e, "The pipeline stopped");
     }
     result
+}
+
+/// Runs the consumer on a thread of its own until it ends, or until `budget` after `shutdown`:
+/// a stop must end even when the broker never answers. Also says when the stop's budget runs out.
+///
+/// A plain thread rather than a blocking task, as the runtime would wait for a blocking task
+/// still stuck in librdkafka when it shuts down.
+async fn consume_until_stopped(
+    setup: ConsumerSetup,
+    shutdown: &CancellationToken,
+    budget: Duration,
+) -> (Result<(), RunError>, Option<tokio::time::Instant>) {
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name("ferry-group".into())
+        .spawn(move || {
+            // The consumer starts its record intake on the runtime.
+            let _runtime = runtime.enter();
+            let _ = tx.send(consume::run(setup));
+        });
+    if let Err(e) = spawned {
+        return (Err(RunError::Consumer(e.to_string())), None);
+    }
+    let ended = |r: Result<Result<(), KafkaError>, _>| match r {
+        Ok(r) => r.map_err(RunError::Kafka),
+        Err(_) => Err(RunError::Consumer("it ended without an answer".into())),
+    };
+    tokio::select! {
+        r = &mut rx => return (ended(r), None),
+        _ = shutdown.cancelled() => {}
+    }
+    let deadline = tokio::time::Instant::now() + budget;
+    match tokio::time::timeout_at(deadline, rx).await {
+        Ok(r) => (ended(r), Some(deadline)),
+        Err(_) => (Err(RunError::StopCutShort(budget)), Some(deadline)),
+    }
 }
 
 /// Reply and dead-letter topics must exist before anything is consumed. Returns what is wrong.

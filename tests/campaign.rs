@@ -737,11 +737,19 @@ async fn campaign(name: &str, mut broker: Broker, records: usize, repeats: Repea
         if round == 6 {
             snapshots.push(("handover", snapshot(&brokers, &t.group, &t, partitions).await));
             b.signal(libc::SIGTERM);
-            assert_eq!(
-                b.exit_code(Duration::from_secs(60)).await,
-                Some(0),
-                "a graceful stop"
-            );
+            // A graceful stop; or one the broker cut short by leaving a commit or the group's
+            // leave unanswered, which ferry ends within its budget and says so (the books
+            // below must balance all the same).
+            let code = b.exit_code(Duration::from_secs(60)).await;
+            let cut_short = std::fs::read_to_string(log("b0"))
+                .is_ok_and(|text| text.contains("the stop did not finish within"));
+            match code {
+                Some(0) => {}
+                Some(1) if cut_short => {
+                    eprintln!("campaign ({name}): the broker cut the graceful stop short (see b0.log)")
+                }
+                other => panic!("a graceful stop ended with {other:?}"),
+            }
             b = Ferry::spawn(&config, &log("b1"));
             handovers += 1;
         }

@@ -282,3 +282,53 @@ async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() 
     sidecar.shutdown();
     tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
 }
+
+/// A sync commit waits for the group coordinator up to `socket.timeout.ms`, and leaving the
+/// group for a rebalance to end: a stop must not wait on them for ever (one such stop, in a
+/// group the campaign kept churning, had not ended after 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_in_time_when_the_group_coordinator_does_not_answer() {
+    let kafka = Kafka::start_cluster(2);
+    if kafka.embedded.is_none() {
+        eprintln!("skipping: needs a broker whose answers can be held back");
+        return;
+    }
+    let t = kafka.route_topics(1).await;
+    let mock = kafka.embedded.as_ref().and_then(|e| e.mock().ok()).unwrap();
+    for topic in [&t.source, &t.reply, &t.dlq] {
+        mock.partition_leader(topic, 0, Some(1)).unwrap();
+    }
+    mock.coordinator(MockCoordinator::Group(t.group.clone()), 2)
+        .unwrap();
+    let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
+    let config = parse(&route_config(&kafka, &t, &service.url("/h"), ""));
+    let drain_timeout = config.shutdown.drain_timeout.0;
+    let sidecar = Sidecar::start(config).await.expect("sidecar starts");
+    kafka.send(&t.source, Some(0), Some("k"), "first", &[]).await;
+    eventually(WAIT, "the first record committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
+    })
+    .await;
+
+    // From now on the coordinator answers after a minute: the next record's commit hangs.
+    mock.broker_round_trip_time(2, Duration::from_secs(60)).unwrap();
+    kafka.send(&t.source, Some(0), Some("k"), "second", &[]).await;
+    eventually(WAIT, "the second reply", || async {
+        (kafka.read_all(&t.reply).await.len() == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = std::time::Instant::now();
+    sidecar.shutdown();
+    let budget = drain_timeout + ferry::sidecar::STOP_AFTER_DRAIN;
+    let stopped = tokio::time::timeout(budget + Duration::from_secs(5), sidecar.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the stop had not ended 5 s past its budget of {budget:?}"));
+    let took = started.elapsed();
+    match stopped {
+        Err(ferry::sidecar::RunError::StopCutShort(b)) => assert_eq!(b, budget),
+        other => panic!("expected a stop cut short, got {other:?}"),
+    }
+    assert!(took >= budget, "gave up before its budget: {took:?}");
+}
