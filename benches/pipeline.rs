@@ -7,7 +7,8 @@
 //!   and `partition` ordering, 100 B and 1 KiB values;
 //! - at a fixed offered rate of 1 000 records/s: ferry's CPU per record, its steady and peak
 //!   RSS, and the latency it adds over B2, the smallest loop that does the same job (consume →
-//!   call → produce, one record at a time);
+//!   call → produce, one record at a time), and B2's own CPU per record, the floor under
+//!   ferry's with the same libraries;
 //! - start to ready: process start to `/readyz` answering 200.
 //!
 //! `cargo bench --bench pipeline [-- --brokers HOST:PORT] [--records N] [--seconds S]
@@ -15,7 +16,7 @@
 //! the embedded broker in a process of its own (`ferry dev broker`). Prints a table and writes
 //! `DIR/bench.json` and `DIR/bench.svg` (default DIR: `docs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1025,6 +1026,119 @@ fn b2_steady(
     Latency::of(&got, 0)
 }
 
+/// B2's CPU per record at `RATE` records/s: the same consume → call → produce as ferry with
+/// none of ferry's work (no lanes, offsets bookkeeping, commits, metrics or headers), one record
+/// at a time on one thread that drives its own HTTP client (a single-threaded runtime), with
+/// librdkafka's default fetch wait as in ferry's cost run. Counts that thread and the threads
+/// of its two librdkafka clients: the floor under ferry's CPU with these libraries on this
+/// machine.
+fn b2_cpu(broker: &Broker, http: SocketAddr, size: usize, seconds: u64) -> B2Cpu {
+    let (source, reply, _) = broker.topics();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    // The loop's thread and its clients' threads are those started from here on (librdkafka
+    // starts a broker's thread once it learns of the broker, after the client is made).
+    let before = own_threads();
+    let lp = {
+        let (brokers, source, reply, stop) = (
+            broker.brokers.clone(),
+            source.clone(),
+            reply.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let client = http_client();
+            let uri: http::Uri = format!("http://{http}/h").parse().expect("uri");
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("b2-cpu-{source}"))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .expect("consumer");
+            c.subscribe(&[&source]).expect("subscribe");
+            let p = producer(&brokers, "0");
+            while !stop.load(Ordering::Relaxed) {
+                p.poll(Duration::ZERO);
+                let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let body = m.payload().unwrap_or_default().to_vec();
+                let Ok(answer) = rt.block_on(post(&client, &uri, body)) else {
+                    continue;
+                };
+                let mut record = BaseRecord::to(&reply).payload(answer.as_ref());
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                send(&p, record);
+            }
+            let _ = p.flush(Duration::from_secs(10));
+        })
+    };
+    let own = [tid_rx.recv().expect("B2's thread")];
+    let cpu_ns = |threads: &[i32]| -> f64 {
+        threads
+            .iter()
+            .map(|t| {
+                std::fs::read_to_string(format!("/proc/self/task/{t}/schedstat"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .next()
+                    .and_then(|ns| ns.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    // The group join, connections and the first records, as ferry's warm-up.
+    std::thread::sleep(Duration::from_secs(3));
+    offer(&broker.brokers, &source, size, 3);
+    std::thread::sleep(Duration::from_millis(500));
+    // The warm-up's producer is gone by now.
+    let clients: Vec<i32> = own_threads()
+        .difference(&before)
+        .copied()
+        .filter(|t| *t != own[0])
+        .collect();
+    let (clients, own) = (&clients[..], &own[..]);
+    let before = (cpu_ns(clients), cpu_ns(own));
+    let offered = offer(&broker.brokers, &source, size, seconds);
+    std::thread::sleep(Duration::from_millis(500));
+    let per = |ns: f64| ns / 1e3 / offered.max(1) as f64;
+    let used = B2Cpu {
+        clients: per(cpu_ns(clients) - before.0),
+        own: per(cpu_ns(own) - before.1),
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = lp.join();
+    used
+}
+
+/// B2's CPU per record, in µs.
+struct B2Cpu {
+    /// librdkafka's threads of its consumer and producer.
+    clients: f64,
+    /// The loop's thread: polling, the call, the produce.
+    own: f64,
+}
+
+/// The thread ids of this process now.
+fn own_threads() -> BTreeSet<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| t.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One broker hop at `RATE` records/s: produced → read back, latency percentiles.
 fn hop(broker: &Broker, size: usize, seconds: u64) -> [f64; 3] {
     let (source, _, _) = broker.topics();
@@ -1301,6 +1415,7 @@ fn main() {
         }
         // CPU and memory with librdkafka's default fetch wait (see `Ferry::spawn_with`).
         let costs = steady(false);
+        let b2_cpu_us = b2_cpu(&broker, http, 100, o.seconds);
         let (ferry_lat, base) = (Latency::median(&ferry_runs), Latency::median(&b2_runs));
         let added: Vec<f64> = ferry_lat
             .end_to_end
@@ -1349,6 +1464,12 @@ fn main() {
             "  ferry CPU               {:.1} µs per record ({eager_cpu:.1} with eager fetching)",
             costs.cpu_us_per_record
         );
+        println!(
+            "  B2 CPU                  {:.1} µs per record ({:.1} its loop's thread, {:.1} librdkafka's threads): the same consume → call → produce with none of ferry's work",
+            b2_cpu_us.own + b2_cpu_us.clients,
+            b2_cpu_us.own,
+            b2_cpu_us.clients
+        );
         let wake_up = wake_up_cost_us();
         println!(
             "  ferry's threads         {:.2} context switches per record; one thread wake-up costs {wake_up:.1} µs of CPU on this machine",
@@ -1372,6 +1493,7 @@ fn main() {
             "inside_ferry_end_to_end_ms_p50_p99": inside.iter().map(|i| i.0).collect::<Vec<_>>(),
             "inside_ferry_call_ms_p50_p99": inside.iter().map(|i| i.1).collect::<Vec<_>>(),
             "cpu_us_per_record": costs.cpu_us_per_record, "cpu_us_per_record_eager_fetch": eager_cpu,
+            "b2_cpu_us_per_record": {"total": b2_cpu_us.own + b2_cpu_us.clients, "loop_thread": b2_cpu_us.own, "librdkafka_threads": b2_cpu_us.clients},
             "switches_per_record": costs.switches_per_record, "wake_up_cpu_us": wake_up,
             "per_record_by_thread": costs.by_thread.iter().map(|(k, (us, n))| (k.to_string(), json!({"cpu_us": us, "switches": n}))).collect::<serde_json::Map<_, _>>(),
             "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak, "working_set_mib": costs.working_set,
