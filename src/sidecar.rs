@@ -52,9 +52,11 @@ pub enum RunError {
 }
 
 /// How long a stop may go on past `shutdown.drain_timeout` (the final commit, leaving the group,
-/// the producer's flush) before ferry gives up on a broker that does not answer: a sync commit
-/// waits for the coordinator as long as `socket.timeout.ms` (60 s by default), leaving waits for
-/// a rebalance to end. The Helm chart's grace period is the drain timeout plus 10 s.
+/// the producer's flush, the traces' export) before ferry gives up on a broker that does not
+/// answer: a sync commit waits for the coordinator as long as `socket.timeout.ms` (60 s by
+/// default), leaving waits for a rebalance to end. The flush and the export get at least a
+/// second each even past it, so a stop ends within the drain timeout plus 10 s: the Helm
+/// chart's smallest grace period.
 pub const STOP_AFTER_DRAIN: Duration = Duration::from_secs(8);
 
 /// A running sidecar.
@@ -364,20 +366,28 @@ async fn pipeline(
     let transactions = producer.transactions().cloned();
     let budget = config.shutdown.drain_timeout.0 + STOP_AFTER_DRAIN;
     let (consumed, stop_deadline) = consume_until_stopped(setup, &shutdown, budget).await;
-    // The flush gets what is left of the stop's budget, and at least a second.
-    let flush_for = stop_deadline.map_or(Duration::from_secs(10), |d| {
-        d.saturating_duration_since(tokio::time::Instant::now())
-            .clamp(Duration::from_secs(1), Duration::from_secs(10))
-    });
+    // The flush and the traces' export each get what is left of the stop's budget, at least a
+    // second and at most ten.
+    let left = || {
+        stop_deadline.map_or(Duration::from_secs(10), |d| {
+            d.saturating_duration_since(tokio::time::Instant::now())
+                .clamp(Duration::from_secs(1), Duration::from_secs(10))
+        })
+    };
     let flushed = {
         let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.flush(flush_for)).await
+        let within = left();
+        tokio::task::spawn_blocking(move || p.flush(within)).await
     };
     if let Ok(Err(e)) = flushed {
         tracing::warn!(error = %e, "Producer flush incomplete");
     }
-    // Sends the spans still buffered; blocking, so off the runtime's workers.
-    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+    // Sends the spans still buffered; blocking, so off the runtime's workers. A collector that
+    // does not answer is not waited for past the budget.
+    let exported = tokio::task::spawn_blocking(move || tracing.shutdown());
+    if tokio::time::timeout(left(), exported).await.is_err() {
+        tracing::warn!("Trace export did not finish within the stop's budget; the last spans are dropped");
+    }
     admin_stop.cancel();
     let result = match consumed {
         Ok(()) => match transactions.and_then(|t| t.fenced()) {
