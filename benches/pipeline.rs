@@ -362,14 +362,21 @@ fn producer(brokers: &str, linger_ms: &str) -> BaseProducer {
 }
 
 fn consumer(brokers: &str, group: &str) -> BaseConsumer {
-    ClientConfig::new()
+    consumer_waiting(brokers, group, Some(fetch_wait_ms()))
+}
+
+/// A consumer whose fetches wait `fetch_wait_ms` on the broker (librdkafka's default: `None`).
+fn consumer_waiting(brokers: &str, group: &str, fetch_wait_ms: Option<u32>) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", fetch_wait_ms().to_string())
-        .create()
-        .expect("consumer")
+        .set("auto.offset.reset", "earliest");
+    if let Some(ms) = fetch_wait_ms {
+        config.set("fetch.wait.max.ms", ms.to_string());
+    }
+    config.create().expect("consumer")
 }
 
 /// Sends `record`, waiting for room while librdkafka's queue is full: no input is dropped.
@@ -961,6 +968,34 @@ fn ferry_steady(
     }
 }
 
+/// B2's loop: each record of `source` posted to the service through `call`, its answer
+/// produced to `reply`, one at a time, until `stop` (looked at every `poll` when idle).
+fn b2_loop(
+    c: &BaseConsumer,
+    (source, reply): (&str, &str),
+    brokers: &str,
+    (stop, poll): (&AtomicBool, Duration),
+    call: impl Fn(Vec<u8>) -> Result<Bytes, String>,
+) {
+    c.subscribe(&[source]).expect("subscribe");
+    let p = producer(brokers, "0");
+    while !stop.load(Ordering::Relaxed) {
+        p.poll(Duration::ZERO);
+        let Some(Ok(m)) = c.poll(poll) else {
+            continue;
+        };
+        let Ok(answer) = call(m.payload().unwrap_or_default().to_vec()) else {
+            continue;
+        };
+        let mut record = BaseRecord::to(reply).payload(answer.as_ref());
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        send(&p, record);
+    }
+    let _ = p.flush(Duration::from_secs(10));
+}
+
 /// B2 at `RATE` records/s: consume → call (ferry's client settings) → produce, one record at a
 /// time, in this process.
 fn b2_steady(
@@ -984,23 +1019,10 @@ fn b2_steady(
             let client = http_client();
             let uri: http::Uri = format!("http://{http}/h").parse().expect("uri");
             let c = consumer(&brokers, &format!("b2-{source}"));
-            c.subscribe(&[&source]).expect("subscribe");
-            let p = producer(&brokers, "0");
-            while !stop.load(Ordering::Relaxed) {
-                p.poll(Duration::ZERO);
-                let Some(Ok(m)) = c.poll(Duration::from_millis(5)) else {
-                    continue;
-                };
-                let body = m.payload().unwrap_or_default().to_vec();
-                let answer = rt.block_on(post(&client, &uri, body));
-                let Ok(answer) = answer else { continue };
-                let mut record = BaseRecord::to(&reply).payload(answer.as_ref());
-                if let Some(k) = m.key() {
-                    record = record.key(k);
-                }
-                send(&p, record);
-            }
-            let _ = p.flush(Duration::from_secs(10));
+            let every = Duration::from_millis(5);
+            b2_loop(&c, (&source, &reply), &brokers, (&stop, every), |body| {
+                rt.block_on(post(&client, &uri, body))
+            });
         })
     };
     std::thread::sleep(Duration::from_secs(3));
@@ -1054,31 +1076,12 @@ fn b2_cpu(broker: &Broker, http: SocketAddr, size: usize, seconds: u64) -> B2Cpu
                 .expect("runtime");
             let client = http_client();
             let uri: http::Uri = format!("http://{http}/h").parse().expect("uri");
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("group.id", format!("b2-cpu-{source}"))
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .create()
-                .expect("consumer");
-            c.subscribe(&[&source]).expect("subscribe");
-            let p = producer(&brokers, "0");
-            while !stop.load(Ordering::Relaxed) {
-                p.poll(Duration::ZERO);
-                let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
-                    continue;
-                };
-                let body = m.payload().unwrap_or_default().to_vec();
-                let Ok(answer) = rt.block_on(post(&client, &uri, body)) else {
-                    continue;
-                };
-                let mut record = BaseRecord::to(&reply).payload(answer.as_ref());
-                if let Some(k) = m.key() {
-                    record = record.key(k);
-                }
-                send(&p, record);
-            }
-            let _ = p.flush(Duration::from_secs(10));
+            let c = consumer_waiting(&brokers, &format!("b2-cpu-{source}"), None);
+            // Idle, it wakes seldom, as ferry does.
+            let every = Duration::from_millis(100);
+            b2_loop(&c, (&source, &reply), &brokers, (&stop, every), |body| {
+                rt.block_on(post(&client, &uri, body))
+            });
         })
     };
     let own = [tid_rx.recv().expect("B2's thread")];
