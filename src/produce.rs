@@ -455,7 +455,10 @@ pub fn dead_letter(
         headers.push(header("ferry.error.status", s));
     }
     if config.include_payload && !failure.message.is_empty() {
-        headers.push(header("ferry.error.message", &failure.message));
+        // Capped here, where every dead letter is written, whoever made the message (a schema
+        // check quotes the offending values, which can be any size).
+        let message = crate::outcome::truncate(failure.message.clone(), crate::outcome::MAX_MESSAGE);
+        headers.push(header("ferry.error.message", message));
     }
     source_headers(record, &mut headers);
     if let Some(ts) = record.timestamp_ms {

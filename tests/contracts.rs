@@ -68,9 +68,12 @@ async fn records_and_replies_that_break_their_schema_are_dead_lettered_with_the_
     kafka
         .send(&t.source, None, Some("4"), r#"{"id":"weird","amount":1}"#, &[])
         .await;
+    // The violation quotes the offending value, here 8 KiB of it.
+    let huge = format!(r#"{{"id":["{}"],"amount":1}}"#, "x".repeat(8192));
+    kafka.send(&t.source, None, Some("5"), &huge, &[]).await;
 
-    let dead = kafka.read(&t.dlq, 3, WAIT).await;
-    assert_eq!(dead.len(), 3);
+    let dead = kafka.read(&t.dlq, 4, WAIT).await;
+    assert_eq!(dead.len(), 4);
     let by_key = |k: &str| dead.iter().find(|r| r.key.as_deref() == Some(k)).unwrap();
     let invalid = by_key("2");
     assert_eq!(invalid.header("ferry.error.reason"), Some("schema"));
@@ -109,12 +112,19 @@ async fn records_and_replies_that_break_their_schema_are_dead_lettered_with_the_
         "{message}"
     );
     assert_eq!(off_contract.header("ferry.attempts"), Some("1"));
+    let long = by_key("5").header("ferry.error.message").unwrap();
+    assert!(
+        long.starts_with("the record's value does not match its schema: at /id: [") && long.len() <= 1024,
+        "capped at 1 KiB: {} bytes, starting {}",
+        long.len(),
+        &long[..long.len().min(80)]
+    );
 
     let replies = kafka.read(&t.reply, 1, WAIT).await;
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].key.as_deref(), Some("1"));
-    eventually(WAIT, "all four committed", || async {
-        (kafka.committed_total(&t.group, &t.source, 1).await == 4).then_some(())
+    eventually(WAIT, "all five committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 5).then_some(())
     })
     .await;
     assert_eq!(

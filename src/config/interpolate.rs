@@ -120,6 +120,9 @@ impl Interpolator {
             return Err(Missing::Syntax(format!("${{{reference}}}")));
         }
         match (self.env.get(name), default) {
+            // As in the shell, `:-` also stands in for a variable set to nothing: an empty
+            // `KAFKA_BROKERS` means "not given", not "no brokers".
+            (Some(v), Some(d)) if v.is_empty() => Ok((d.to_string(), false)),
             (Some(v), _) => Ok((v.clone(), true)),
             (None, Some(d)) => Ok((d.to_string(), false)),
             (None, None) if self.env_optional => Ok((format!("<{name}>"), false)),
@@ -141,7 +144,8 @@ mod tests {
         let cases = [
             ("${HOST}:9092", "k1:9092"),
             ("${PORT:-9092}", "9092"),
-            ("${EMPTY:-x}", ""),
+            ("${EMPTY:-x}", "x"),
+            ("${EMPTY}", ""),
             ("$${HOST}", "${HOST}"),
             ("cost $5", "cost $5"),
             ("plain", "plain"),
