@@ -266,6 +266,26 @@ fn the_optional_objects_carry_the_dashboard_and_alerts() {
     assert_eq!(trigger["metadata"]["consumerGroup"], "telemetry");
     assert_eq!(trigger["metadata"]["topic"], "telemetry.readings");
     assert_eq!(trigger["metadata"]["lagThreshold"], "5000");
+    // KEDA reads no init container's environment (ferry's, in native mode): the brokers are
+    // resolved from ferry's `env` into the trigger itself.
+    assert_eq!(trigger["metadata"]["bootstrapServers"], "kafka:9093");
+    assert!(trigger["metadata"]["bootstrapServersFromEnv"].is_null());
+    let full = format!("{CHART}/ci/full-values.yaml");
+    let servers = |set: &[&str]| {
+        render(&helm, &[&full], set).map(|d| {
+            kind(&d, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["bootstrapServers"].clone()
+        })
+    };
+    assert_eq!(
+        servers(&["ferry.env=null", "ferry.config.kafka.brokers=${B:-k:1}"]).unwrap(),
+        "k:1"
+    );
+    assert_eq!(servers(&["autoscaling.bootstrapServers=x:9"]).unwrap(), "x:9");
+    let unresolved = servers(&["ferry.env=null"]).unwrap_err();
+    assert!(
+        unresolved.contains("set autoscaling.bootstrapServers to the brokers' addresses"),
+        "{unresolved}"
+    );
     assert!(
         kind(&docs, "Deployment")[0]["spec"]["replicas"].is_null(),
         "KEDA owns the replicas"
