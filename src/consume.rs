@@ -463,8 +463,11 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         client.set("partition.assignment.strategy", "cooperative-sticky");
     }
     if client.get("queued.max.messages.kbytes").is_none() {
-        // librdkafka's default prefetch is 64 MiB; ferry's own window bounds the rest.
-        client.set("queued.max.messages.kbytes", "8192");
+        // Each partition has a queue of its own (see `split_queues`), and librdkafka then bounds
+        // the prefetch per partition, not per consumer: its 64 MiB default would be 64 MiB a
+        // partition. 1 MiB still holds thousands of small records, far more than a fetch round
+        // trip's worth; ferry's own window bounds what is taken.
+        client.set("queued.max.messages.kbytes", PREFETCH_KIB.to_string());
     }
     let context = Context {
         tracker: setup.tracker.clone(),
@@ -696,6 +699,9 @@ async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>
         let _ = tokio::time::timeout(wait, records.notified()).await;
     }
 }
+
+/// librdkafka's prefetch per assigned partition, in KiB, unless `kafka.properties` says.
+const PREFETCH_KIB: u64 = 1024;
 
 /// Records taken from one partition queue per turn, so one busy partition cannot starve the
 /// others.
