@@ -469,6 +469,12 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
         // trip's worth; ferry's own window bounds what is taken.
         client.set("queued.max.messages.kbytes", PREFETCH_KIB.to_string());
     }
+    if client.get("fetch.queue.backoff.ms").is_none() {
+        // A partition whose queue is full is fetched again only after this; librdkafka's 1 s
+        // starves a queue that drains in a fraction of it (measured: 1 KiB records at 8 800/s
+        // with 1 s, 18 500/s with 20 ms).
+        client.set("fetch.queue.backoff.ms", "20");
+    }
     let context = Context {
         tracker: setup.tracker.clone(),
         routes: routes.clone(),
