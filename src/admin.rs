@@ -43,6 +43,8 @@ pub struct Health {
     problem: Mutex<Option<String>>,
     /// The service's readiness, when a probe is configured.
     service: std::sync::OnceLock<Arc<crate::ready::Gate>>,
+    /// The topics the broker refuses ferry to write to.
+    writes: std::sync::OnceLock<Arc<crate::produce::Refusals>>,
 }
 
 impl Health {
@@ -57,6 +59,7 @@ impl Health {
             drained_by_operator: AtomicBool::new(false),
             problem: Mutex::new(None),
             service: std::sync::OnceLock::new(),
+            writes: std::sync::OnceLock::new(),
         })
     }
 
@@ -77,6 +80,11 @@ impl Health {
     /// Makes readiness follow the service's readiness gate.
     pub fn watch_service(&self, gate: Arc<crate::ready::Gate>) {
         let _ = self.service.set(gate);
+    }
+
+    /// Makes readiness follow whether the broker takes ferry's writes.
+    pub fn watch_writes(&self, refusals: Arc<crate::produce::Refusals>) {
+        let _ = self.writes.set(refusals);
     }
 
     pub fn set_draining(&self) {
@@ -109,6 +117,9 @@ impl Health {
         if !self.topics_checked.load(Ordering::Relaxed) {
             let problem = self.problem.lock().unwrap_or_else(|p| p.into_inner()).clone();
             return Err(problem.unwrap_or_else(|| "checking topics".into()));
+        }
+        if let Some(problem) = self.writes.get().and_then(|w| w.problem()) {
+            return Err(problem);
         }
         if self.service.get().is_some_and(|g| !g.is_open()) {
             return Err("the service is not ready".into());

@@ -3,15 +3,18 @@
 //! Fed by the route handler with a decision; a record's outcome is final only once the
 //! broker has acknowledged what this module sent (idempotent producer, acks=all).
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::ClientConfig;
+use rdkafka::Message as _;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -110,6 +113,11 @@ impl Producer {
         self.inner.producer.flush(Timeout::After(timeout))
     }
 
+    /// The topics the broker refuses ferry to write to; readiness follows them.
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.inner.producer.context().refusals.clone()
+    }
+
     /// Metadata of every topic (never creates one, unlike a lookup by name).
     pub fn metadata(&self, timeout: Duration) -> Result<rdkafka::metadata::Metadata, KafkaError> {
         self.inner.producer.client().fetch_metadata(None, timeout)
@@ -159,6 +167,7 @@ impl Kafka {
     fn start(config: &ClientConfig) -> Result<Arc<Kafka>, KafkaError> {
         let acks = Acks {
             ready: Arc::new(Notify::new()),
+            refusals: Arc::default(),
         };
         let ready = acks.ready.clone();
         let producer = BaseProducer::from_config_and_context(config, acks)?;
@@ -223,6 +232,7 @@ const SERVE_TURN: usize = 64;
 pub struct Acks {
     /// Notified (on a librdkafka thread) when the main queue gets events.
     ready: Arc<Notify>,
+    refusals: Arc<Refusals>,
 }
 
 impl ClientContext for Acks {
@@ -239,8 +249,78 @@ impl ProducerContext for Acks {
     type DeliveryOpaque = Box<oneshot::Sender<Result<(), KafkaError>>>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, waiting: Self::DeliveryOpaque) {
+        match result {
+            Ok(m) => self.refusals.accepted(m.topic()),
+            Err((e, m)) if is_refusal(e) => self.refusals.refused(m.topic(), e),
+            Err(_) => {}
+        }
         // A waiter that gave up (its partition was revoked) no longer needs the answer.
         let _ = waiting.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone()));
+    }
+}
+
+/// The broker's answer when ferry's principal may not write to a topic (a Kafka ACL).
+fn is_refusal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed)
+    )
+}
+
+/// The topics the broker refused ferry to write to, with its answer. Such a topic keeps ferry
+/// unready (SPEC: a topic ferry may not write keeps it unready) until a write to it is
+/// acknowledged: the records stay uncommitted and are written again with backoff meanwhile, so
+/// granting the permission is all it takes. Only visible in the writes themselves: the metadata
+/// ferry checks at start says whether a topic exists, not who may write to it.
+#[derive(Default)]
+pub struct Refusals {
+    /// Whether any topic is refused: read on every acknowledgement, so the lock is taken only
+    /// while something is wrong.
+    any: AtomicBool,
+    topics: Mutex<BTreeMap<String, String>>,
+}
+
+impl Refusals {
+    fn topics(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refused(&self, topic: &str, error: &KafkaError) {
+        let mut topics = self.topics();
+        if topics.insert(topic.to_string(), error.to_string()).is_none() {
+            tracing::error!(topic, error = %error, "The broker refuses ferry's writes to this topic; not ready until it takes one");
+        }
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn accepted(&self, topic: &str) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut topics = self.topics();
+        if topics.remove(topic).is_some() {
+            tracing::info!(topic, "The broker takes ferry's writes to this topic again");
+        }
+        self.any.store(!topics.is_empty(), Ordering::Release);
+    }
+
+    /// Why ferry may not write, while the broker refuses a topic.
+    pub fn problem(&self) -> Option<String> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let topics = self.topics();
+        if topics.is_empty() {
+            return None;
+        }
+        let which: Vec<String> = topics
+            .iter()
+            .map(|(topic, e)| format!("ferry may not write to topic `{topic}` ({e})"))
+            .collect();
+        Some(format!(
+            "{}: grant ferry's principal Write on it (a Kafka ACL); the records wait, uncommitted, and are written again",
+            which.join("; ")
+        ))
     }
 }
 

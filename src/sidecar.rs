@@ -117,6 +117,7 @@ impl Sidecar {
                 )?
             }
         };
+        health.watch_writes(producer.refusals());
         let tracker = Tracker::new();
         let tracing = Arc::new(
             Tracing::start(&config.telemetry.traces, &config.kafka.group_id).map_err(|message| {

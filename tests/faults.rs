@@ -333,3 +333,83 @@ async fn a_stop_ends_in_time_when_the_group_coordinator_does_not_answer() {
     }
     assert!(took >= budget, "gave up before its budget: {took:?}");
 }
+
+/// `/readyz`'s status and body.
+async fn readyz(addr: std::net::SocketAddr) -> (u16, String) {
+    let answer = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_ferry_may_not_write_keeps_it_unready_until_the_broker_takes_a_write() {
+    let kafka = Kafka::start();
+    let Some(embedded) = &kafka.embedded else {
+        eprintln!("skipping: faults are injected into the embedded broker only");
+        return;
+    };
+    let t = kafka.route_topics(1).await;
+    // The service answers once told to, so the errors below meet ferry's reply and not the
+    // test's own input record (the broker fails the next produce requests of any client).
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let service = Service::start(move |r: Req| {
+        let held = held.clone();
+        async move {
+            let _go = held.acquire().await;
+            Resp::new(200, &r.body)
+        }
+    })
+    .await;
+    let text = route_config(&kafka, &t, &service.url("/h"), "");
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    let admin = sidecar.admin_addr.unwrap();
+    eventually(WAIT, "ready", || async {
+        (readyz(admin).await.0 == 200).then_some(())
+    })
+    .await;
+    kafka.send(&t.source, None, Some("k"), "paid", &[]).await;
+    eventually(WAIT, "the call", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
+
+    // The broker refuses the reply's first four writes, as it does without a Write ACL; then
+    // the permission is there. ferry writes again after 0.5, 1, 2 and 4 s.
+    let mock = embedded.mock().unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+    );
+    gate.add_permits(1000);
+    let why = eventually(WAIT, "unready", || async {
+        let (status, body) = readyz(admin).await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(
+        why.contains(&format!("ferry may not write to topic `{}`", t.reply))
+            && why.contains("grant ferry's principal Write on it"),
+        "{why}"
+    );
+    assert_eq!(
+        kafka.committed_total(&t.group, &t.source, 1).await,
+        0,
+        "nothing is committed past a reply the broker refused"
+    );
+
+    eventually(WAIT, "committed once the broker takes the reply", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(readyz(admin).await.0, 200, "ready again");
+    let replies = kafka.read_all(&t.reply).await;
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].value.as_deref(), Some("paid"));
+    assert!(
+        kafka.read_all(&t.dlq).await.is_empty(),
+        "a permission is not the record's fault"
+    );
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
+}
