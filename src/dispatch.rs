@@ -19,6 +19,7 @@ use std::task::Poll;
 use bytes::Bytes;
 use futures::FutureExt;
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 
 use crate::config::Ordering;
 use crate::offsets::{Lease, Tp};
@@ -48,7 +49,14 @@ impl Lane {
 /// The queues of busy lanes: pure bookkeeping, property-tested below.
 pub struct Scheduler<T> {
     /// A lane is busy while it has an entry; the queue holds what waits behind the running one.
-    busy: HashMap<(Tp, Lane), VecDeque<T>>,
+    busy: HashMap<(Tp, Lane), Busy<T>>,
+}
+
+/// A busy lane: what waits behind its running item, and who to wake when more comes.
+struct Busy<T> {
+    queue: VecDeque<T>,
+    /// Set by a lane task waiting on its writes with nothing queued (see [`Scheduler::watch`]).
+    wake: Option<Arc<Notify>>,
 }
 
 impl<T> Default for Scheduler<T> {
@@ -61,12 +69,19 @@ impl<T> Scheduler<T> {
     /// Queues `item`; returns it back when its lane was idle and it should start now.
     pub fn push(&mut self, tp: &Tp, lane: Lane, item: T) -> Option<T> {
         match self.busy.get_mut(&(tp.clone(), lane.clone())) {
-            Some(queue) => {
-                queue.push_back(item);
+            Some(busy) => {
+                busy.queue.push_back(item);
+                if let Some(wake) = &busy.wake {
+                    wake.notify_one();
+                }
                 None
             }
             None => {
-                self.busy.insert((tp.clone(), lane), VecDeque::new());
+                let idle = Busy {
+                    queue: VecDeque::new(),
+                    wake: None,
+                };
+                self.busy.insert((tp.clone(), lane), idle);
                 Some(item)
             }
         }
@@ -77,7 +92,7 @@ impl<T> Scheduler<T> {
     /// item runs; the older ones are returned to be finished without running
     /// (freshness.conflate).
     pub fn next(&mut self, tp: &Tp, lane: &Lane, conflate: bool) -> (Option<T>, Vec<T>) {
-        let Some(queue) = self.busy.get_mut(&(tp.clone(), lane.clone())) else {
+        let Some(Busy { queue, .. }) = self.busy.get_mut(&(tp.clone(), lane.clone())) else {
             return (None, Vec::new());
         };
         if conflate {
@@ -85,6 +100,16 @@ impl<T> Scheduler<T> {
             (newest, queue.drain(..).collect())
         } else {
             (queue.pop_front(), Vec::new())
+        }
+    }
+
+    /// From now on, an item queued on the busy lane also notifies `wake` (a permit is kept if
+    /// nobody waits yet, so an item queued before the wait begins is not missed).
+    pub fn watch(&mut self, tp: &Tp, lane: &Lane, wake: &Arc<Notify>) {
+        if let Some(busy) = self.busy.get_mut(&(tp.clone(), lane.clone())) {
+            if busy.wake.is_none() {
+                busy.wake = Some(wake.clone());
+            }
         }
     }
 
@@ -162,6 +187,8 @@ impl Lanes {
                 next
             };
             let mut window = Window::default();
+            // Made when the lane first waits on its writes with nothing queued.
+            let mut wake: Option<Arc<Notify>> = None;
             let mut next = Some(first);
             loop {
                 while let Some(r) = next {
@@ -179,8 +206,22 @@ impl Lanes {
                     next = take(false);
                 }
                 // Nothing queued. The lane is released only once its writes are settled, so
-                // that a failed one is written again before any write of a later record.
-                window.settle(handler).await;
+                // that a failed one is written again before any write of a later record; but a
+                // record that arrives meanwhile is called at once, as it would have been had it
+                // come a moment sooner (else a lane waits a produce round trip, or a broker's
+                // whole outage, whenever its records come slower than its calls end).
+                while window.is_open() {
+                    let wake = wake.get_or_insert_with(|| Arc::new(Notify::new()));
+                    lock(&scheduler).watch(&tp, &lane, wake);
+                    next = take(false);
+                    // Woken with nothing queued: a permit left by a record already taken.
+                    if next.is_some() || !window.settle_unless(handler, wake).await {
+                        break;
+                    }
+                }
+                if next.is_some() {
+                    continue;
+                }
                 next = take(true);
                 if next.is_none() {
                     break;
@@ -233,15 +274,24 @@ impl Window {
         }
     }
 
-    /// Settles every write, in order.
-    async fn settle(&mut self, handler: &RouteHandler) {
+    /// Whether writes still await their answers (or a failed one its repair).
+    fn is_open(&self) -> bool {
+        !self.writes.is_empty() || self.failed.is_some()
+    }
+
+    /// Settles every write, in order, unless `wake` is notified first: then returns `true` with
+    /// what is left still to settle.
+    async fn settle_unless(&mut self, handler: &RouteHandler, wake: &Notify) -> bool {
         loop {
             self.repair(handler).await;
             let Some(oldest) = self.writes.front_mut() else {
-                return;
+                return false;
             };
-            let acked = oldest.acknowledgement().await;
-            self.answered(handler, acked);
+            tokio::select! {
+                biased;
+                acked = oldest.acknowledgement() => self.answered(handler, acked),
+                _ = wake.notified() => return true,
+            }
         }
     }
 

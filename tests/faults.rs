@@ -171,8 +171,11 @@ async fn partition_lane_calls_its_next_record_while_the_previous_reply_awaits_th
     let mock = kafka.embedded.as_ref().and_then(|e| e.mock().ok()).unwrap();
     mock.broker_down(2).unwrap();
     let values: Vec<String> = (0..10).map(|i| format!("{i:03}")).collect();
+    // Spaced out, so the lane has called each record before the next arrives: it must not
+    // wait for the broker's answers to its earlier replies before it calls a newcomer.
     for v in &values {
         kafka.send(&t.source, Some(0), Some(v), v, &[]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eventually(WAIT, "all ten records called", || async {
         (service.requests().len() == 11).then_some(())
