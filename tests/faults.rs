@@ -304,9 +304,13 @@ async fn a_stop_ends_in_time_when_the_group_coordinator_does_not_answer() {
     mock.coordinator(MockCoordinator::Group(t.group.clone()), 2)
         .unwrap();
     let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
-    let config = parse(&route_config(&kafka, &t, &service.url("/h"), ""));
-    let drain_timeout = config.shutdown.drain_timeout.0;
-    let sidecar = Sidecar::start(config).await.expect("sidecar starts");
+    // The real binary, so that the exit code is checked too.
+    let text = route_config(&kafka, &t, &service.url("/h"), "");
+    let drain_timeout = parse(&text).shutdown.drain_timeout.0;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = (dir.path().join("ferry.yaml"), dir.path().join("ferry.log"));
+    std::fs::write(&config, &text).unwrap();
+    let mut ferry = Ferry::spawn(&config, &log);
     kafka.send(&t.source, Some(0), Some("k"), "first", &[]).await;
     eventually(WAIT, "the first record committed", || async {
         (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
@@ -323,17 +327,18 @@ async fn a_stop_ends_in_time_when_the_group_coordinator_does_not_answer() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let started = std::time::Instant::now();
-    sidecar.shutdown();
+    ferry.signal(libc::SIGTERM);
     let budget = drain_timeout + ferry::sidecar::STOP_AFTER_DRAIN;
-    // Past the budget, the producer's flush and the traces' export get a second each at most.
-    let stopped = tokio::time::timeout(budget + Duration::from_secs(3), sidecar.wait())
-        .await
-        .unwrap_or_else(|_| panic!("the stop had not ended 3 s past its budget of {budget:?}"));
+    // Past the budget, the producer's flush and the traces' export get a second each at most;
+    // `exit_code` panics if ferry has not exited by then.
+    let code = ferry.exit_code(budget + Duration::from_secs(3)).await;
     let took = started.elapsed();
-    match stopped {
-        Err(ferry::sidecar::RunError::StopCutShort(b)) => assert_eq!(b, budget),
-        other => panic!("expected a stop cut short, got {other:?}"),
-    }
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(1), "a stop cut short is not a clean one:\n{log}");
+    assert!(
+        log.contains(&format!("the stop did not finish within {budget:?}")),
+        "{log}"
+    );
     assert!(took >= budget, "gave up before its budget: {took:?}");
 }
 

@@ -636,7 +636,6 @@ impl Ferry {
         }
     }
 
-    /// Waits for the exit code, up to `within`.
     pub fn pid(&self) -> u32 {
         self.0.id()
     }
@@ -646,6 +645,7 @@ impl Ferry {
         matches!(self.0.try_wait(), Ok(None))
     }
 
+    /// Waits for the exit code, up to `within`; panics past it.
     pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
