@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Control, Health};
 use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
-use crate::offsets::{PauseReason, Tp, Tracker};
+use crate::offsets::{Load, PauseReason, Tp, Tracker};
 use crate::ready::Gate;
 use crate::record::Record;
 use crate::telemetry::trace::Tracing;
@@ -679,6 +679,9 @@ impl Intake {
 /// The intake: takes records whenever librdkafka says a partition queue has some, until ferry
 /// stops. Holds the consumer only while it takes, so the group side can close it.
 async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>>, records: Arc<Notify>) {
+    let Some(tracker) = consumer.upgrade().map(|c| c.context().tracker.clone()) else {
+        return;
+    };
     loop {
         let (took, full) = {
             let mut intake = lock(&shared);
@@ -698,11 +701,18 @@ async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>
             tokio::task::coop::consume_budget().await;
             continue;
         }
-        // A partition without room is looked at again after a nap (waking on every record's
-        // end cost more than it saved); otherwise only records wake the intake. The long
-        // wait also covers records queued before a queue's wake-up was set.
+        // Records wake the intake, and so does a bound-stopped partition's room coming back
+        // (`Tracker::wake_when_room`); a partition stopped for another reason (the service
+        // unready, its circuit open, an operator's pause) is looked at again after a nap. The
+        // long wait also covers records queued before a queue's wake-up was set.
         let wait = if full { FULL_NAP } else { IDLE };
-        let _ = tokio::time::timeout(wait, records.notified()).await;
+        let woken = async {
+            tokio::select! {
+                () = records.notified() => {}
+                () = tracker.room() => {}
+            }
+        };
+        let _ = tokio::time::timeout(wait, woken).await;
     }
 }
 
@@ -717,7 +727,7 @@ const TURN: usize = 64;
 /// shutdown again.
 const GROUP_WAIT: Duration = Duration::from_millis(100);
 
-/// How often the intake looks at a partition that had no room.
+/// How often the intake looks at a partition stopped by something other than a bound.
 const FULL_NAP: Duration = Duration::from_millis(5);
 
 /// The longest the intake sleeps when no record woke it.
@@ -776,6 +786,17 @@ fn has_room(ctx: &Context, tp: &Tp) -> bool {
         || load.route_bytes as u64 >= b.max_bytes.0
     {
         reasons.push(PauseReason::Bound);
+        // Woken when a quarter of the bound is free again: a batch to take per wake-up, not a
+        // record, and calls still in flight meanwhile.
+        let resume = |bound: usize| bound - bound.div_ceil(4);
+        ctx.tracker.wake_when_room(
+            tp,
+            Load {
+                window: resume(b.per_partition),
+                route_window: resume(b.total),
+                route_bytes: resume(usize::try_from(b.max_bytes.0).unwrap_or(usize::MAX)),
+            },
+        );
     }
     let room = reasons.is_empty();
     ctx.tracker.set_paused(tp, &reasons);

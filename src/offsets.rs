@@ -188,6 +188,9 @@ struct Partition {
     high_watermark: Option<i64>,
     /// Why ferry takes no records from this partition now (empty: it does).
     paused: Vec<PauseReason>,
+    /// Set while a bound stops the intake from taking: the window length at or below which
+    /// it is woken (see `Tracker::wake_when_room`).
+    resume_at: Option<usize>,
 }
 
 #[derive(Default)]
@@ -203,6 +206,8 @@ struct State {
 struct RouteLoad {
     window: usize,
     bytes: usize,
+    /// As `Partition::resume_at`, for the route's bounds: its window and live bytes.
+    resume_at: Option<(usize, usize)>,
 }
 
 impl State {
@@ -216,6 +221,27 @@ impl State {
         load.window = load.window + len2 - len;
         load.bytes = load.bytes + bytes2 - bytes;
         Some(r)
+    }
+
+    /// Whether `tp`'s load fell to where the intake asked to be woken (and disarms it).
+    fn room_freed(&mut self, tp: &Tp) -> bool {
+        let Some(p) = self.partitions.get_mut(tp) else {
+            return false;
+        };
+        let mut freed = false;
+        if p.resume_at.is_some_and(|at| p.window.len() <= at) {
+            p.resume_at = None;
+            freed = true;
+        }
+        if let Some(route) = self.routes.get_mut(&p.route)
+            && route
+                .resume_at
+                .is_some_and(|(window, bytes)| route.window <= window && route.bytes <= bytes)
+        {
+            route.resume_at = None;
+            freed = true;
+        }
+        freed
     }
 }
 
@@ -281,6 +307,8 @@ pub struct Tracker {
     quiet: Condvar,
     /// Drains waiting on `quiet`: a record's end signals only when one waits.
     waiting: AtomicUsize,
+    /// Signalled when a record's end frees the room a bound-stopped intake asked for.
+    room: tokio::sync::Notify,
 }
 
 impl Tracker {
@@ -289,6 +317,7 @@ impl Tracker {
             state: Mutex::new(State::default()),
             quiet: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            room: tokio::sync::Notify::new(),
         })
     }
 
@@ -324,6 +353,7 @@ impl Tracker {
                     committed: None,
                     high_watermark: None,
                     paused: Vec::new(),
+                    resume_at: None,
                 },
             );
         }
@@ -373,7 +403,11 @@ impl Tracker {
                 p.generation == lease.generation && f(&mut p.window)
             })
             .unwrap_or(false);
+        let room = done && s.room_freed(&lease.tp);
         drop(s);
+        if room {
+            self.room.notify_one();
+        }
         // A drain waits on `quiet`; without one, a record's end costs no futex call.
         if done && self.waiting.load(Ordering::SeqCst) > 0 {
             self.quiet.notify_all();
@@ -504,6 +538,40 @@ impl Tracker {
                 p.paused = reasons.to_vec();
             }
         }
+    }
+
+    /// Asks to be woken (`room`) once `tp`'s load falls to `resume` in each dimension that is
+    /// above it now: the partition's window, or its route's window and live bytes. A record's
+    /// end that crosses it wakes the intake at once, where a nap would leave a bound-stopped
+    /// partition idle for the rest of the nap after its records ended (at full speed, most of
+    /// the time: a window of 32 ends in a few milliseconds).
+    pub fn wake_when_room(&self, tp: &Tp, resume: Load) {
+        let mut s = self.lock();
+        let Some(p) = s.partitions.get_mut(tp) else {
+            return;
+        };
+        let mut armed = false;
+        if p.window.len() > resume.window {
+            p.resume_at = Some(resume.window);
+            armed = true;
+        }
+        let route = p.route;
+        let load = s.routes.entry(route).or_default();
+        if load.window > resume.route_window || load.bytes > resume.route_bytes {
+            load.resume_at = Some((resume.route_window, resume.route_bytes));
+            armed = true;
+        }
+        drop(s);
+        // Records ended since the bound was checked: there is room already.
+        if !armed {
+            self.room.notify_one();
+        }
+    }
+
+    /// Waits for a record's end to free the room asked for with `wake_when_room` (or returns at
+    /// once if one did since the last wait).
+    pub async fn room(&self) {
+        self.room.notified().await;
     }
 
     /// What the in-flight bounds look at for `tp`: its window, and the windows and live bytes of
@@ -677,6 +745,75 @@ mod tests {
             },
             "a reassignment starts afresh"
         );
+    }
+
+    /// Whether `room()` has been signalled, without waiting.
+    fn woken(t: &Tracker) -> bool {
+        use futures::FutureExt;
+        t.room().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_bound_stopped_intake_is_woken_once_its_room_comes_back() {
+        let t = Tracker::new();
+        let (a, b): (Tp, Tp) = ((Arc::from("t"), 0), (Arc::from("t"), 1));
+        t.assign(&[(a.clone(), 0), (b.clone(), 0)]);
+        let leases: Vec<_> = (0..4).map(|o| t.track(&a, o, 10).unwrap()).collect();
+        // A partition bound of 4: woken at 3.
+        t.wake_when_room(
+            &a,
+            Load {
+                window: 3,
+                route_window: usize::MAX,
+                route_bytes: usize::MAX,
+            },
+        );
+        assert!(!woken(&t), "nothing ended yet");
+        assert!(t.finish(&leases[1], 1));
+        assert!(!woken(&t), "a record ending behind a live one frees no room");
+        assert!(t.finish(&leases[0], 0));
+        assert!(woken(&t), "the window fell to 2");
+        assert!(t.finish(&leases[2], 2));
+        assert!(!woken(&t), "disarmed until the intake asks again");
+
+        // A route bound of 2 records: a record of another partition ending frees it.
+        let lb = t.track(&b, 0, 10).unwrap();
+        t.wake_when_room(
+            &a,
+            Load {
+                window: usize::MAX,
+                route_window: 1,
+                route_bytes: usize::MAX,
+            },
+        );
+        assert!(!woken(&t));
+        assert!(t.finish(&lb, 0));
+        assert!(woken(&t), "the route's window fell to 1");
+
+        // And by bytes: 10 live bytes against a resume at 5.
+        let _ = t.track(&b, 1, 10).unwrap();
+        t.wake_when_room(
+            &b,
+            Load {
+                window: usize::MAX,
+                route_window: usize::MAX,
+                route_bytes: 5,
+            },
+        );
+        assert!(!woken(&t));
+        assert!(t.finish(&leases[3], 3));
+        assert!(!woken(&t), "still 10 live bytes");
+
+        // Room that came back between the check and the asking wakes at once.
+        t.wake_when_room(
+            &a,
+            Load {
+                window: 1,
+                route_window: usize::MAX,
+                route_bytes: usize::MAX,
+            },
+        );
+        assert!(woken(&t), "partition 0's window is empty already");
     }
 
     proptest! {
