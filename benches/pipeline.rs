@@ -405,6 +405,22 @@ fn preload(brokers: &str, topic: &str, n: usize, size: usize) {
         send(&p, BaseRecord::to(topic).key(&key).payload(&v));
     }
     p.flush(Duration::from_secs(60)).expect("preload flushed");
+    // librdkafka's mock broker keeps at most 5 MiB of each partition's log and drops the oldest
+    // batches beyond it; a run would then wait for records that are gone.
+    for partition in 0..PARTITIONS {
+        let (low, _) = p
+            .client()
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .expect("watermarks");
+        if low > 0 {
+            eprintln!(
+                "the broker dropped the oldest {low} records of {topic} [{partition}]: {n} records of {size} B \
+                 exceed what it keeps (the embedded broker keeps 5 MiB per partition); \
+                 use fewer --records, or --brokers for a broker with more room"
+            );
+            std::process::exit(2);
+        }
+    }
 }
 
 /// Reads `topic` from the beginning until `n` records arrived; each record's arrival time in µs.
