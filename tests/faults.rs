@@ -214,7 +214,11 @@ async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() 
     };
     let t = kafka.route_topics(1).await;
     replies_on_broker_2(&kafka, &t).await;
-    // The first record's call waits for the test, so that the failure hits its reply.
+    // The first record's call waits for the test, so that the failure hits its reply. The
+    // calls behind it take 25 ms each, so that their replies reach the producer after the first
+    // reply's request has left: on a loaded machine librdkafka's broker thread could wake late
+    // and put all ten replies in that request, which fails whole and is written again in order,
+    // testing nothing (it failed so about one run in fifteen).
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let held = gate.clone();
     let service = Service::start(move |r: Req| {
@@ -222,6 +226,8 @@ async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() 
         async move {
             if r.body == "000" {
                 let _permit = held.acquire().await;
+            } else if r.body != "warm" {
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
             Resp::new(200, &r.body)
         }
