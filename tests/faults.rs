@@ -216,9 +216,10 @@ async fn a_failed_reply_is_written_again_before_the_later_replies_of_its_lane() 
     replies_on_broker_2(&kafka, &t).await;
     // The first record's call waits for the test, so that the failure hits its reply. The
     // calls behind it take 25 ms each, so that their replies reach the producer after the first
-    // reply's request has left: on a loaded machine librdkafka's broker thread could wake late
-    // and put all ten replies in that request, which fails whole and is written again in order,
-    // testing nothing (it failed so about one run in fifteen).
+    // reply's request has left. On a loaded machine the test failed on its precondition (the
+    // first reply not lost) about one run in fifteen; the likely cause, not proven, is
+    // librdkafka's broker thread waking late and putting all ten replies in that one refused
+    // request, which is then written again in order and tests nothing.
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let held = gate.clone();
     let service = Service::start(move |r: Req| {
