@@ -29,6 +29,7 @@ use crate::admin::{Control, Health};
 use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
 use crate::offsets::{Load, PauseReason, Tp, Tracker};
+use crate::produce::Failed;
 use crate::ready::Gate;
 use crate::record::Record;
 use crate::telemetry::trace::Tracing;
@@ -436,6 +437,8 @@ pub struct ConsumerSetup {
     pub gate: Arc<Gate>,
     /// With `delivery: exactly_once`: where offsets are committed.
     pub transactions: Option<Arc<Transactions>>,
+    /// Set once the producer failed for good: the records in flight can never end.
+    pub producer_failed: Arc<Failed>,
 }
 
 /// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
@@ -570,8 +573,10 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             .is_some_and(|t| t.fenced().is_some())
     };
     let deadline = Instant::now() + setup.drain_timeout;
-    // A fenced instance can commit nothing: its records are given up at once.
-    while setup.tracker.live() > 0 && Instant::now() < deadline && !fenced() {
+    // A fenced instance can commit nothing, and a failed producer write nothing: their records
+    // are given up at once.
+    let given_up = || fenced() || setup.producer_failed.why().is_some();
+    while setup.tracker.live() > 0 && Instant::now() < deadline && !given_up() {
         setup.health.beat();
         // Keep serving the group protocol while waiting; records fetched now are not taken.
         let _ = consumer.poll(Duration::from_millis(20));
@@ -579,9 +584,14 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     lock(&consumer.context().intake).queues.clear();
     let (offsets, live) = setup.tracker.release(&assigned);
     if live > 0 {
+        let why = if given_up() {
+            "Nothing more can be written"
+        } else {
+            "Drain timed out"
+        };
         tracing::warn!(
             live,
-            "Drain timed out; unfinished records will be handled again after restart"
+            "{why}; unfinished records will be handled again after restart"
         );
         consumer.context().count_abandoned(&assigned, live);
     }

@@ -8,7 +8,7 @@ use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::util::Timeout;
 use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DeadLetter;
 use crate::outcome::Failure;
@@ -113,6 +114,11 @@ impl Producer {
         self.inner.producer.flush(Timeout::After(timeout))
     }
 
+    /// Set once librdkafka has failed the producer for good.
+    pub fn failed(&self) -> Arc<Failed> {
+        self.inner.failed.clone()
+    }
+
     /// The topics the broker refuses ferry to write to; readiness follows them.
     pub fn refusals(&self) -> Arc<Refusals> {
         self.inner.producer.context().refusals.clone()
@@ -161,6 +167,7 @@ pub struct Kafka {
     /// Declared before `producer`, so the wake-up is switched off before the client goes.
     wake: MainQueue,
     pub(crate) producer: BaseProducer<Acks>,
+    failed: Arc<Failed>,
 }
 
 impl Kafka {
@@ -172,7 +179,11 @@ impl Kafka {
         let ready = acks.ready.clone();
         let producer = BaseProducer::from_config_and_context(config, acks)?;
         let wake = MainQueue::wake_on_events(&producer);
-        let kafka = Arc::new(Kafka { wake, producer });
+        let kafka = Arc::new(Kafka {
+            wake,
+            producer,
+            failed: Arc::default(),
+        });
         tokio::spawn(serve_acks(Arc::downgrade(&kafka), ready));
         Ok(kafka)
     }
@@ -200,8 +211,44 @@ impl Kafka {
                 return false;
             }
             self.producer.poll(Duration::ZERO);
+            // librdkafka queues a fatal error as an event like any other: looked at once it is
+            // served (an atomic read while there is none).
+            if let Some((code, why)) = self.producer.client().fatal_error() {
+                self.failed.set(code, why);
+            }
         }
         self.wake.pending() > 0
+    }
+}
+
+/// Why the producer can write no more, once librdkafka has failed it for good: the idempotent
+/// producer's fatal error, raised when it can no longer vouch for the order or the once-ness of
+/// what it wrote (its sequence numbers out of step with the broker's, say). Every later write
+/// fails at once and only a new producer can write again, so ferry stops, committing nothing past
+/// what the broker acknowledged; its next start (the container's restart) takes those records
+/// again.
+#[derive(Default)]
+pub struct Failed {
+    why: OnceLock<String>,
+    set: CancellationToken,
+}
+
+impl Failed {
+    fn set(&self, code: RDKafkaErrorCode, why: String) {
+        if self.why.set(format!("{code}: {why}")).is_ok() {
+            tracing::error!(error = %why, code = ?code, "The Kafka producer failed for good; stopping, so that the next start writes with a new one");
+            self.set.cancel();
+        }
+    }
+
+    /// Why, once it failed.
+    pub fn why(&self) -> Option<&str> {
+        self.why.get().map(String::as_str)
+    }
+
+    /// Resolves once it failed.
+    pub async fn wait(&self) {
+        self.set.cancelled().await
     }
 }
 

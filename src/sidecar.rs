@@ -22,7 +22,7 @@ use crate::config::{Config, Delivery};
 use crate::consume::{self, ConsumerSetup};
 use crate::dispatch::Lanes;
 use crate::offsets::{PartitionStatus, Tracker};
-use crate::produce::Producer;
+use crate::produce::{Failed, Producer};
 use crate::ready::{self, Gate, Probe};
 use crate::route::{Pace, RouteHandler};
 use crate::telemetry::trace::Tracing;
@@ -44,6 +44,10 @@ pub enum RunError {
     Consumer(String),
     #[error(transparent)]
     Transaction(#[from] transaction::TransactionError),
+    #[error(
+        "the Kafka producer failed for good ({0}); ferry stopped without committing what it could not write: its next start (the container's restart) takes those records again with a new producer"
+    )]
+    ProducerFailed(String),
     #[error(
         "the stop did not finish within {0:?} (shutdown.drain_timeout + {after:?}): the broker did not answer the final commit or the group leave in time; records after the last committed offsets will be handled again by their partition's next owner",
         after = STOP_AFTER_DRAIN
@@ -118,6 +122,14 @@ impl Sidecar {
             }
         };
         health.watch_writes(producer.refusals());
+        let failed = producer.failed();
+        tokio::spawn(stop_when_failed(
+            failed.clone(),
+            Stopper {
+                health: health.clone(),
+                shutdown: shutdown.clone(),
+            },
+        ));
         let tracker = Tracker::new();
         let tracing = Arc::new(
             Tracing::start(&config.telemetry.traces, &config.kafka.group_id).map_err(|message| {
@@ -197,6 +209,7 @@ impl Sidecar {
             shutdown: shutdown.clone(),
             gate: gate.clone(),
             transactions: producer.transactions().cloned(),
+            producer_failed: failed,
         };
         let task = tokio::spawn(pipeline(
             config.clone(),
@@ -260,6 +273,16 @@ impl Sidecar {
 
     pub fn partitions(&self) -> Vec<PartitionStatus> {
         self.tracker.status()
+    }
+}
+
+/// A producer failed for good stops the sidecar: unready at once, then the stop's steps, with
+/// the records it could not write given up uncommitted.
+async fn stop_when_failed(failed: Arc<Failed>, stopper: Stopper) {
+    tokio::select! {
+        _ = failed.wait() => stopper.stop(),
+        // Ends with the sidecar, failed or not.
+        _ = stopper.shutdown.cancelled() => {}
     }
 }
 
@@ -391,9 +414,10 @@ async fn pipeline(
     }
     admin_stop.cancel();
     let result = match consumed {
-        Ok(()) => match transactions.and_then(|t| t.fenced()) {
-            Some(why) => Err(transaction::TransactionError::Fenced(why).into()),
-            None => Ok(()),
+        Ok(()) => match (transactions.and_then(|t| t.fenced()), producer.failed().why()) {
+            (Some(why), _) => Err(transaction::TransactionError::Fenced(why).into()),
+            (None, Some(why)) => Err(RunError::ProducerFailed(why.to_string())),
+            (None, None) => Ok(()),
         },
         Err(e) => Err(e),
     };

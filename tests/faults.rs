@@ -428,3 +428,91 @@ async fn a_topic_ferry_may_not_write_keeps_it_unready_until_the_broker_takes_a_w
     sidecar.shutdown();
     tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
 }
+
+/// librdkafka's idempotent producer gives up for good when it can no longer vouch for the
+/// order or the once-ness of what it wrote (its sequence numbers out of step with the broker's,
+/// say): every later write fails. ferry must not sit there, live and failing every reply for
+/// ever: it stops, commits nothing past what the broker acknowledged, and exits non-zero, so
+/// its next start (a restart of the container) takes the records again with a new producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_the_next_start() {
+    let kafka = Kafka::start();
+    let Some(embedded) = &kafka.embedded else {
+        eprintln!("skipping: faults are injected into the embedded broker only");
+        return;
+    };
+    let t = kafka.route_topics(1).await;
+    // Held until the fault is armed, so that it meets ferry's reply and not the test's record.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let service = Service::start(move |r: Req| {
+        let held = held.clone();
+        async move {
+            let _go = held.acquire().await;
+            Resp::new(200, &r.body)
+        }
+    })
+    .await;
+    // A drain long past the test's patience: the records a failed producer holds can never
+    // end, so the stop must not wait for them.
+    let text = route_config(&kafka, &t, &service.url("/h"), "")
+        .replace("drain_timeout: 5s", "drain_timeout: 120s")
+        .replace(
+            "session.timeout.ms: 6000",
+            "session.timeout.ms: 6000\n    max.poll.interval.ms: 300000",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = (dir.path().join("ferry.yaml"), dir.path().join("ferry.log"));
+    std::fs::write(&config, &text).unwrap();
+    let mut ferry = Ferry::spawn(&config, &log);
+    kafka.send(&t.source, None, Some("k"), "paid", &[]).await;
+    eventually(WAIT, "the call", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
+
+    // The broker answers the reply's first write as if the producer's sequence numbers were
+    // out of step with its own: for the first request in flight, librdkafka's fatal error.
+    let mock = embedded.mock().unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    gate.add_permits(1000);
+    let code = ferry.exit_code(WAIT).await;
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        code,
+        Some(1),
+        "a producer failed for good ends the run with an error:\n{log}"
+    );
+    assert!(
+        log.contains("The Kafka producer failed for good")
+            && log.contains("out of order sequence number")
+            && log.contains("its next start (the container's restart) takes those records again"),
+        "the log says why:\n{log}"
+    );
+    assert_eq!(
+        kafka.committed_total(&t.group, &t.source, 1).await,
+        0,
+        "nothing is committed past a reply the broker did not take"
+    );
+
+    // The next start takes the record again, with a producer of its own.
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    eventually(WAIT, "committed by the next start", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
+    })
+    .await;
+    let replies = kafka.read_all(&t.reply).await;
+    assert!(
+        replies.iter().any(|r| r.value.as_deref() == Some("paid")),
+        "the record's reply is written by the next start"
+    );
+    assert!(
+        kafka.read_all(&t.dlq).await.is_empty(),
+        "a producer's failure is not the record's fault"
+    );
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
+}
