@@ -3,7 +3,7 @@
 //! Fed by the route handler with a decision; a record's outcome is final only once the
 //! broker has acknowledged what this module sent (idempotent producer, acks=all).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
@@ -95,22 +95,24 @@ impl Producer {
     /// Hands `out` to the producer; the returned [`Written`] resolves with the broker's answer.
     /// Records enqueued one after another reach each partition in that order (idempotent
     /// producer), so a lane need not wait for one acknowledgement before making its next reply.
+    ///
+    /// The record goes into the producer's outbox, which is handed to librdkafka once the
+    /// runtime has run the other tasks ready now (see [`Outbox`]); an error librdkafka gives at
+    /// once comes through the [`Written`] too.
     pub async fn enqueue(&self, out: &Outgoing) -> Result<Written, ProduceError> {
-        loop {
-            match self.inner.send(out) {
-                Ok(ack) => return Ok(Written(ack)),
-                // librdkafka's buffer is full: wait for room, as long as it takes (the record's
-                // offset is not committed meanwhile, and the partition's bounds stop intake).
-                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
-                Err(e) => return Err(ProduceError::from(e)),
-            }
+        let (ack, full) = self.inner.outbox.put(out);
+        if full && !self.inner.hand_over() {
+            // librdkafka's buffer is full: the hand-over task waits for room.
+            self.inner.outbox.ready.notify_one();
         }
+        Ok(Written(ack))
     }
 
     /// Waits until everything queued is acknowledged, or `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        // What the outbox still holds first; librdkafka's buffer has room for it, as the
+        // partitions' bounds keep what is in flight far below it.
+        self.inner.hand_over();
         self.inner.producer.flush(Timeout::After(timeout))
     }
 
@@ -168,6 +170,7 @@ pub struct Kafka {
     wake: MainQueue,
     pub(crate) producer: BaseProducer<Acks>,
     failed: Arc<Failed>,
+    outbox: Outbox,
 }
 
 impl Kafka {
@@ -183,8 +186,10 @@ impl Kafka {
             wake,
             producer,
             failed: Arc::default(),
+            outbox: Outbox::default(),
         });
         tokio::spawn(serve_acks(Arc::downgrade(&kafka), ready));
+        tokio::spawn(hand_over(Arc::downgrade(&kafka), kafka.outbox.ready.clone()));
         Ok(kafka)
     }
 
@@ -249,6 +254,131 @@ impl Failed {
     /// Resolves once it failed.
     pub async fn wait(&self) {
         self.set.cancelled().await
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        // Ends `hand_over`.
+        self.outbox.ready.notify_one();
+    }
+}
+
+/// Records waiting to be handed to librdkafka, in the order they were put in.
+///
+/// With `linger.ms: 0` librdkafka's broker thread sends what a partition holds as soon as it
+/// wakes, and a record put into an empty partition wakes it: handed over one at a time as the
+/// service's answers come in, replies left in a produce request each, and each request cost a
+/// wake-up of that thread, a send and a read of its answer on both sides (on this machine ferry's
+/// CPU per record at full speed doubled). Handed over together once the runtime has run the
+/// tasks ready now, the replies made meanwhile share a request; when the runtime has nothing
+/// else to do (a record alone, at a low rate) that is at once, so no reply waits for another.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<VecDeque<Queued>>,
+    /// Held through a hand-over: two at once (a lane and the task, on two workers) would
+    /// interleave their records, and a lane's must reach librdkafka in the order it made them.
+    turn: Mutex<()>,
+    /// Notified when the queue stops being empty.
+    ready: Arc<Notify>,
+}
+
+/// Records in the outbox that make a request's worth: the lane that puts the last of them in
+/// hands them over at once rather than leave them to wait for the other tasks ready now (under
+/// load, the outbox held a reply 140 µs at the median and 0.6 to 1 ms at p99 without it, 40 µs
+/// and 0.3 to 0.4 ms with it, for the same throughput within the noise).
+const HAND_OVER_AT: usize = 16;
+
+/// A record in the outbox, owned, in librdkafka's terms.
+struct Queued {
+    topic: String,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Option<OwnedHeaders>,
+    ack: Box<oneshot::Sender<Result<(), KafkaError>>>,
+}
+
+impl Outbox {
+    /// Puts `out` in; also says whether the outbox holds a request's worth.
+    fn put(&self, out: &Outgoing) -> (Ack, bool) {
+        let (tx, rx) = oneshot::channel();
+        let queued = Queued {
+            topic: out.topic.clone(),
+            key: out.key.clone(),
+            value: out.value.clone(),
+            headers: Some(headers(out)),
+            ack: Box::new(tx),
+        };
+        let len = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.push_back(queued);
+            queue.len()
+        };
+        if len == 1 {
+            self.ready.notify_one();
+        }
+        (rx, len >= HAND_OVER_AT)
+    }
+}
+
+/// Hands the outbox to librdkafka whenever it has records, after the tasks ready now, until the
+/// producer is gone.
+async fn hand_over(kafka: Weak<Kafka>, ready: Arc<Notify>) {
+    loop {
+        ready.notified().await;
+        // tokio runs a yielding task again only after the other tasks ready now (up to its
+        // event interval) or once it has none: the replies they make join this hand-over.
+        tokio::task::yield_now().await;
+        loop {
+            let Some(kafka) = kafka.upgrade() else {
+                return;
+            };
+            if kafka.hand_over() {
+                break;
+            }
+            drop(kafka);
+            // librdkafka's buffer is full: wait for room, as long as it takes (the records'
+            // offsets are not committed meanwhile, and the partitions' bounds stop intake).
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Kafka {
+    /// Hands the outbox's records to librdkafka in order; `false` if its buffer is full, with
+    /// the rest left in the outbox.
+    fn hand_over(&self) -> bool {
+        let _turn = self.outbox.turn.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = std::mem::take(&mut *self.outbox.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut batch = batch.into_iter();
+        while let Some(mut q) = batch.next() {
+            let mut record = BaseRecord::with_opaque_to(&q.topic, q.ack);
+            record.headers = q.headers.take();
+            if let Some(k) = &q.key {
+                record = record.key(k.as_ref());
+            }
+            if let Some(v) = &q.value {
+                record = record.payload(v.as_ref());
+            }
+            match self.producer.send(record) {
+                Ok(()) => {}
+                Err((e, record)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    let (headers, ack) = (record.headers, record.delivery_opaque);
+                    let mut queue = self.outbox.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    // Before what was put in meanwhile, in the order they came.
+                    let mut rest: VecDeque<Queued> = std::iter::once(Queued { headers, ack, ..q })
+                        .chain(batch)
+                        .collect();
+                    rest.append(&mut queue);
+                    *queue = rest;
+                    return false;
+                }
+                Err((e, record)) => {
+                    let _ = record.delivery_opaque.send(Err(e));
+                }
+            }
+        }
+        true
     }
 }
 

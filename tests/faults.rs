@@ -516,3 +516,37 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     sidecar.shutdown();
     tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
 }
+
+/// librdkafka's buffer for records not yet acknowledged is full far more often than with its
+/// default (a hundred thousand): replies wait in ferry's outbox for room, none is lost, and they
+/// keep their lane's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_wait_for_room_in_a_full_producer_buffer_and_keep_their_order() {
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
+    let text = route_config(&kafka, &t, &service.url("/h"), "    ordering: partition\n").replace(
+        "    heartbeat.interval.ms: 500",
+        "    heartbeat.interval.ms: 500\n    queue.buffering.max.messages: 3",
+    );
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    let want: Vec<String> = (0..300).map(|i| format!("{i:03}")).collect();
+    for v in &want {
+        kafka.send(&t.source, Some(0), Some("k"), v, &[]).await;
+    }
+    eventually(WAIT, "all committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == want.len() as i64).then_some(())
+    })
+    .await;
+    let replies = kafka.read_all(&t.reply).await;
+    assert_eq!(last_copies(&replies), want, "every reply, in partition order");
+    assert_eq!(
+        replies.len(),
+        want.len(),
+        "each reply written once: a full buffer is waited out, not a failed write"
+    );
+    assert_eq!(sidecar.snapshot()[0].produce_errors, 0);
+    assert!(kafka.read_all(&t.dlq).await.is_empty());
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
+}
