@@ -63,8 +63,8 @@ impl Producer {
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // Sent at once: replies are on the service's latency path, and under load librdkafka
-            // batches behind the requests in flight anyway (measured: benches/pipeline.rs).
+            // Sent at once: replies are on the service's latency path. Under load the outbox
+            // hands them over together, so they share requests all the same (see `Outbox`).
             .set_if_unset("linger.ms", "0")
             .set_if_unset("compression.type", "lz4");
         Ok(Producer {
