@@ -110,9 +110,12 @@ impl Producer {
 
     /// Waits until everything queued is acknowledged, or `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        // What the outbox still holds first; librdkafka's buffer has room for it, as the
-        // partitions' bounds keep what is in flight far below it.
-        self.inner.hand_over();
+        // What the outbox still holds first. librdkafka's buffer has room for it unless
+        // `queue.buffering.max.messages` was set below what is in flight; then the hand-over
+        // task keeps at it while librdkafka flushes.
+        if !self.inner.hand_over() {
+            self.inner.outbox.ready.notify_one();
+        }
         self.inner.producer.flush(Timeout::After(timeout))
     }
 
