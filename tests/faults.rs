@@ -349,6 +349,21 @@ async fn a_stop_ends_in_time_when_the_group_coordinator_does_not_answer() {
     assert!(took >= budget, "gave up before its budget: {took:?}");
 }
 
+/// An echo service that answers only once the returned gate is given permits.
+async fn held_echo() -> (Service, std::sync::Arc<tokio::sync::Semaphore>) {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let service = Service::start(move |r: Req| {
+        let held = held.clone();
+        async move {
+            let _go = held.acquire().await;
+            Resp::new(200, &r.body)
+        }
+    })
+    .await;
+    (service, gate)
+}
+
 /// `/readyz`'s status and body.
 async fn readyz(addr: std::net::SocketAddr) -> (u16, String) {
     let answer = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
@@ -366,16 +381,7 @@ async fn a_topic_ferry_may_not_write_keeps_it_unready_until_the_broker_takes_a_w
     let t = kafka.route_topics(1).await;
     // The service answers once told to, so the errors below meet ferry's reply and not the
     // test's own input record (the broker fails the next produce requests of any client).
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let held = gate.clone();
-    let service = Service::start(move |r: Req| {
-        let held = held.clone();
-        async move {
-            let _go = held.acquire().await;
-            Resp::new(200, &r.body)
-        }
-    })
-    .await;
+    let (service, gate) = held_echo().await;
     let text = route_config(&kafka, &t, &service.url("/h"), "");
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
     let admin = sidecar.admin_addr.unwrap();
@@ -443,16 +449,7 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     };
     let t = kafka.route_topics(1).await;
     // Held until the fault is armed, so that it meets ferry's reply and not the test's record.
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let held = gate.clone();
-    let service = Service::start(move |r: Req| {
-        let held = held.clone();
-        async move {
-            let _go = held.acquire().await;
-            Resp::new(200, &r.body)
-        }
-    })
-    .await;
+    let (service, gate) = held_echo().await;
     // A drain long past the test's patience: the records a failed producer holds can never
     // end, so the stop must not wait for them.
     let text = route_config(&kafka, &t, &service.url("/h"), "")
