@@ -12,7 +12,7 @@
 //! - start to ready: process start to `/readyz` answering 200.
 //!
 //! `cargo bench --bench pipeline [-- --brokers HOST:PORT] [--records N] [--seconds S]
-//! [--repeat R] [--fetch-wait-ms MS] [--only PARTS] [--out DIR]`. Without `--brokers` it runs
+//! [--repeat R] [--fetch-wait-ms MS] [--only PARTS] [--case "http key 100"]... [--out DIR]`. Without `--brokers` it runs
 //! the embedded broker in a process of its own (`ferry dev broker`). Prints a table and writes
 //! `DIR/bench.json` and `DIR/bench.svg` (default DIR: `docs`).
 
@@ -50,6 +50,19 @@ struct Options {
     only: Vec<String>,
     /// Runs of the latency measurement (ferry and B2 in turn); the report takes the medians.
     repeat: usize,
+    /// Only these throughput cases ("http key 100", `--case`, repeatable); all when empty.
+    cases: Vec<String>,
+}
+
+impl Options {
+    /// Whether the throughput case (transport, ordering, value size) is to run.
+    fn case(&self, transport: &str, mode: &str, size: usize) -> bool {
+        self.cases.is_empty()
+            || self
+                .cases
+                .iter()
+                .any(|c| *c == format!("{transport} {mode} {size}"))
+    }
 }
 
 /// `fetch.wait.max.ms` of the bench's consumers, and of ferry in the latency runs
@@ -76,6 +89,7 @@ fn options() -> Options {
         out: PathBuf::from("docs"),
         only: Vec::new(),
         repeat: 5,
+        cases: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     let mut properties = Vec::new();
@@ -90,6 +104,7 @@ fn options() -> Options {
                     properties.push((k.to_string(), v.to_string()));
                 }
             }
+            "--case" => o.cases.extend(args.next()),
             "--repeat" => o.repeat = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.repeat),
             "--fetch-wait-ms" => {
                 if let Some(ms) = args.next().and_then(|n| n.parse().ok()) {
@@ -1357,6 +1372,9 @@ fn main() {
                     ("key", PER_PARTITION * PARTITIONS as usize),
                     ("partition", PARTITIONS as usize),
                 ] {
+                    if !o.case(transport, mode, size) {
+                        continue;
+                    }
                     let addr = if transport == "http" { http } else { grpc };
                     let rate = rt.block_on(b0(transport, addr, size, concurrency, n));
                     println!(
@@ -1371,6 +1389,12 @@ fn main() {
     let mut b1_rates = BTreeMap::new();
     if run("b1") || run("b3") {
         for size in [100, 1024] {
+            if !["http", "grpc"]
+                .iter()
+                .any(|t| ["key", "partition"].iter().any(|m| o.case(t, m, size)))
+            {
+                continue;
+            }
             let rate = b1(&broker, size, n);
             println!("B1      {size:>5} B                 : {rate:>9.0} records/s");
             b1_rates.insert(size, rate);
@@ -1385,6 +1409,9 @@ fn main() {
         for transport in ["http", "grpc"] {
             for mode in ["key", "partition"] {
                 for size in [100, 1024] {
+                    if !o.case(transport, mode, size) {
+                        continue;
+                    }
                     let t = b3(
                         &broker,
                         dir.path(),

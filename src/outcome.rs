@@ -255,7 +255,10 @@ fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
             None => return Decision::Done,
         },
     };
-    let mut headers = answer.headers.clone();
+    // Room for the content type, and for the lineage the reply gets when it is written
+    // (`produce::reply`): the headers are allocated once.
+    let mut headers = Vec::with_capacity(answer.headers.len() + 1 + crate::produce::LINEAGE_HEADERS);
+    headers.extend(answer.headers.iter().cloned());
     if let Some(ct) = &answer.content_type {
         if !headers
             .iter()

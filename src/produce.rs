@@ -589,9 +589,26 @@ impl SetIfUnset for ClientConfig {
     }
 }
 
-fn header(name: &str, value: impl ToString) -> (String, Bytes) {
-    (name.to_string(), Bytes::from(value.to_string()))
+fn header(name: &str, value: impl std::fmt::Display) -> (String, Bytes) {
+    // Formatted on the stack and copied once: `Bytes::from(value.to_string())` allocated twice
+    // (the string, then the shared buffer a string with spare capacity becomes), and every
+    // record ferry writes carries several of these.
+    let mut stack = [0u8; 64];
+    let written = {
+        let mut rest = &mut stack[..];
+        use std::io::Write;
+        write!(rest, "{value}").ok().map(|()| 64 - rest.len())
+    };
+    let value = match written {
+        Some(n) => Bytes::copy_from_slice(&stack[..n]),
+        None => Bytes::from(value.to_string().into_bytes().into_boxed_slice()),
+    };
+    (name.to_string(), value)
 }
+
+/// How many headers [`reply`] adds to the service's: the source's topic, partition and offset,
+/// and its trace context.
+pub const LINEAGE_HEADERS: usize = 4;
 
 /// The lineage every record ferry writes carries: where the record was first consumed (for a
 /// record from a retry topic, where it was before its first retry).

@@ -75,12 +75,31 @@ impl Record {
     /// `{topic}/{partition}/{offset}` of the record's first consumption: taken from the
     /// `ferry.idempotency_key` header when an earlier hop set it.
     pub fn idempotency_key(&self) -> String {
-        match self
+        self.with_idempotency_key(str::to_string)
+    }
+
+    /// [`Record::idempotency_key`] lent to `f`, formatted on the stack when it fits: a call
+    /// sends it with every attempt.
+    pub fn with_idempotency_key<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        if let Some(k) = self
             .header(IDEMPOTENCY_KEY_HEADER)
             .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|k| !k.is_empty())
         {
-            Some(k) if !k.is_empty() => k.to_string(),
-            _ => format!("{}/{}/{}", self.topic, self.partition, self.offset),
+            return f(k);
+        }
+        let mut stack = [0u8; 128];
+        let written = {
+            let mut rest = &mut stack[..];
+            use std::io::Write;
+            write!(rest, "{}/{}/{}", self.topic, self.partition, self.offset)
+                .ok()
+                .map(|()| 128 - rest.len())
+        };
+        // A topic name of up to 249 characters may not fit.
+        match written.and_then(|n| std::str::from_utf8(&stack[..n]).ok()) {
+            Some(k) => f(k),
+            None => f(&format!("{}/{}/{}", self.topic, self.partition, self.offset)),
         }
     }
 
@@ -120,5 +139,45 @@ impl Record {
         self.key.as_ref().map_or(0, |k| k.len())
             + self.value.as_ref().map_or(0, |v| v.len())
             + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offsets::Tracker;
+
+    fn record(topic: &str, headers: Vec<(String, Bytes)>) -> Record {
+        let tracker = Tracker::new();
+        let tp: crate::offsets::Tp = (topic.into(), 3);
+        tracker.assign(&[(tp.clone(), 0)]);
+        let lease = tracker.track(&tp, 42, 0).expect("assigned");
+        Record {
+            topic: topic.into(),
+            partition: 3,
+            offset: 42,
+            timestamp_ms: None,
+            key: None,
+            value: None,
+            headers,
+            route: 0,
+            taken: std::time::SystemTime::now(),
+            lease,
+        }
+    }
+
+    #[test]
+    fn the_idempotency_key_is_the_first_consumption_or_the_header_an_earlier_hop_set() {
+        assert_eq!(record("orders", vec![]).idempotency_key(), "orders/3/42");
+        // Kafka allows topic names of 249 characters: too long for the stack buffer.
+        let long = "t".repeat(249);
+        assert_eq!(record(&long, vec![]).idempotency_key(), format!("{long}/3/42"));
+        let hop = vec![(
+            IDEMPOTENCY_KEY_HEADER.to_string(),
+            Bytes::from_static(b"orders/1/7"),
+        )];
+        assert_eq!(record("orders.retry.1", hop).idempotency_key(), "orders/1/7");
+        let empty = vec![(IDEMPOTENCY_KEY_HEADER.to_string(), Bytes::new())];
+        assert_eq!(record("orders", empty).idempotency_key(), "orders/3/42");
     }
 }

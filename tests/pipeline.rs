@@ -129,6 +129,7 @@ async fn reply_lands_on_the_reply_topic_with_key_and_lineage_headers() {
     let req = &b.service.requests()[0];
     assert_eq!(req.path, "/handle/order-1", "URL template");
     assert_eq!(req.body, "hello");
+    assert_eq!(req.header("content-length"), Some("5"));
     assert_eq!(req.header("ferry-topic"), Some(b.source.as_str()));
     assert_eq!(req.header("ferry-partition"), Some("0"));
     assert_eq!(req.header("ferry-offset"), Some(offset.to_string().as_str()));

@@ -109,6 +109,11 @@ impl Http {
         } else {
             None
         };
+        // hyper adds the Host header to each request that has none, formatting it each time;
+        // for a fixed URL it is made once here, as hyper would make it.
+        if let Some(host) = fixed_url.as_ref().and_then(host_header) {
+            headers.entry(http::header::HOST).or_insert(host);
+        }
         Ok(Http {
             client: Pool::new(tls),
             url,
@@ -130,20 +135,47 @@ impl Http {
             .and_then(|v| HeaderValue::from_bytes(v).ok())
             .unwrap_or(HeaderValue::from_static("application/octet-stream"));
         h.insert(http::header::CONTENT_TYPE, content_type);
+        // The values are copied into one buffer, each header's value a slice of it: a header
+        // value of its own was an allocation per header, and a request has a dozen.
+        let room = DESCRIBED_BYTES
+            + 2 * (record.topic.len() + record.key.as_ref().map_or(0, |k| k.len()))
+            + record.headers.iter().map(|(_, v)| v.len()).sum::<usize>();
+        let mut values = BytesMut::with_capacity(room);
+        let mut described = Vec::with_capacity(12 + record.headers.len());
         super::describe(record, attempt, |name, value| {
-            match (header_name(name), HeaderValue::from_bytes(value)) {
-                (Ok(n), Ok(v)) => {
-                    // Record headers may repeat; everything else is set once.
-                    if name.starts_with("ferry-header-") {
-                        h.append(n, v);
-                    } else {
-                        h.insert(n, v);
-                    }
-                    true
-                }
-                _ => false,
+            if !value.iter().all(|&b| is_valid_value_byte(b)) {
+                return false;
             }
+            let Ok(n) = header_name(name) else {
+                return false;
+            };
+            let at = values.len();
+            values.extend_from_slice(value);
+            // Record headers may repeat; everything else is set once.
+            described.push((n, at..values.len(), name.starts_with("ferry-header-")));
+            true
         });
+        // hyper would format the body's length into a header of its own; it takes one that is
+        // there (and frames the body by it), so it goes into the buffer too. An empty body
+        // has none, as hyper sends it.
+        let body = record.value.clone().unwrap_or_default();
+        if !body.is_empty() {
+            let at = values.len();
+            values.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+            described.push((http::header::CONTENT_LENGTH, at..values.len(), false));
+        }
+        let values = values.freeze();
+        for (name, range, repeats) in described {
+            // Checked byte by byte above, as `HeaderValue::from_bytes` does.
+            let Ok(v) = HeaderValue::from_maybe_shared(values.slice(range)) else {
+                continue;
+            };
+            if repeats {
+                h.append(name, v);
+            } else {
+                h.insert(name, v);
+            }
+        }
         if self.format == Format::CloudEvents {
             for (name, value) in cloud_event(record) {
                 if let Ok(v) = HeaderValue::from_str(&value) {
@@ -156,8 +188,7 @@ impl Http {
             // A record whose key or header makes no URL cannot be called, now or later.
             None => uri(&self.url.render(record)).map_err(CallError::Encode)?,
         };
-        let body = Full::new(record.value.clone().unwrap_or_default());
-        let mut request = Request::new(body);
+        let mut request = Request::new(Full::new(body));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = h;
@@ -199,6 +230,29 @@ impl Http {
     }
 }
 
+/// The Host header for `uri`: its host, and its port unless the scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+    let value = match uri.port_u16() {
+        Some(443) if secure => host.to_string(),
+        Some(80) if !secure => host.to_string(),
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+/// Room for the values ferry describes a record with (numbers, trace context) besides the
+/// topic and key (each twice, as itself and in the idempotency key or base64) and the record's
+/// headers, so that the buffer seldom grows.
+const DESCRIBED_BYTES: usize = 256;
+
+/// What `HeaderValue::from_bytes` accepts: visible ASCII, obs-text, space and tab.
+fn is_valid_value_byte(b: u8) -> bool {
+    (b >= 32 && b != 127) || b == b'\t'
+}
+
 /// The header names ferry sets on every request, without parsing or allocating them.
 fn header_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName> {
     Ok(match name {
@@ -209,7 +263,9 @@ fn header_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName
         "ferry-key" => HeaderName::from_static("ferry-key"),
         "ferry-attempt" => HeaderName::from_static("ferry-attempt"),
         "idempotency-key" => HeaderName::from_static("idempotency-key"),
+        "ferry-key-base64" => HeaderName::from_static("ferry-key-base64"),
         "traceparent" => HeaderName::from_static("traceparent"),
+        "tracestate" => HeaderName::from_static("tracestate"),
         _ => return HeaderName::from_bytes(name.as_bytes()),
     })
 }
@@ -276,6 +332,17 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_is_made_as_hyper_makes_it() {
+        let host = |u: &str| host_header(&uri(u).unwrap()).unwrap();
+        assert_eq!(host("http://127.0.0.1:8080/x"), "127.0.0.1:8080");
+        assert_eq!(host("http://svc/x"), "svc");
+        assert_eq!(host("http://svc:80/x"), "svc");
+        assert_eq!(host("https://svc:443/x"), "svc");
+        assert_eq!(host("https://svc:80/x"), "svc:80");
+        assert_eq!(host("http://[::1]:9000/x"), "[::1]:9000");
+    }
 
     #[test]
     fn urls_are_taken_as_a_browser_would_and_credentials_in_them_are_refused() {

@@ -115,7 +115,7 @@ pub(crate) fn describe(record: &Record, attempt: &Attempt, mut put: impl FnMut(&
         }
     }
     put("ferry-attempt", number.format(attempt.number).as_bytes());
-    put("idempotency-key", record.idempotency_key().as_bytes());
+    record.with_idempotency_key(|k| put("idempotency-key", k.as_bytes()));
     if let Some(trace) = &attempt.trace {
         for (name, value) in &trace.0 {
             put(name, value.as_bytes());
