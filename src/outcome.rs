@@ -131,7 +131,7 @@ pub enum Decision {
     Reply {
         topic: String,
         key: Option<Bytes>,
-        headers: Vec<(String, Bytes)>,
+        headers: crate::produce::Headers,
         value: Bytes,
     },
     /// Success, nothing to publish.
@@ -257,8 +257,9 @@ fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
     };
     // Room for the content type, and for the lineage the reply gets when it is written
     // (`produce::reply`): the headers are allocated once.
-    let mut headers = Vec::with_capacity(answer.headers.len() + 1 + crate::produce::LINEAGE_HEADERS);
-    headers.extend(answer.headers.iter().cloned());
+    let mut headers: crate::produce::Headers =
+        Vec::with_capacity(answer.headers.len() + 1 + crate::produce::LINEAGE_HEADERS);
+    headers.extend(answer.headers.iter().map(|(k, v)| (k.clone().into(), v.clone())));
     if let Some(ct) = &answer.content_type {
         if !headers
             .iter()

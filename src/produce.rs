@@ -3,6 +3,7 @@
 //! Fed by the route handler with a decision; a record's outcome is final only once the
 //! broker has acknowledged what this module sent (idempotent producer, acks=all).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::c_void;
 use std::future::Future;
@@ -36,8 +37,12 @@ pub struct Outgoing {
     pub topic: String,
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Headers,
 }
+
+/// The headers of a record ferry writes. Names are mostly ferry's own (`ferry.source.topic`),
+/// borrowed rather than allocated for every record.
+pub type Headers = Vec<(Cow<'static, str>, Bytes)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
@@ -589,7 +594,7 @@ impl SetIfUnset for ClientConfig {
     }
 }
 
-fn header(name: &str, value: impl std::fmt::Display) -> (String, Bytes) {
+fn header(name: &'static str, value: impl std::fmt::Display) -> (Cow<'static, str>, Bytes) {
     // Formatted on the stack and copied once: `Bytes::from(value.to_string())` allocated twice
     // (the string, then the shared buffer a string with spare capacity becomes), and every
     // record ferry writes carries several of these.
@@ -603,7 +608,7 @@ fn header(name: &str, value: impl std::fmt::Display) -> (String, Bytes) {
         Some(n) => Bytes::copy_from_slice(&stack[..n]),
         None => Bytes::from(value.to_string().into_bytes().into_boxed_slice()),
     };
-    (name.to_string(), value)
+    (Cow::Borrowed(name), value)
 }
 
 /// How many headers [`reply`] adds to the service's: the source's topic, partition and offset,
@@ -612,7 +617,7 @@ pub const LINEAGE_HEADERS: usize = 4;
 
 /// The lineage every record ferry writes carries: where the record was first consumed (for a
 /// record from a retry topic, where it was before its first retry).
-fn source_headers(record: &Record, out: &mut Vec<(String, Bytes)>) {
+fn source_headers(record: &Record, out: &mut Headers) {
     let names = [
         "ferry.source.topic",
         "ferry.source.partition",
@@ -621,7 +626,7 @@ fn source_headers(record: &Record, out: &mut Vec<(String, Bytes)>) {
     if record.retry_hop() > 0 && names.iter().all(|n| record.header(n).is_some()) {
         for n in names {
             if let Some(v) = record.header(n) {
-                out.push((n.to_string(), v.clone()));
+                out.push((Cow::Borrowed(n), v.clone()));
             }
         }
         return;
@@ -636,12 +641,12 @@ pub fn reply(
     record: &Record,
     topic: String,
     key: Option<Bytes>,
-    mut headers: Vec<(String, Bytes)>,
+    mut headers: Headers,
     value: Bytes,
 ) -> Outgoing {
     source_headers(record, &mut headers);
     if let Some(tp) = record.header("traceparent") {
-        headers.push(("traceparent".into(), tp.clone()));
+        headers.push((Cow::Borrowed("traceparent"), tp.clone()));
     }
     Outgoing {
         topic,
@@ -677,11 +682,11 @@ pub fn deferred(
     hop: usize,
     not_before_ms: i64,
 ) -> Outgoing {
-    let mut headers: Vec<(String, Bytes)> = record
+    let mut headers: Headers = record
         .headers
         .iter()
         .filter(|(k, _)| !is_lineage(k))
-        .cloned()
+        .map(|(k, v)| (Cow::Owned(k.clone()), v.clone()))
         .collect();
     source_headers(record, &mut headers);
     headers.push(header(IDEMPOTENCY_KEY_HEADER, record.idempotency_key()));
@@ -721,11 +726,11 @@ pub fn dead_letter(
     attempts: Attempts,
 ) -> Outgoing {
     let redacted = |name: &str| config.redact_headers.iter().any(|r| r.eq_ignore_ascii_case(name));
-    let mut headers: Vec<(String, Bytes)> = record
+    let mut headers: Headers = record
         .headers
         .iter()
         .filter(|(k, _)| !redacted(k) && !is_lineage(k))
-        .cloned()
+        .map(|(k, v)| (Cow::Owned(k.clone()), v.clone()))
         .collect();
     headers.push(header("ferry.error.reason", failure.reason));
     if let Some(s) = &failure.status {

@@ -35,13 +35,13 @@ impl TraceHeaders {
     }
 
     /// Puts these headers on an outgoing record in place of any it carried.
-    pub fn replace_in(&self, headers: &mut Vec<(String, Bytes)>) {
+    pub fn replace_in(&self, headers: &mut crate::produce::Headers) {
         if self.0.is_empty() {
             return;
         }
         headers.retain(|(k, _)| k != "traceparent" && k != "tracestate");
         for (k, v) in &self.0 {
-            headers.push(((*k).to_string(), Bytes::from(v.clone())));
+            headers.push(((*k).into(), Bytes::from(v.clone())));
         }
     }
 }
