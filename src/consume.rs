@@ -441,8 +441,23 @@ pub struct ConsumerSetup {
     pub producer_failed: Arc<Failed>,
 }
 
+/// Why the consumer stopped before it was told to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot set up the Kafka consumer: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("the record intake stopped unexpectedly")]
+    IntakeStopped,
+    /// librdkafka's fatal consumer error: another instance with the same `group.instance.id`
+    /// (static membership) took this one's place. Nothing can be committed any more.
+    #[error(
+        "the Kafka consumer failed for good ({0}); ferry stopped: its next start (the container's restart) takes the records after the last committed offsets again"
+    )]
+    Failed(String),
+}
+
 /// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
-pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
+pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
     let routes =
         Arc::new(RouteTable::new(&setup.routes).map_err(|e| KafkaError::Subscription(e.to_string()))?);
     let all_latest = setup.routes.iter().all(|r| r.from.start == Start::Latest);
@@ -526,6 +541,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
     let mut next_watermarks = Instant::now();
     let mut intake_failed = false;
+    let mut failed: Option<String> = None;
     while !setup.shutdown.is_cancelled() {
         setup.health.beat();
         // It ends only when told to, unless a bug panicked it: then stop as a crashed poll
@@ -544,6 +560,14 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
             // librdkafka recovers from these by itself; they are worth a line, not a stop.
             Some(Err(e)) => tracing::warn!(error = %e, "Consumer error"),
             None => {}
+        }
+        // An atomic read while there is none. After it the consumer fetches and commits
+        // nothing, while ferry would look healthy: stop, so that the container restarts.
+        if let Some((_, why)) = consumer.client().fatal_error() {
+            tracing::error!(reason = %why, "The Kafka consumer failed for good; stopping");
+            setup.health.set_draining();
+            failed = Some(why);
+            break;
         }
     }
     // No record is taken from here on.
@@ -575,7 +599,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     let deadline = Instant::now() + setup.drain_timeout;
     // A fenced instance can commit nothing, and a failed producer write nothing: their records
     // are given up at once.
-    let given_up = || fenced() || setup.producer_failed.why().is_some();
+    let given_up = || fenced() || failed.is_some() || setup.producer_failed.why().is_some();
     while setup.tracker.live() > 0 && Instant::now() < deadline && !given_up() {
         setup.health.beat();
         // Keep serving the group protocol while waiting; records fetched now are not taken.
@@ -599,7 +623,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     // keep serving the group protocol and try again rather than leave them to be repeated.
     let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
     let mut offsets = offsets;
-    while !commit(&consumer, &offsets) && Instant::now() < deadline && !fenced() {
+    while !commit(&consumer, &offsets) && Instant::now() < deadline && !fenced() && failed.is_none() {
         setup.health.beat();
         let _ = consumer.poll(Duration::from_millis(100));
         // A partition handed to another member meanwhile is theirs to commit: ours would set
@@ -615,10 +639,11 @@ pub fn run(setup: ConsumerSetup) -> Result<(), KafkaError> {
     // Ended by `stopped`; it holds the consumer only while it takes records.
     drop(intake);
     tracing::info!("Unsubscribed; leaving the consumer group");
+    if let Some(why) = failed {
+        return Err(ConsumeError::Failed(why));
+    }
     if intake_failed {
-        return Err(KafkaError::Subscription(
-            "the record intake stopped unexpectedly".into(),
-        ));
+        return Err(ConsumeError::IntakeStopped);
     }
     Ok(())
 }

@@ -449,8 +449,11 @@ async fn consume_until_stopped(
     if let Err(e) = spawned {
         return (Err(RunError::Consumer(e.to_string())), None);
     }
-    let ended = |r: Result<Result<(), KafkaError>, _>| match r {
-        Ok(r) => r.map_err(RunError::Kafka),
+    let ended = |r: Result<Result<(), consume::ConsumeError>, _>| match r {
+        Ok(r) => r.map_err(|e| match e {
+            consume::ConsumeError::Kafka(e) => RunError::Kafka(e),
+            e => RunError::Consumer(e.to_string()),
+        }),
         Err(_) => Err(RunError::Consumer("it ended without an answer".into())),
     };
     tokio::select! {

@@ -514,6 +514,78 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
 }
 
+/// With static membership (`group.instance.id` in `kafka.properties`), the broker fences a
+/// member when another takes its instance id: librdkafka's fatal consumer error, after which
+/// nothing is fetched or committed. ferry stops with the reason rather than look healthy while
+/// its partitions stand still, and the next start takes the record again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_fenced_for_good_stops_ferry_and_its_records_wait_for_the_next_start() {
+    let kafka = Kafka::start();
+    let Some(embedded) = &kafka.embedded else {
+        eprintln!("skipping: faults are injected into the embedded broker only");
+        return;
+    };
+    let t = kafka.route_topics(1).await;
+    // Held until the consumer is fenced: the record is then in flight, and cannot be committed.
+    let (service, gate) = held_echo().await;
+    let text = route_config(&kafka, &t, &service.url("/h"), "")
+        .replace("drain_timeout: 5s", "drain_timeout: 120s")
+        .replace(
+            "session.timeout.ms: 6000",
+            "session.timeout.ms: 6000\n    group.instance.id: ferry-0",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = (dir.path().join("ferry.yaml"), dir.path().join("ferry.log"));
+    std::fs::write(&config, &text).unwrap();
+    let mut ferry = Ferry::spawn(&config, &log);
+    kafka.send(&t.source, None, Some("k"), "paid", &[]).await;
+    eventually(WAIT, "the call", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
+
+    // What the group coordinator answers a member whose instance id another member now holds.
+    let mock = embedded.mock().unwrap();
+    // One: the next heartbeat is ferry's, and a second would fence the next start too.
+    mock.request_errors(
+        RDKafkaApiKey::Heartbeat,
+        &[RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID],
+    );
+    let code = ferry.exit_code(WAIT).await;
+    gate.add_permits(1000);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        code,
+        Some(1),
+        "a consumer failed for good ends the run with an error:\n{log}"
+    );
+    assert!(
+        log.contains("The Kafka consumer failed for good")
+            && log.contains("group.instance.id")
+            && log.contains("its next start (the container's restart) takes the records"),
+        "the log says why:\n{log}"
+    );
+    assert_eq!(
+        kafka.committed_total(&t.group, &t.source, 1).await,
+        0,
+        "a fenced member commits nothing"
+    );
+
+    // The next start, with the same instance id, takes the record again.
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    eventually(WAIT, "committed by the next start", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
+    })
+    .await;
+    let replies = kafka.read_all(&t.reply).await;
+    assert!(
+        replies.iter().any(|r| r.value.as_deref() == Some("paid")),
+        "the record's reply is written by the next start"
+    );
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
+}
+
 /// librdkafka's buffer for records not yet acknowledged is full far more often than with its
 /// default (a hundred thousand): replies wait in ferry's outbox for room, none is lost, and they
 /// keep their lane's order.
