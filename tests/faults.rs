@@ -547,10 +547,7 @@ async fn a_consumer_fenced_for_good_stops_ferry_and_its_records_wait_for_the_nex
     // What the group coordinator answers a member whose instance id another member now holds.
     let mock = embedded.mock().unwrap();
     // One: the next heartbeat is ferry's, and a second would fence the next start too.
-    mock.request_errors(
-        RDKafkaApiKey::Heartbeat,
-        &[RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID],
-    );
+    mock.request_errors(RDKafkaApiKey::Heartbeat, &[RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID]);
     let code = ferry.exit_code(WAIT).await;
     gate.add_permits(1000);
     let log = std::fs::read_to_string(&log).unwrap_or_default();
