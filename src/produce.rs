@@ -595,19 +595,9 @@ impl SetIfUnset for ClientConfig {
 }
 
 fn header(name: &'static str, value: impl std::fmt::Display) -> (Cow<'static, str>, Bytes) {
-    // Formatted on the stack and copied once: `Bytes::from(value.to_string())` allocated twice
-    // (the string, then the shared buffer a string with spare capacity becomes), and every
-    // record ferry writes carries several of these.
-    let mut stack = [0u8; 64];
-    let written = {
-        let mut rest = &mut stack[..];
-        use std::io::Write;
-        write!(rest, "{value}").ok().map(|()| 64 - rest.len())
-    };
-    let value = match written {
-        Some(n) => Bytes::copy_from_slice(&stack[..n]),
-        None => Bytes::from(value.to_string().into_bytes().into_boxed_slice()),
-    };
+    // `Bytes::from(value.to_string())` allocated twice (the string, then the shared buffer a
+    // string with spare capacity becomes), and every record ferry writes carries several.
+    let value = crate::record::formatted(format_args!("{value}"), |v| Bytes::copy_from_slice(v.as_bytes()));
     (Cow::Borrowed(name), value)
 }
 

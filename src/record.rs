@@ -88,19 +88,10 @@ impl Record {
         {
             return f(k);
         }
-        let mut stack = [0u8; 128];
-        let written = {
-            let mut rest = &mut stack[..];
-            use std::io::Write;
-            write!(rest, "{}/{}/{}", self.topic, self.partition, self.offset)
-                .ok()
-                .map(|()| 128 - rest.len())
-        };
-        // A topic name of up to 249 characters may not fit.
-        match written.and_then(|n| std::str::from_utf8(&stack[..n]).ok()) {
-            Some(k) => f(k),
-            None => f(&format!("{}/{}/{}", self.topic, self.partition, self.offset)),
-        }
+        formatted(
+            format_args!("{}/{}/{}", self.topic, self.partition, self.offset),
+            f,
+        )
     }
 
     fn number(&self, header: &str) -> Option<i64> {
@@ -139,6 +130,23 @@ impl Record {
         self.key.as_ref().map_or(0, |k| k.len())
             + self.value.as_ref().map_or(0, |v| v.len())
             + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+/// `args` formatted and lent to `f`: on the stack when they fit in 128 bytes (a topic name may
+/// take 249), else in a string. For the text ferry makes for every record (idempotency keys,
+/// header values), where a string of its own was an allocation each time.
+pub(crate) fn formatted<R>(args: std::fmt::Arguments<'_>, f: impl FnOnce(&str) -> R) -> R {
+    let mut stack = [0u8; 128];
+    let written = {
+        let mut rest = &mut stack[..];
+        std::io::Write::write_fmt(&mut rest, args)
+            .ok()
+            .map(|()| 128 - rest.len())
+    };
+    match written.and_then(|n| std::str::from_utf8(&stack[..n]).ok()) {
+        Some(text) => f(text),
+        None => f(&std::fmt::format(args)),
     }
 }
 
