@@ -364,6 +364,46 @@ async fn held_echo() -> (Service, std::sync::Arc<tokio::sync::Semaphore>) {
     (service, gate)
 }
 
+/// The ferry binary with one record ("paid", key "k") whose call the service holds until
+/// `gate` opens, with the librdkafka `property` added and a drain long past the tests'
+/// patience: records that can never end must not make the stop wait for them.
+struct InFlight {
+    ferry: Ferry,
+    log: std::path::PathBuf,
+    /// The config, for the next start.
+    text: String,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    _service: Service,
+    _dir: tempfile::TempDir,
+}
+
+async fn a_call_in_flight(kafka: &Kafka, t: &RouteTopics, property: &str) -> InFlight {
+    let (service, gate) = held_echo().await;
+    let text = route_config(kafka, t, &service.url("/h"), "")
+        .replace("drain_timeout: 5s", "drain_timeout: 120s")
+        .replace(
+            "session.timeout.ms: 6000",
+            &format!("session.timeout.ms: 6000\n    {property}"),
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = (dir.path().join("ferry.yaml"), dir.path().join("ferry.log"));
+    std::fs::write(&config, &text).unwrap();
+    let ferry = Ferry::spawn(&config, &log);
+    kafka.send(&t.source, None, Some("k"), "paid", &[]).await;
+    eventually(WAIT, "the call", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
+    InFlight {
+        _service: service,
+        ferry,
+        log,
+        text,
+        gate,
+        _dir: dir,
+    }
+}
+
 /// `/readyz`'s status and body.
 async fn readyz(addr: std::net::SocketAddr) -> (u16, String) {
     let answer = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
@@ -449,24 +489,14 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     };
     let t = kafka.route_topics(1).await;
     // Held until the fault is armed, so that it meets ferry's reply and not the test's record.
-    let (service, gate) = held_echo().await;
-    // A drain long past the test's patience: the records a failed producer holds can never
-    // end, so the stop must not wait for them.
-    let text = route_config(&kafka, &t, &service.url("/h"), "")
-        .replace("drain_timeout: 5s", "drain_timeout: 120s")
-        .replace(
-            "session.timeout.ms: 6000",
-            "session.timeout.ms: 6000\n    max.poll.interval.ms: 300000",
-        );
-    let dir = tempfile::tempdir().unwrap();
-    let (config, log) = (dir.path().join("ferry.yaml"), dir.path().join("ferry.log"));
-    std::fs::write(&config, &text).unwrap();
-    let mut ferry = Ferry::spawn(&config, &log);
-    kafka.send(&t.source, None, Some("k"), "paid", &[]).await;
-    eventually(WAIT, "the call", || async {
-        (!service.requests().is_empty()).then_some(())
-    })
-    .await;
+    let InFlight {
+        mut ferry,
+        log,
+        text,
+        gate,
+        _service,
+        _dir,
+    } = a_call_in_flight(&kafka, &t, "max.poll.interval.ms: 300000").await;
 
     // The broker answers the reply's first write as if the producer's sequence numbers were
     // out of step with its own: for the first request in flight, librdkafka's fatal error.
@@ -527,22 +557,14 @@ async fn a_consumer_fenced_for_good_stops_ferry_and_its_records_wait_for_the_nex
     };
     let t = kafka.route_topics(1).await;
     // Held until the consumer is fenced: the record is then in flight, and cannot be committed.
-    let (service, gate) = held_echo().await;
-    let text = route_config(&kafka, &t, &service.url("/h"), "")
-        .replace("drain_timeout: 5s", "drain_timeout: 120s")
-        .replace(
-            "session.timeout.ms: 6000",
-            "session.timeout.ms: 6000\n    group.instance.id: ferry-0",
-        );
-    let dir = tempfile::tempdir().unwrap();
-    let (config, log) = (dir.path().join("ferry.yaml"), dir.path().join("ferry.log"));
-    std::fs::write(&config, &text).unwrap();
-    let mut ferry = Ferry::spawn(&config, &log);
-    kafka.send(&t.source, None, Some("k"), "paid", &[]).await;
-    eventually(WAIT, "the call", || async {
-        (!service.requests().is_empty()).then_some(())
-    })
-    .await;
+    let InFlight {
+        mut ferry,
+        log,
+        text,
+        gate,
+        _service,
+        _dir,
+    } = a_call_in_flight(&kafka, &t, "group.instance.id: ferry-0").await;
 
     // What the group coordinator answers a member whose instance id another member now holds.
     let mock = embedded.mock().unwrap();
