@@ -7,11 +7,12 @@
 //! dispatch lanes with records and the offset tracker with what was taken, on the thread that
 //! then runs their calls (a hand-off from a thread of its own cost a thread wake-up per record).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use hashbrown::{HashMap, HashSet};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::base_consumer::PartitionQueue;

@@ -9,7 +9,7 @@
 //! many records are taken at all is bounded upstream, by pausing the partition (see `consume`),
 //! never by blocking the intake.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -18,6 +18,7 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use hashbrown::{Equivalent, HashMap};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
@@ -49,7 +50,20 @@ impl Lane {
 /// The queues of busy lanes: pure bookkeeping, property-tested below.
 pub struct Scheduler<T> {
     /// A lane is busy while it has an entry; the queue holds what waits behind the running one.
+    /// Keys are record keys, which whoever writes the topic chooses: foldhash's per-map random
+    /// seed keeps them from being picked to collide.
     busy: HashMap<(Tp, Lane), Busy<T>>,
+}
+
+/// A lane looked up by reference: it hashes as `(Tp, Lane)` does, field by field, so finding a
+/// busy lane clones neither its partition nor its key.
+#[derive(Hash)]
+struct LaneRef<'a>(&'a Tp, &'a Lane);
+
+impl Equivalent<(Tp, Lane)> for LaneRef<'_> {
+    fn equivalent(&self, (tp, lane): &(Tp, Lane)) -> bool {
+        self.0 == tp && self.1 == lane
+    }
 }
 
 /// A busy lane: what waits behind its running item, and who to wake when more comes.
@@ -61,14 +75,16 @@ struct Busy<T> {
 
 impl<T> Default for Scheduler<T> {
     fn default() -> Self {
-        Scheduler { busy: HashMap::new() }
+        Scheduler {
+            busy: HashMap::default(),
+        }
     }
 }
 
 impl<T> Scheduler<T> {
     /// Queues `item`; returns it back when its lane was idle and it should start now.
     pub fn push(&mut self, tp: &Tp, lane: Lane, item: T) -> Option<T> {
-        match self.busy.get_mut(&(tp.clone(), lane.clone())) {
+        match self.busy.get_mut(&LaneRef(tp, &lane)) {
             Some(busy) => {
                 busy.queue.push_back(item);
                 if let Some(wake) = &busy.wake {
@@ -92,7 +108,7 @@ impl<T> Scheduler<T> {
     /// item runs; the older ones are returned to be finished without running
     /// (freshness.conflate).
     pub fn next(&mut self, tp: &Tp, lane: &Lane, conflate: bool) -> (Option<T>, Vec<T>) {
-        let Some(Busy { queue, .. }) = self.busy.get_mut(&(tp.clone(), lane.clone())) else {
+        let Some(Busy { queue, .. }) = self.busy.get_mut(&LaneRef(tp, lane)) else {
             return (None, Vec::new());
         };
         if conflate {
@@ -106,7 +122,7 @@ impl<T> Scheduler<T> {
     /// From now on, an item queued on the busy lane also notifies `wake` (a permit is kept if
     /// nobody waits yet, so an item queued before the wait begins is not missed).
     pub fn watch(&mut self, tp: &Tp, lane: &Lane, wake: &Arc<Notify>) {
-        if let Some(busy) = self.busy.get_mut(&(tp.clone(), lane.clone())) {
+        if let Some(busy) = self.busy.get_mut(&LaneRef(tp, lane)) {
             if busy.wake.is_none() {
                 busy.wake = Some(wake.clone());
             }
@@ -117,7 +133,7 @@ impl<T> Scheduler<T> {
     pub fn done(&mut self, tp: &Tp, lane: &Lane, conflate: bool) -> (Option<T>, Vec<T>) {
         let next = self.next(tp, lane, conflate);
         if next.0.is_none() {
-            self.busy.remove(&(tp.clone(), lane.clone()));
+            self.busy.remove(&LaneRef(tp, lane));
         }
         next
     }

@@ -5,11 +5,12 @@
 //! when a record is given up because its partition is going away). It feeds the committer with
 //! the contiguous watermark of each partition: the offset below which every record is final.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
+use hashbrown::HashMap;
 use tokio_util::sync::CancellationToken;
 
 /// A topic and partition.
