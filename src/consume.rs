@@ -115,6 +115,11 @@ pub struct Context {
     /// Held while offsets are taken from the tracker and committed, so a periodic commit can
     /// never land after the final commit of a revoked partition.
     commit_lock: Mutex<()>,
+    /// Final offsets a stop could not commit yet (the broker refuses commits while the group
+    /// rebalances). Should the rebalance revoke their partitions, the revoke commits them, as
+    /// it hands the partitions over: after it they are another member's to commit, and the
+    /// next owner would repeat every record above the last commit.
+    unfinished: Mutex<Vec<(Tp, i64)>>,
     drain_timeout: Duration,
     /// What librdkafka falls back to when a partition has no committed offset.
     default_start: Start,
@@ -217,10 +222,22 @@ impl Context {
         // nothing and must not wait behind a commit to an unreachable coordinator.
         let _committing = commit_final.then(|| lock(&self.commit_lock));
         let acknowledged = self.tracker.acknowledged(tps);
-        let (offsets, live) = self.tracker.release(tps);
+        let (mut offsets, live) = self.tracker.release(tps);
         if live > 0 {
             self.count_abandoned(tps, live);
         }
+        // A stop in progress released its partitions from the tracker already; what it could
+        // not commit is committed here, while the partitions are still ours.
+        lock(&self.unfinished).retain(|(tp, offset)| {
+            if !tps.contains(tp) {
+                return true;
+            }
+            match offsets.iter_mut().find(|(t, _)| t == tp) {
+                Some((_, o)) => *o = (*o).max(*offset),
+                None => offsets.push((tp.clone(), *offset)),
+            }
+            false
+        });
         if commit_final {
             if commit(c, &offsets) {
                 // Where the next owner should start: for an operator following a handover (and
@@ -508,6 +525,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         intake: Arc::new(Mutex::new(Intake::default())),
         records: Arc::new(Notify::new()),
         commit_lock: Mutex::new(()),
+        unfinished: Mutex::new(Vec::new()),
         drain_timeout: setup.drain_timeout,
         default_start,
         transactions: setup.transactions.clone(),
@@ -607,7 +625,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         let _ = consumer.poll(Duration::from_millis(20));
     }
     lock(&consumer.context().intake).queues.clear();
-    let (offsets, live) = setup.tracker.release(&assigned);
+    let (mut offsets, live) = setup.tracker.release(&assigned);
     if live > 0 {
         let why = if given_up() {
             "Nothing more can be written"
@@ -623,10 +641,20 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
     // A rebalance in progress (another member joining or leaving) refuses commits for a while;
     // keep serving the group protocol and try again rather than leave them to be repeated.
     let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
-    let mut offsets = offsets;
-    while !commit(&consumer, &offsets) && Instant::now() < deadline && !fenced() && failed.is_none() {
+    let can_commit = || !fenced() && failed.is_none();
+    loop {
+        if commit(&consumer, &offsets) {
+            offsets.clear();
+            break;
+        }
+        if Instant::now() >= deadline || !can_commit() {
+            break;
+        }
         setup.health.beat();
+        // A revoke served by this poll commits its partitions' offsets (see `Context::drain`).
+        *lock(&consumer.context().unfinished) = offsets;
         let _ = consumer.poll(Duration::from_millis(100));
+        offsets = std::mem::take(&mut *lock(&consumer.context().unfinished));
         // A partition handed to another member meanwhile is theirs to commit: ours would set
         // their offset back.
         if let Ok(assignment) = consumer.assignment() {
@@ -634,7 +662,13 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         }
     }
     consumer.context().tracing.forget(&assigned);
+    // Still not committed (out of time): the revoke that leaving the group makes tries once
+    // more, as it gives the partitions up.
+    if can_commit() && !offsets.is_empty() {
+        *lock(&consumer.context().unfinished) = offsets;
+    }
     consumer.unsubscribe();
+    lock(&consumer.context().unfinished).clear();
     // Queues split off by a last assignment hold the consumer; let them go.
     lock(&consumer.context().intake).queues.clear();
     // Ended by `stopped`; it holds the consumer only while it takes records.

@@ -163,6 +163,62 @@ async fn three_instances_keep_each_keys_order_across_handovers() {
     eprintln!("three instances: {repeats} repeated replies");
 }
 
+/// A sidecar stopped while the group rebalances: the broker refuses its final commit until the
+/// rebalance ends, and by then the rebalance has revoked its partitions. It commits them as it
+/// hands them over, so the member that takes them repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_rebalance_commits_as_it_hands_its_partitions_over() {
+    let kafka = Kafka::start();
+    let service = Service::start(|req: Req| async move { Resp::new(200, &req.body) }).await;
+    let RouteTopics {
+        source,
+        reply,
+        dlq,
+        group,
+    } = kafka.route_topics(4).await;
+    // No periodic commit: only the stop's final commit spares the next owner a repeat.
+    let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "")
+        .replace("commit_interval: 100ms", "commit_interval: 1h");
+    let a = Sidecar::start(parse(&text)).await.unwrap();
+    for i in 0..100 {
+        kafka
+            .send(
+                &source,
+                Some(i % 4),
+                Some(&format!("k{i}")),
+                &format!("v{i}"),
+                &[],
+            )
+            .await;
+    }
+    kafka.read(&reply, 100, WAIT).await;
+    // The second member's join starts a rebalance. The embedded broker keeps the group joining
+    // for the session timeout less a second (5 s here), refusing commits meanwhile.
+    let b = Sidecar::start(parse(&text)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.shutdown();
+    tokio::time::timeout(WAIT, a.wait()).await.unwrap().unwrap();
+    assert_eq!(
+        kafka.committed_total(&group, &source, 4).await,
+        100,
+        "the stopped sidecar's final offsets are not all committed"
+    );
+    eventually(WAIT, "the second member owns every partition", || async {
+        (b.partitions().len() == 4).then_some(())
+    })
+    .await;
+    // Time to repeat what it would.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.shutdown();
+    tokio::time::timeout(WAIT, b.wait()).await.unwrap().unwrap();
+    let replies = kafka.read_all(&reply).await;
+    assert_eq!(
+        replies.len(),
+        100,
+        "records replied twice: the next owner started below the stopped sidecar's offsets"
+    );
+}
+
 /// Sends `n` records round-robin over the keys, each key's values counting up from where it was.
 async fn send_batch(kafka: &Kafka, topic: &str, next: &mut [u32], n: usize) {
     for i in 0..n {
