@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Control, Health};
 use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
-use crate::offsets::{Load, PauseReason, Tp, Tracker};
+use crate::offsets::{Lease, Load, PauseReason, Tp, Tracker};
 use crate::produce::Failed;
 use crate::ready::Gate;
 use crate::record::Record;
@@ -390,7 +390,13 @@ fn commit_in_transaction(
         ctx.tracker.commit_failed(offsets);
         return false;
     };
-    let committed = transactions.commit(offsets, &group, |lease| ctx.tracker.owns(lease));
+    // A stop has released its partitions from the tracker already; those whose final offsets
+    // wait in `unfinished` are still ours, and so are the outputs they hold back. Otherwise a
+    // revoke's transaction for some partitions would drop the held outputs of the others.
+    let owns = |lease: &Lease| {
+        ctx.tracker.owns(lease) || lock(&ctx.unfinished).iter().any(|(tp, _)| *tp == lease.tp)
+    };
+    let committed = transactions.commit(offsets, &group, owns);
     ctx.metrics.commit(committed.is_ok());
     match committed {
         Ok(outputs) => {
@@ -641,15 +647,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
     // A rebalance in progress (another member joining or leaving) refuses commits for a while;
     // keep serving the group protocol and try again rather than leave them to be repeated.
     let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
-    let can_commit = || !fenced() && failed.is_none();
-    loop {
-        if commit(&consumer, &offsets) {
-            offsets.clear();
-            break;
-        }
-        if Instant::now() >= deadline || !can_commit() {
-            break;
-        }
+    while !commit(&consumer, &offsets) && Instant::now() < deadline && !fenced() && failed.is_none() {
         setup.health.beat();
         // A revoke served by this poll commits its partitions' offsets (see `Context::drain`).
         *lock(&consumer.context().unfinished) = offsets;
@@ -662,13 +660,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         }
     }
     consumer.context().tracing.forget(&assigned);
-    // Still not committed (out of time): the revoke that leaving the group makes tries once
-    // more, as it gives the partitions up.
-    if can_commit() && !offsets.is_empty() {
-        *lock(&consumer.context().unfinished) = offsets;
-    }
     consumer.unsubscribe();
-    lock(&consumer.context().unfinished).clear();
     // Queues split off by a last assignment hold the consumer; let them go.
     lock(&consumer.context().intake).queues.clear();
     // Ended by `stopped`; it holds the consumer only while it takes records.

@@ -176,9 +176,12 @@ async fn a_stop_during_a_rebalance_commits_as_it_hands_its_partitions_over() {
         dlq,
         group,
     } = kafka.route_topics(4).await;
-    // No periodic commit: only the stop's final commit spares the next owner a repeat.
+    // No periodic commit: only the stop's final commit spares the next owner a repeat. The
+    // stop's commits get long enough to outlast the rebalance it meets and the one its revoke
+    // starts (5 s each on the embedded broker).
     let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "")
-        .replace("commit_interval: 100ms", "commit_interval: 1h");
+        .replace("commit_interval: 100ms", "commit_interval: 1h")
+        .replace("drain_timeout: 5s", "drain_timeout: 15s");
     let a = Sidecar::start(parse(&text)).await.unwrap();
     for i in 0..100 {
         kafka
