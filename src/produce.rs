@@ -759,3 +759,56 @@ pub fn dead_letter(
         headers,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::{CStr, CString, c_char};
+
+    use rdkafka::client::Client;
+
+    use super::*;
+
+    /// A property as the running librdkafka client holds it.
+    fn property(client: &Client<Acks>, name: &str) -> String {
+        let name = CString::new(name).expect("a property name");
+        let mut value = [0 as c_char; 64];
+        let mut size = value.len();
+        // SAFETY: the client is alive for the call, `rd_kafka_conf` returns its own
+        // configuration (read only here), and `value` holds `size` bytes.
+        let rc = unsafe {
+            let conf = rdkafka_sys::rd_kafka_conf(client.native_ptr());
+            rdkafka_sys::rd_kafka_conf_get(conf, name.as_ptr(), value.as_mut_ptr(), &mut size)
+        };
+        assert_eq!(rc, rdkafka_sys::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK, "{name:?}");
+        // SAFETY: librdkafka wrote a NUL-terminated string into `value`.
+        unsafe { CStr::from_ptr(value.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Nothing connects: the client is only made, and its configuration read back.
+    fn config(extra: &[(&str, &str)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", "127.0.0.1:9");
+        for (k, v) in extra {
+            c.set(*k, *v);
+        }
+        c
+    }
+
+    #[tokio::test]
+    async fn writes_are_uncompressed_unless_kafka_properties_say() {
+        let plain = Producer::new(config(&[])).unwrap();
+        assert_eq!(
+            property(plain.inner.producer.client(), "compression.type"),
+            "none"
+        );
+        let lz4 = Producer::new(config(&[("compression.type", "lz4")])).unwrap();
+        assert_eq!(property(lz4.inner.producer.client(), "compression.type"), "lz4");
+        // What the guarantees rest on is set whatever the properties say.
+        assert_eq!(
+            property(plain.inner.producer.client(), "enable.idempotence"),
+            "true"
+        );
+    }
+}
