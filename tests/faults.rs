@@ -526,22 +526,11 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     );
 
     // The next start takes the record again, with a producer of its own.
-    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
-    eventually(WAIT, "committed by the next start", || async {
-        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
-    })
-    .await;
-    let replies = kafka.read_all(&t.reply).await;
-    assert!(
-        replies.iter().any(|r| r.value.as_deref() == Some("paid")),
-        "the record's reply is written by the next start"
-    );
+    the_next_start_replies_and_commits(&kafka, &t, &text).await;
     assert!(
         kafka.read_all(&t.dlq).await.is_empty(),
         "a producer's failure is not the record's fault"
     );
-    sidecar.shutdown();
-    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
 }
 
 /// With static membership (`group.instance.id` in `kafka.properties`), the broker fences a
@@ -591,7 +580,13 @@ async fn a_consumer_fenced_for_good_stops_ferry_and_its_records_wait_for_the_nex
     );
 
     // The next start, with the same instance id, takes the record again.
-    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    the_next_start_replies_and_commits(&kafka, &t, &text).await;
+}
+
+/// After a stop for good: the next start (in process) takes the call's record again, replies
+/// and commits it.
+async fn the_next_start_replies_and_commits(kafka: &Kafka, t: &RouteTopics, text: &str) {
+    let sidecar = Sidecar::start(parse(text)).await.expect("sidecar starts");
     eventually(WAIT, "committed by the next start", || async {
         (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
     })
