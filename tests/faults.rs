@@ -489,14 +489,7 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     };
     let t = kafka.route_topics(1).await;
     // Held until the fault is armed, so that it meets ferry's reply and not the test's record.
-    let InFlight {
-        mut ferry,
-        log,
-        text,
-        gate,
-        _service,
-        _dir,
-    } = a_call_in_flight(&kafka, &t, "max.poll.interval.ms: 300000").await;
+    let mut call = a_call_in_flight(&kafka, &t, "max.poll.interval.ms: 300000").await;
 
     // The broker answers the reply's first write as if the producer's sequence numbers were
     // out of step with its own: for the first request in flight, librdkafka's fatal error.
@@ -505,9 +498,9 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
         RDKafkaApiKey::Produce,
         &[RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
     );
-    gate.add_permits(1000);
-    let code = ferry.exit_code(WAIT).await;
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    call.gate.add_permits(1000);
+    let code = call.ferry.exit_code(WAIT).await;
+    let log = std::fs::read_to_string(&call.log).unwrap_or_default();
     assert_eq!(
         code,
         Some(1),
@@ -526,7 +519,7 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     );
 
     // The next start takes the record again, with a producer of its own.
-    the_next_start_replies_and_commits(&kafka, &t, &text).await;
+    the_next_start_replies_and_commits(&kafka, &t, &call.text).await;
     assert!(
         kafka.read_all(&t.dlq).await.is_empty(),
         "a producer's failure is not the record's fault"
@@ -546,22 +539,15 @@ async fn a_consumer_fenced_for_good_stops_ferry_and_its_records_wait_for_the_nex
     };
     let t = kafka.route_topics(1).await;
     // Held until the consumer is fenced: the record is then in flight, and cannot be committed.
-    let InFlight {
-        mut ferry,
-        log,
-        text,
-        gate,
-        _service,
-        _dir,
-    } = a_call_in_flight(&kafka, &t, "group.instance.id: ferry-0").await;
+    let mut call = a_call_in_flight(&kafka, &t, "group.instance.id: ferry-0").await;
 
     // What the group coordinator answers a member whose instance id another member now holds.
     let mock = embedded.mock().unwrap();
     // One: the next heartbeat is ferry's, and a second would fence the next start too.
     mock.request_errors(RDKafkaApiKey::Heartbeat, &[RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID]);
-    let code = ferry.exit_code(WAIT).await;
-    gate.add_permits(1000);
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    let code = call.ferry.exit_code(WAIT).await;
+    call.gate.add_permits(1000);
+    let log = std::fs::read_to_string(&call.log).unwrap_or_default();
     assert_eq!(
         code,
         Some(1),
@@ -580,7 +566,7 @@ async fn a_consumer_fenced_for_good_stops_ferry_and_its_records_wait_for_the_nex
     );
 
     // The next start, with the same instance id, takes the record again.
-    the_next_start_replies_and_commits(&kafka, &t, &text).await;
+    the_next_start_replies_and_commits(&kafka, &t, &call.text).await;
 }
 
 /// After a stop for good: the next start (in process) takes the call's record again, replies
