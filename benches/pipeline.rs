@@ -73,6 +73,14 @@ fn fetch_wait_ms() -> u32 {
     *FETCH_WAIT_MS.get().unwrap_or(&1)
 }
 
+/// The ferry binary measured (`--ferry PATH`): this build's unless told, so that two builds can
+/// be run in turn, or one under a profiler, without touching `target/`.
+static FERRY_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn ferry_bin() -> &'static Path {
+    FERRY_BIN.get_or_init(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")))
+}
+
 /// Extra librdkafka properties for ferry (`--ferry-property key=value`), to try a tuning.
 static FERRY_PROPERTIES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
 
@@ -105,6 +113,11 @@ fn options() -> Options {
                 }
             }
             "--case" => o.cases.extend(args.next()),
+            "--ferry" => {
+                if let Some(path) = args.next() {
+                    let _ = FERRY_BIN.set(PathBuf::from(path));
+                }
+            }
             "--repeat" => o.repeat = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.repeat),
             "--fetch-wait-ms" => {
                 if let Some(ms) = args.next().and_then(|n| n.parse().ok()) {
@@ -280,7 +293,7 @@ impl EmbeddedProcess {
     /// With `pool` topic triples.
     fn start(pool: u64) -> (EmbeddedProcess, String) {
         use std::io::BufRead;
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+        let mut command = std::process::Command::new(ferry_bin());
         command.args(["dev", "broker"]);
         for n in 0..pool {
             let (source, reply, dlq) = pool_names(n);
@@ -563,7 +576,7 @@ impl Ferry {
         );
         let path = dir.join(format!("{source}.yaml"));
         std::fs::write(&path, yaml).expect("config written");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let child = std::process::Command::new(ferry_bin())
             .args(["run", "-c"])
             .arg(&path)
             .stdout(std::process::Stdio::null())
@@ -1353,7 +1366,10 @@ fn main() {
     } else {
         format!("external at {}", broker.brokers)
     };
-    println!("ferry benchmark: {machine}; broker {broker_name}");
+    println!(
+        "ferry benchmark: {machine}; broker {broker_name}; ferry {}",
+        ferry_bin().display()
+    );
     println!(
         "settings: {n} records per throughput run, {PARTITIONS} partitions, {KEYS} keys; ferry per_partition {PER_PARTITION} (key mode in flight {}), total 256; producers idempotent, acks=all; B1 linger.ms 5; B0 at ferry's concurrency; fixed rate {RATE}/s for {} s after a 3 s warm-up, {} runs, fresh topics each; latency consumers fetch.wait.max.ms {}\n",
         PER_PARTITION * PARTITIONS as usize,
