@@ -23,6 +23,21 @@ pub enum Admission {
     Probe,
 }
 
+/// What a call's result says about the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It answered (whatever the answer), or the record itself was the problem.
+    Fine,
+    /// It failed for a retryable reason (a timeout, a 5xx, a broken connection): perhaps the
+    /// service, perhaps this record; the window of recent calls decides.
+    Failed,
+    /// No connection could be opened: the service is not there (restarting, say), whatever
+    /// the record. The circuit opens at once, so a record that arrives while the service is
+    /// away waits for it instead of spending its attempts: below `min_calls` failures a quiet
+    /// route would otherwise dead-letter everything sent during a restart.
+    Unreachable,
+}
+
 #[derive(Debug)]
 enum State {
     Closed,
@@ -187,9 +202,9 @@ impl Breaker {
         }
     }
 
-    /// Records the result of a call admitted as `admission`. `failed`: it failed for a
-    /// retryable reason (connection, timeout, 5xx, 408, 429, retryable gRPC codes).
-    pub fn record(&self, admission: Admission, failed: bool) {
+    /// Records the result of a call admitted as `admission`.
+    pub fn record(&self, admission: Admission, verdict: Verdict) {
+        let failed = verdict != Verdict::Fine;
         let now = Instant::now();
         let mut inner = self.lock();
         match (admission, &inner.state) {
@@ -211,7 +226,15 @@ impl Breaker {
                 let (total, failures) = (inner.calls.calls, inner.calls.failures);
                 let mostly_failing = total >= self.config.min_calls
                     && f64::from(failures) >= self.config.failure_ratio * f64::from(total);
-                if mostly_failing || inner.consecutive >= self.config.min_calls {
+                if verdict == Verdict::Unreachable {
+                    inner.state = State::Open {
+                        next_probe: now + self.config.probe_every.0,
+                        probing: false,
+                    };
+                    tracing::warn!(
+                        "Circuit open: the service cannot be reached; probing it before taking more records"
+                    );
+                } else if mostly_failing || inner.consecutive >= self.config.min_calls {
                     inner.state = State::Open {
                         next_probe: now + self.config.probe_every.0,
                         probing: false,
@@ -273,12 +296,12 @@ mod tests {
     #[tokio::test]
     async fn opens_on_failures_probes_one_at_a_time_and_closes_on_success() {
         let b = Breaker::new(config());
-        for failed in [false, true, true] {
+        for verdict in [Verdict::Fine, Verdict::Failed, Verdict::Failed] {
             assert_eq!(b.admit().await, Admission::Call);
-            b.record(Admission::Call, failed);
+            b.record(Admission::Call, verdict);
         }
         assert!(b.is_closed(), "below min_calls");
-        b.record(Admission::Call, true);
+        b.record(Admission::Call, Verdict::Failed);
         assert!(!b.is_closed(), "3 of 4 failed");
 
         let first = b.admit().await;
@@ -286,14 +309,14 @@ mod tests {
         // A second caller waits while the probe is out.
         let second = tokio::time::timeout(Duration::from_millis(100), b.admit()).await;
         assert!(second.is_err(), "only one probe at a time");
-        b.record(Admission::Probe, true);
+        b.record(Admission::Probe, Verdict::Failed);
         assert!(!b.is_closed());
         assert_eq!(
             b.admit().await,
             Admission::Probe,
             "the next probe, after probe_every"
         );
-        b.record(Admission::Probe, false);
+        b.record(Admission::Probe, Verdict::Fine);
         assert!(b.is_closed());
         assert_eq!(b.admit().await, Admission::Call);
     }
@@ -302,10 +325,10 @@ mod tests {
     async fn a_sudden_outage_after_many_successes_opens_it_at_once() {
         let b = Breaker::new(config());
         for _ in 0..1000 {
-            b.record(Admission::Call, false);
+            b.record(Admission::Call, Verdict::Fine);
         }
         for _ in 0..4 {
-            b.record(Admission::Call, true);
+            b.record(Admission::Call, Verdict::Failed);
         }
         assert!(!b.is_closed(), "min_calls failures in a row open it");
     }
@@ -314,8 +337,32 @@ mod tests {
     async fn successes_keep_it_closed() {
         let b = Breaker::new(config());
         for i in 0..20 {
-            b.record(Admission::Call, i % 3 == 1);
+            let verdict = if i % 3 == 1 {
+                Verdict::Failed
+            } else {
+                Verdict::Fine
+            };
+            b.record(Admission::Call, verdict);
         }
         assert!(b.is_closed(), "a third failing is below the ratio");
+    }
+
+    #[tokio::test]
+    async fn a_service_that_cannot_be_reached_opens_it_at_the_first_call() {
+        let b = Breaker::new(config());
+        for _ in 0..1000 {
+            b.record(Admission::Call, Verdict::Fine);
+        }
+        b.record(Admission::Call, Verdict::Unreachable);
+        assert!(
+            !b.is_closed(),
+            "a refused connection is the service's absence, not a record's fault"
+        );
+        assert_eq!(b.admit().await, Admission::Probe);
+        b.record(Admission::Probe, Verdict::Unreachable);
+        assert!(!b.is_closed(), "still away");
+        assert_eq!(b.admit().await, Admission::Probe);
+        b.record(Admission::Probe, Verdict::Fine);
+        assert!(b.is_closed(), "back");
     }
 }

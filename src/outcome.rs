@@ -217,7 +217,7 @@ fn act(action: Action, reason: Reason, answer: &Answer, policy: &Policy<'_>) -> 
 fn decide_error(error: &CallError, policy: &Policy<'_>) -> Decision {
     let (kind, reason) = match error {
         CallError::Timeout(_) => (ErrorKind::Timeout, Reason::Timeout),
-        CallError::Connect(_) => (ErrorKind::Connect, Reason::Connect),
+        CallError::Connect(_) | CallError::Unreachable(_) => (ErrorKind::Connect, Reason::Connect),
         // Neither is the service's fault nor will change on a retry.
         CallError::Encode(m) => return Decision::DeadLetter(failure(Reason::Schema, None, m.clone())),
         CallError::Contract(m) => return Decision::DeadLetter(failure(Reason::Contract, None, m.clone())),
@@ -423,7 +423,12 @@ mod tests {
             ),
             (
                 "connect error with a rule",
-                Err(CallError::Connect("refused".into())),
+                Err(CallError::Connect("reset".into())),
+                "dead_letter:rule",
+            ),
+            (
+                "unreachable is a connect error to rules",
+                Err(CallError::Unreachable("refused".into())),
                 "dead_letter:rule",
             ),
             ("rule: 409 -> drop", ans(409, ""), "drop"),
@@ -524,8 +529,12 @@ mod tests {
             rules: &[],
             reply: &reply,
         };
-        let d = decide(&Err(CallError::Connect("refused".into())), &policy);
-        assert_eq!(shape(&d), "retry:connect");
+        for error in [
+            CallError::Connect("reset".into()),
+            CallError::Unreachable("refused".into()),
+        ] {
+            assert_eq!(shape(&decide(&Err(error), &policy)), "retry:connect");
+        }
     }
 
     #[test]

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::call::{Attempt, Call};
-use crate::circuit::{Admission, Breaker};
+use crate::call::{Attempt, Call, CallError};
+use crate::circuit::{Admission, Breaker, Verdict};
 use crate::config::Route;
 use crate::contract;
 use crate::offsets::Tracker;
@@ -286,7 +286,12 @@ impl RouteHandler {
                 crate::telemetry::metrics::call_result(&result),
                 !matches!(decision, Decision::Reply { .. } | Decision::Done | Decision::Drop),
             );
-            self.circuit.record(admission, retryable);
+            let verdict = match &result {
+                Err(CallError::Unreachable(_)) if retryable => Verdict::Unreachable,
+                _ if retryable => Verdict::Failed,
+                _ => Verdict::Fine,
+            };
+            self.circuit.record(admission, verdict);
             if retryable && admission == Admission::Call && !self.circuit.is_closed() {
                 // This failure belongs to the outage that opened the circuit: not the record's.
                 counted -= 1;

@@ -178,3 +178,60 @@ async fn a_service_that_stops_for_20_seconds_under_load_dead_letters_nothing() {
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
+
+/// A quiet route makes too few calls for the window of recent calls to open the circuit: the
+/// records sent while the service restarts would spend their attempts on refused connections and
+/// be dead-lettered. A refused connection opens the circuit at once instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_sent_while_the_service_restarts_waits_for_it() {
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let mut service = Restartable::start("127.0.0.1:0").await;
+    let url = format!("http://{}/", service.addr);
+    // The default window (20 calls), far above the few calls three records make; probes often,
+    // to keep the test short.
+    let extra = "    circuit: { failure_ratio: 0.5, min_calls: 20, window: 10s, probe_every: 200ms }\n";
+    let sidecar = Sidecar::start(parse(&route_config(&kafka, &t, &url, extra)))
+        .await
+        .unwrap();
+    kafka.send(&t.source, None, Some("k0"), "before", &[]).await;
+    kafka.read(&t.reply, 1, WAIT).await;
+
+    service.stop();
+    for i in 1..=3 {
+        kafka
+            .send(
+                &t.source,
+                None,
+                Some(&format!("k{i}")),
+                &format!("during {i}"),
+                &[],
+            )
+            .await;
+    }
+    // Three attempts 10 to 50 ms apart would have dead-lettered them long before this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        kafka.read_all(&t.dlq).await.is_empty(),
+        "nothing dead-lettered while the service is away"
+    );
+    assert!(
+        sidecar
+            .partitions()
+            .iter()
+            .all(|p| p.paused.contains(&ferry::offsets::PauseReason::Circuit)),
+        "the circuit holds the partition: {:?}",
+        sidecar.partitions()
+    );
+    service.restart().await;
+    eventually(WAIT, "all 4 committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 4).then_some(())
+    })
+    .await;
+    let s = sidecar.snapshot().remove(0);
+    assert_eq!(s.get(Outcome::DeadLettered), 0, "{s:?}");
+    assert_eq!(s.get(Outcome::Replied), 4, "{s:?}");
+    assert_eq!(kafka.read_all(&t.reply).await.len(), 4);
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}

@@ -607,3 +607,41 @@ async fn tls_to_the_service_with_a_ca_file_and_a_client_certificate() {
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
+
+/// A refused connection is the service's absence, not the record's fault: over gRPC as over
+/// HTTP (tests/circuit.rs), the record waits for the service rather than spend its attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_sent_while_the_grpc_service_is_away_waits_for_it() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    // A port nothing listens on, until the service starts below.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = grpc_config(&kafka, &t, &format!("        endpoint: http://{addr}"), 2);
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    kafka.send(&t.source, None, Some("k"), "v", &[]).await;
+    // Two attempts 10 to 50 ms apart would have dead-lettered it long before this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(kafka.read_all(&t.dlq).await.is_empty(), "nothing dead-lettered");
+
+    let handler = TestHandler {
+        behaviour: Arc::new(|e: &Event| {
+            Ok(Reply {
+                payload: Some(e.value.clone()),
+                ..action(Action::Reply)
+            })
+        }),
+        seen: Arc::default(),
+        delay_first: None,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let router = tonic::transport::Server::builder().add_service(HandlerServer::new(handler));
+    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    let replies = kafka.read(&t.reply, 1, WAIT).await;
+    assert_eq!(replies[0].value.as_deref(), Some("v"));
+    assert!(kafka.read_all(&t.dlq).await.is_empty());
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}

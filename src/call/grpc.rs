@@ -236,7 +236,11 @@ fn failed(status: tonic::Status) -> Result<Answer, CallError> {
                 }
                 cause = c.source();
             }
-            return Err(CallError::Connect(message));
+            return Err(if super::never_reached(source) {
+                CallError::Unreachable(message)
+            } else {
+                CallError::Connect(message)
+            });
         }
     }
     Ok(Answer {

@@ -205,11 +205,13 @@ impl Http {
 
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<Answer, CallError> {
         // The URL may carry a credential (`?key=${KEY}`), and hyper's errors never name it.
-        let response = self
-            .client
-            .send(request)
-            .await
-            .map_err(|e| CallError::Connect(error_chain(&e)))?;
+        let response = self.client.send(request).await.map_err(|e| {
+            if super::never_reached(&e) {
+                CallError::Unreachable(error_chain(&e))
+            } else {
+                CallError::Connect(error_chain(&e))
+            }
+        })?;
         let mut answer = answer_headers(response.status().as_u16(), response.headers());
         let mut incoming = response.into_body();
         let mut body = BytesMut::new();

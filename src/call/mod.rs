@@ -81,8 +81,14 @@ pub struct Answer {
 pub enum CallError {
     #[error("the call timed out after {0:?}")]
     Timeout(Duration),
-    /// The service could not be reached, or the connection broke before an answer.
+    /// No connection to the service could be opened (nothing listens on its port, say, while
+    /// it restarts): the request never reached it, so the failure says nothing about the
+    /// record, and the route's circuit opens at once (see `circuit`).
     #[error("cannot reach the service: {0}")]
+    Unreachable(String),
+    /// The connection broke before an answer. The service may have crashed on this very
+    /// record, so it counts towards the record's attempts like any retryable failure.
+    #[error("the connection to the service broke: {0}")]
     Connect(String),
     /// The record cannot be turned into a request (a JSON value that does not fit the method's
     /// message). Never retried.
@@ -91,6 +97,25 @@ pub enum CallError {
     /// The answer cannot be understood (an undecodable response message).
     #[error("{0}")]
     Contract(String),
+}
+
+/// Whether `error` (or one of its causes) is a connection the operating system refused to
+/// open: nothing listening on the port, no route to the host. The service was never reached.
+pub(crate) fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ConnectionRefused | AddrNotAvailable | HostUnreachable | NetworkUnreachable
+            )
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// The request metadata SPEC §3 lists, for either transport: `put(name, value)` adds one entry

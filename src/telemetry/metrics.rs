@@ -363,7 +363,7 @@ pub fn call_result(result: &Result<Answer, CallError>) -> &'static str {
             Status::Grpc(c) => crate::call::grpc::code_name(c),
         },
         Err(CallError::Timeout(_)) => "timeout",
-        Err(CallError::Connect(_)) => "connect",
+        Err(CallError::Connect(_) | CallError::Unreachable(_)) => "connect",
         Err(CallError::Encode(_)) => "encode",
         Err(CallError::Contract(_)) => "contract",
     }
