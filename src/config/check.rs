@@ -1,6 +1,6 @@
 //! Checks that span fields, run once the config is typed. Each problem is a path and a message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::types::*;
@@ -130,9 +130,17 @@ pub fn is_secret_key(key: &str) -> bool {
 /// `kafka.properties` as librdkafka sees them: a known property with a valid value, and the
 /// files the TLS properties name. librdkafka's own check runs here so that a mistake is a config
 /// error at its key instead of a failure to start (whose message would quote the value).
-fn check_properties(kafka: &Kafka, absent_ok: bool, say: &mut impl FnMut(String, String)) {
+fn check_properties(
+    kafka: &Kafka,
+    absent_ok: bool,
+    placeholders: &HashSet<String>,
+    say: &mut impl FnMut(String, String),
+) {
     for (key, value) in &kafka.properties {
         let at = format!("kafka.properties.{key}");
+        if placeholders.contains(&at) {
+            continue;
+        }
         let mut one = rdkafka::ClientConfig::new();
         one.set(key, &value.0);
         if let Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) =
@@ -194,7 +202,9 @@ fn check_properties(kafka: &Kafka, absent_ok: bool, say: &mut impl FnMut(String,
 
 /// Every problem found, as a path and a message. `absent_ok`: TLS files that do not exist here
 /// are no problem (`ferry validate --env-optional`).
-pub fn check(config: &Config, absent_ok: bool) -> Vec<(String, String)> {
+/// `placeholders`: the paths of values that are missing variables' placeholders
+/// (`ferry validate --env-optional`), which only a check of the whole value could judge.
+pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     let mut say = |path: String, message: String| problems.push((path, message));
 
@@ -230,7 +240,7 @@ pub fn check(config: &Config, absent_ok: bool) -> Vec<(String, String)> {
             "is used only with `delivery: exactly_once`: set that, or remove this".into(),
         );
     }
-    check_properties(&config.kafka, absent_ok, &mut say);
+    check_properties(&config.kafka, absent_ok, placeholders, &mut say);
     if config.kafka.commit_interval.0.is_zero() {
         say(
             "kafka.commit_interval".into(),

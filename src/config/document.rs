@@ -67,6 +67,9 @@ pub struct Document {
     /// What references brought in from the environment or files, each with the reference
     /// (`${KAFKA_PASSWORD}`) to show in its place.
     outside: Vec<(String, String)>,
+    /// The scalars that hold a missing variable's placeholder (`--env-optional`): the path and
+    /// the JSON pointer of each.
+    placeholders: Vec<(String, String)>,
 }
 
 /// The values may hold credentials: debug output shows none of them.
@@ -104,9 +107,10 @@ impl Document {
             keys: HashMap::new(),
             referenced: HashSet::new(),
             outside: Vec::new(),
+            placeholders: Vec::new(),
         };
         let mut errors = builder.errors;
-        doc.value = doc.convert(root, String::new(), interpolator, &mut errors);
+        doc.value = doc.convert(root, String::new(), String::new(), interpolator, &mut errors);
         if errors.is_empty() { Ok(doc) } else { Err(errors) }
     }
 
@@ -147,6 +151,52 @@ impl Document {
         out
     }
 
+    /// Gives each missing variable's placeholder (`--env-optional`) a value of the type its
+    /// field takes, so that the rest of the file is checked as it will be in production: the
+    /// first of a few stand-ins (the placeholder itself, a number, a duration, a boolean) that
+    /// neither the schema nor the typed parse refuses there. Returns the paths of the
+    /// placeholders, whose values cannot be checked without their variables.
+    pub fn stand_in_placeholders(&mut self, fits: impl Fn(&Value, &str) -> bool) -> HashSet<String> {
+        let stand_ins = [
+            Value::from(1),
+            Value::from("1s"),
+            Value::from(true),
+            Value::from(0.5),
+        ];
+        // The typed parse stops at its first error, which may be another placeholder's: what
+        // looked fine behind it is looked at again once that one has its stand-in.
+        for _ in 0..=self.placeholders.len() {
+            let mut changed = false;
+            for (path, pointer) in &self.placeholders {
+                if fits(&self.value, path) {
+                    continue;
+                }
+                let Some(original) = self.value.pointer(pointer).cloned() else {
+                    continue;
+                };
+                let mut fitted = false;
+                for stand_in in &stand_ins {
+                    if let Some(v) = self.value.pointer_mut(pointer) {
+                        *v = stand_in.clone();
+                    }
+                    if fits(&self.value, path) {
+                        fitted = true;
+                        break;
+                    }
+                }
+                changed |= fitted;
+                // None fits: the placeholder stays, and the error says what the field wants.
+                if !fitted && let Some(v) = self.value.pointer_mut(pointer) {
+                    *v = original;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        self.placeholders.iter().map(|(path, _)| path.clone()).collect()
+    }
+
     /// The position of the key that introduces `path`, if it is a mapping entry.
     pub fn key_position(&self, path: &str) -> Option<Position> {
         self.keys.get(path).copied()
@@ -156,6 +206,7 @@ impl Document {
         &mut self,
         node: Node,
         path: String,
+        pointer: String,
         interp: &Interpolator,
         errors: &mut Vec<DocumentError>,
     ) -> Value {
@@ -166,6 +217,9 @@ impl Document {
                     Ok(e) => {
                         if e.references > 0 {
                             self.referenced.insert(path.clone());
+                        }
+                        if e.placeholders > 0 {
+                            self.placeholders.push((path.clone(), pointer.clone()));
                         }
                         self.outside.extend(e.fragments);
                         e.text
@@ -189,7 +243,10 @@ impl Document {
                 items
                     .into_iter()
                     .enumerate()
-                    .map(|(i, item)| self.convert(item, format!("{path}[{i}]"), interp, errors))
+                    .map(|(i, item)| {
+                        let pointer = format!("{pointer}/{i}");
+                        self.convert(item, format!("{path}[{i}]"), pointer, interp, errors)
+                    })
                     .collect(),
             ),
             NodeKind::Mapping(entries) => {
@@ -209,7 +266,8 @@ impl Document {
                         continue;
                     }
                     self.keys.insert(child.clone(), key_pos);
-                    let v = self.convert(value, child, interp, errors);
+                    let pointer = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
+                    let v = self.convert(value, child, pointer, interp, errors);
                     map.insert(key, v);
                 }
                 Value::Object(map)

@@ -22,6 +22,19 @@ pub struct Expanded {
     pub references: usize,
     /// What came from the environment or a file, each with the reference that brought it.
     pub fragments: Vec<(String, String)>,
+    /// How many references were missing and stand as placeholders (`--env-optional`).
+    pub placeholders: usize,
+}
+
+/// Where a reference's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The environment or another file: perhaps a secret.
+    Outside,
+    /// A default written in the file itself.
+    File,
+    /// Nowhere: a missing variable's placeholder (`--env-optional`).
+    Placeholder,
 }
 
 /// Expands references against an environment.
@@ -64,6 +77,7 @@ impl Interpolator {
             text: String::with_capacity(text.len()),
             references: 0,
             fragments: Vec::new(),
+            placeholders: 0,
         };
         let mut rest = text;
         while let Some(i) = rest.find('$') {
@@ -77,9 +91,10 @@ impl Interpolator {
                     return Err(Missing::Syntax(tail.to_string()));
                 };
                 let reference = &body[..end];
-                let (value, outside) = self.resolve(reference)?;
+                let (value, origin) = self.resolve(reference)?;
                 expanded.references += 1;
-                if outside && !value.is_empty() {
+                expanded.placeholders += usize::from(origin == Origin::Placeholder);
+                if origin == Origin::Outside && !value.is_empty() {
                     expanded
                         .fragments
                         .push((value.clone(), format!("${{{reference}}}")));
@@ -95,14 +110,13 @@ impl Interpolator {
         Ok(expanded)
     }
 
-    /// The value of a reference, and whether it came from outside the file (the environment or
-    /// another file) rather than from a default written in it.
-    fn resolve(&self, reference: &str) -> Result<(String, bool), Missing> {
+    /// The value of a reference, and where it came from.
+    fn resolve(&self, reference: &str) -> Result<(String, Origin), Missing> {
         if let Some(path) = reference.strip_prefix("file:") {
             return match std::fs::read_to_string(path) {
                 // Secret files usually end with a newline that is not part of the secret.
-                Ok(s) => Ok((s.strip_suffix('\n').unwrap_or(&s).to_string(), true)),
-                Err(_) if self.env_optional => Ok((format!("<file:{path}>"), false)),
+                Ok(s) => Ok((s.strip_suffix('\n').unwrap_or(&s).to_string(), Origin::Outside)),
+                Err(_) if self.env_optional => Ok((format!("<file:{path}>"), Origin::Placeholder)),
                 Err(e) => Err(Missing::File {
                     path: path.to_string(),
                     error: e.to_string(),
@@ -122,10 +136,10 @@ impl Interpolator {
         match (self.env.get(name), default) {
             // As in the shell, `:-` also stands in for a variable set to nothing: an empty
             // `KAFKA_BROKERS` means "not given", not "no brokers".
-            (Some(v), Some(d)) if v.is_empty() => Ok((d.to_string(), false)),
-            (Some(v), _) => Ok((v.clone(), true)),
-            (None, Some(d)) => Ok((d.to_string(), false)),
-            (None, None) if self.env_optional => Ok((format!("<{name}>"), false)),
+            (Some(v), Some(d)) if v.is_empty() => Ok((d.to_string(), Origin::File)),
+            (Some(v), _) => Ok((v.clone(), Origin::Outside)),
+            (None, Some(d)) => Ok((d.to_string(), Origin::File)),
+            (None, None) if self.env_optional => Ok((format!("<{name}>"), Origin::Placeholder)),
             (None, None) => Err(Missing::Variable(name.to_string())),
         }
     }

@@ -16,6 +16,7 @@ mod interpolate;
 pub mod schema;
 mod types;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -114,7 +115,19 @@ pub fn parse_with_warnings(
                 .collect(),
         )
     });
-    let doc = parsed?;
+    let mut doc = parsed?;
+    // `--env-optional`: a missing variable's placeholder takes a value of its field's type, and
+    // what only the variable's value could tell (librdkafka's check of a property) is skipped.
+    let placeholders = if interpolator.env_optional {
+        doc.stand_in_placeholders(|value, path| {
+            schema::check(value).iter().all(|p| p.path != path)
+                && serde_path_to_error::deserialize::<_, Config>(value)
+                    .err()
+                    .is_none_or(|e| e.path().to_string() != path)
+        })
+    } else {
+        HashSet::new()
+    };
     // No message quotes what came from the environment or a file.
     let at = |position: Option<Position>, path: String, message: String| ConfigError {
         file: file.to_path_buf(),
@@ -165,7 +178,9 @@ pub fn parse_with_warnings(
     })?;
     let mut config = config;
     resolve_paths(&mut config, file);
-    let mut problems = check::check(&config, interpolator.env_optional);
+    let mut problems = check::check(&config, interpolator.env_optional, &placeholders);
+    // A stand-in is no value of the user's: nothing it breaks is theirs to fix.
+    problems.retain(|(path, _)| !placeholders.contains(path));
     problems.extend(compile_schemas(&mut config));
     if problems.is_empty() {
         let mut warnings = Vec::new();
@@ -739,6 +754,41 @@ shutdown:
             &format!("        ca_file: {}\n", junk.display()),
         );
         assert!(parse(&junk_ca, Path::new("p.yaml"), &optional).is_err());
+    }
+
+    #[test]
+    fn env_optional_placeholders_stand_in_for_typed_values_and_the_rest_is_still_checked() {
+        // A production file whose numbers, durations and librdkafka properties come from the
+        // environment: without it, their placeholders take a value of their field's type.
+        let text = VALID
+            .replace("        timeout: 5s", "        timeout: ${CALL_TIMEOUT}")
+            .replace(
+                "  commit_interval: 1s\n",
+                "  commit_interval: ${COMMIT}\n  properties:\n    security.protocol: ${PROTO}\n    session.timeout.ms: ${SESSION_MS}\n",
+            )
+            .replace("      max_attempts: 5", "      max_attempts: ${ATTEMPTS}")
+            .replace(
+                "      backoff: { initial: 200ms, max: 30s, multiplier: 2.0, jitter: full }",
+                "      backoff:\n        multiplier: ${FACTOR}",
+            );
+        let mut optional = Interpolator::from_pairs(&[]);
+        optional.env_optional = true;
+        if let Err(e) = parse(&text, Path::new("p.yaml"), &optional) {
+            panic!("placeholders in typed fields are no error:\n{e}");
+        }
+        // What is written in the file is still checked, beside the placeholders.
+        let wrong = text.replace("group_id: g", "group_id: g\n  commit_interval_typo: 1s");
+        let e = parse(&wrong, Path::new("p.yaml"), &optional)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("commit_interval_typo"), "{e}");
+        let zero = text.replace("${ATTEMPTS}", "0");
+        let e = parse(&zero, Path::new("p.yaml"), &optional)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_attempts") && e.contains("at least 1"), "{e}");
+        // Without --env-optional the variables are needed.
+        assert!(parse(&text, Path::new("p.yaml"), &Interpolator::from_pairs(&[])).is_err());
     }
 
     proptest! {
