@@ -121,6 +121,8 @@ pub struct Context {
     /// next owner would repeat every record above the last commit.
     unfinished: Mutex<Vec<(Tp, i64)>>,
     drain_timeout: Duration,
+    /// librdkafka's error events, logged without their storms of repeats.
+    errors: ClientErrors,
     /// What librdkafka falls back to when a partition has no committed offset.
     default_start: Start,
     /// With `delivery: exactly_once`: offsets are committed in these transactions, never
@@ -140,7 +142,42 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(error = %error, reason, "Kafka client error");
+        if let Some(held_back) = self.errors.admit(&error.to_string(), Instant::now()) {
+            tracing::warn!(error = %error, reason, held_back, "Kafka client error");
+        }
+    }
+}
+
+/// Which of librdkafka's error events to log. It reports a broker it cannot reach again at
+/// every reconnect attempt, ten or twenty times a second, which buried every other line (and
+/// the `/readyz` reason an operator needs) in identical warnings: an error is logged when first
+/// seen, then at most once per [`ClientErrors::QUIET`] with how many were held back meanwhile.
+#[derive(Default)]
+pub struct ClientErrors {
+    /// Per error (its text): when it was last logged, and how many were held back since.
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl ClientErrors {
+    pub const QUIET: Duration = Duration::from_secs(30);
+
+    /// `Some(held back since the last line)` when `error` is to be logged now.
+    pub fn admit(&self, error: &str, now: Instant) -> Option<u64> {
+        let mut seen = lock(&self.seen);
+        match seen.get_mut(error) {
+            Some((last, held)) if now.saturating_duration_since(*last) < Self::QUIET => {
+                *held += 1;
+                None
+            }
+            Some((last, held)) => {
+                *last = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                seen.insert(error.to_string(), (now, 0));
+                Some(0)
+            }
+        }
     }
 }
 
@@ -533,6 +570,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         commit_lock: Mutex::new(()),
         unfinished: Mutex::new(Vec::new()),
         drain_timeout: setup.drain_timeout,
+        errors: ClientErrors::default(),
         default_start,
         transactions: setup.transactions.clone(),
         shutdown: setup.shutdown.clone(),
@@ -891,4 +929,34 @@ fn take(
     };
     ctx.route_metrics[route].received();
     ctx.lanes.dispatch(Record::from_message(msg, topic, route, lease));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_client_error_is_logged_once_per_quiet_period_with_the_count_held_back() {
+        let errors = ClientErrors::default();
+        let t0 = Instant::now();
+        let down = "Global error: AllBrokersDown";
+        assert_eq!(errors.admit(down, t0), Some(0), "the first is logged");
+        for ms in (50..3_000).step_by(50) {
+            assert_eq!(errors.admit(down, t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(
+            errors.admit("Global error: Authentication", t0 + Duration::from_secs(3)),
+            Some(0),
+            "another error is logged at once"
+        );
+        assert_eq!(
+            errors.admit(down, t0 + ClientErrors::QUIET),
+            Some(59),
+            "after the quiet period, with how many were held back"
+        );
+        assert_eq!(
+            errors.admit(down, t0 + ClientErrors::QUIET + Duration::from_secs(1)),
+            None
+        );
+    }
 }

@@ -189,6 +189,7 @@ impl Kafka {
         let acks = Acks {
             ready: Arc::new(Notify::new()),
             refusals: Arc::default(),
+            errors: Default::default(),
         };
         let ready = acks.ready.clone();
         let producer = BaseProducer::from_config_and_context(config, acks)?;
@@ -421,6 +422,8 @@ pub struct Acks {
     /// Notified (on a librdkafka thread) when the main queue gets events.
     ready: Arc<Notify>,
     refusals: Arc<Refusals>,
+    /// librdkafka's error events, logged without their storms of repeats.
+    errors: crate::consume::ClientErrors,
 }
 
 impl ClientContext for Acks {
@@ -429,7 +432,9 @@ impl ClientContext for Acks {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(error = %error, reason, "Kafka producer error");
+        if let Some(held_back) = self.errors.admit(&error.to_string(), std::time::Instant::now()) {
+            tracing::warn!(error = %error, reason, held_back, "Kafka producer error");
+        }
     }
 }
 

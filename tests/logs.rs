@@ -104,3 +104,42 @@ async fn secrets_never_appear_in_trace_logs_status_or_metrics() {
     assert_eq!(fields["route"], "test");
     assert_eq!(dead["level"], "INFO");
 }
+
+/// A broker that cannot be reached is reported by librdkafka at every reconnect attempt; the log
+/// says so once (then once per 30 s), so that what an operator needs is not buried.
+#[tokio::test]
+async fn an_unreachable_broker_is_logged_without_a_storm_of_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = format!(
+        "kafka:\n  brokers: \"{closed}\"\n  group_id: g\nroutes:\n  - name: r\n    from: {{ topics: [in] }}\n    call: {{ http: {{ url: \"http://127.0.0.1:9/\" }} }}\n    dead_letter: {{ to: dlq }}\nadmin:\n  listen: 127.0.0.1:0\n"
+    );
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("ferry.log");
+    let mut ferry = Ferry::spawn(&config, &log);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ferry.signal(libc::SIGTERM);
+    let _ = ferry.exit_code(WAIT).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Kafka producer error") || l.contains("Kafka client error"))
+        .collect();
+    assert!(
+        text.contains("AllBrokersDown") || text.contains("Connection refused"),
+        "the log says the broker cannot be reached:\n{text}"
+    );
+    let mut distinct = errors.clone();
+    distinct.sort_by_key(|l| l.split("error=").nth(1).unwrap_or(l).to_string());
+    distinct.dedup_by_key(|l| l.split("error=").nth(1).unwrap_or(l).to_string());
+    assert_eq!(
+        errors.len(),
+        distinct.len(),
+        "each client error once in 4 s, not at every reconnect:\n{}",
+        errors.join("\n")
+    );
+}
