@@ -431,3 +431,47 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
     );
     assert_eq!(kafka.read_all(&t.dlq).await.len(), 3, "nothing failed again");
 }
+
+/// `ferry tail … | head -1`: once the reader is gone, tail ends as Unix tools do (SIGPIPE),
+/// rather than panicking at the next record it prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_into_a_closed_pipe_ends_without_a_panic() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let kafka = Kafka::start();
+    let topic = kafka.topic("piped", 1).await;
+    kafka.send(&topic, None, Some("k"), "first", &[]).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["tail", "-b", &kafka.brokers, "-t", &topic, "--from-beginning"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut seen = String::new();
+        while !seen.contains("first") {
+            seen.push_str(&lines.next().unwrap().unwrap());
+        }
+        seen
+        // The reader goes here, as `head` would.
+    })
+    .await
+    .unwrap();
+    assert!(first.contains("first"), "{first}");
+    for i in 0..3 {
+        kafka
+            .send(&topic, None, Some("k"), &format!("after {i}"), &[])
+            .await;
+    }
+    let status = eventually(WAIT, "tail ended", || {
+        let done = child.try_wait().unwrap();
+        async move { done }
+    })
+    .await;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+}

@@ -110,6 +110,16 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
+    // A command whose output goes into a pipe (`ferry tail … | head`) ends when the reader
+    // does, as Unix tools do: Rust's runtime ignores SIGPIPE, which made the next line printed
+    // a panic. The sidecar and the embedded broker keep ignoring it: they serve sockets, and a
+    // peer gone is an error to handle there, not a reason to die.
+    if !matches!(cli.command, Command::Run { .. } | Command::Dev { .. }) {
+        // SAFETY: setting a signal's disposition to its default, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let workers = match worker_threads(std::env::var_os(WORKER_THREADS_VAR).as_deref()) {
         Ok(n) => n,
         Err(e) => {
