@@ -434,3 +434,12 @@ fn retry_topics_need_ordering_none_and_their_own_topics() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_demo_of_fewer_records_than_partitions_ends() {
+    // One record leaves partitions without any: their lag is nothing to wait for (the demo
+    // waited for it, and gave up after two minutes with an error).
+    let (code, stdout, stderr) = ferry(&["demo", "--records", "1"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("received           1"), "{stdout}");
+}

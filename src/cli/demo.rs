@@ -66,8 +66,12 @@ async fn run(records: u32) -> anyhow::Result<()> {
     loop {
         let s = &sidecar.snapshot()[0];
         let committed: i64 = sidecar.partitions().iter().filter_map(|p| p.committed).sum();
-        // Lag is known once the high watermarks are (read once a second).
-        let measured = sidecar.partitions().iter().all(|p| p.lag.is_some());
+        // Lag is known once the high watermarks are (read once a second); a partition no
+        // sample went to has none to know (`--records` below the partitions).
+        let measured = sidecar
+            .partitions()
+            .iter()
+            .all(|p| p.lag.is_some() || p.high_watermark == Some(0));
         if s.finished() >= u64::from(records) && committed >= sent && measured {
             break;
         }
