@@ -615,6 +615,24 @@ async fn ctl_shows_a_table_and_steers_the_sidecar() {
     .unwrap();
     assert_eq!(code, 1);
     assert!(err.contains("no route named `nope`"), "{err}");
+    for json in [false, true] {
+        let mut args = vec![
+            "status".to_string(),
+            "--admin".into(),
+            base.clone(),
+            "--route".into(),
+            "nope".into(),
+        ];
+        if json {
+            args.push("--json".into());
+        }
+        let (code, out, err) = run(args).await.unwrap();
+        assert_eq!(
+            code, 1,
+            "status of an unknown route is an error, not an empty table: {out}"
+        );
+        assert!(err.contains("no route named `nope`; routes are: test"), "{err}");
+    }
     let guarded = serve_with(
         &b,
         Access::new("0.0.0.0:1".parse().unwrap(), Some(Secret::new("tok"))),

@@ -78,14 +78,27 @@ async fn run(verb: Verb, t: &Target<'_>) -> Result<i32, String> {
         };
         return Err(format!("{path} refused ({code}): {why}{hint}"));
     }
-    if t.json {
-        println!("{body}");
-        return Ok(0);
-    }
     if verb == Verb::Status {
         let status: Status = serde_json::from_str(&body)
             .map_err(|e| format!("the admin endpoint answered something that is not a status: {e}"))?;
-        print!("{}", table(&status, t.route));
+        // As the verbs do (the sidecar answers them 404): an empty table would say "no route
+        // has anything", not "no such route".
+        if let Some(route) = t.route.filter(|r| !status.routes.iter().any(|s| s.name == *r)) {
+            let known: Vec<&str> = status.routes.iter().map(|r| r.name.as_str()).collect();
+            return Err(format!(
+                "no route named `{route}`; routes are: {}",
+                known.join(", ")
+            ));
+        }
+        if t.json {
+            println!("{body}");
+        } else {
+            print!("{}", table(&status, t.route));
+        }
+        return Ok(0);
+    }
+    if t.json {
+        println!("{body}");
         return Ok(0);
     }
     let done: Done =
