@@ -443,3 +443,35 @@ fn a_demo_of_fewer_records_than_partitions_ends() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("received           1"), "{stdout}");
 }
+
+#[test]
+fn a_log_setting_in_the_environment_that_means_nothing_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.yaml");
+    std::fs::write(
+        &path,
+        "kafka: { brokers: 127.0.0.1:9, group_id: g }\nroutes:\n  - name: r\n    from: { topics: [in] }\n    call: { http: { url: \"http://127.0.0.1:9/\" } }\n    dead_letter: { to: dlq }\n",
+    )
+    .unwrap();
+    for (var, value, says) in [
+        (
+            "FERRY_LOG",
+            "bogus===",
+            "FERRY_LOG: `bogus===` is not a log filter",
+        ),
+        (
+            "FERRY_LOG_FORMAT",
+            "xml",
+            "FERRY_LOG_FORMAT: `xml` is not a log format: write text or json",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "-c", path.to_str().unwrap()])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{var}={value}: {stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}

@@ -30,7 +30,10 @@ const DEAD_LETTERS: &str = "demo.orders.dlq";
 const PARTITIONS: i32 = 3;
 
 pub async fn demo(records: u32) -> i32 {
-    crate::telemetry::init_logging("warn", false);
+    if let Err(e) = crate::telemetry::init_logging("warn", false) {
+        eprintln!("error: {e}");
+        return crate::config::EXIT_CONFIG;
+    }
     match run(records).await {
         Ok(()) => 0,
         Err(e) => super::fail("the demo failed", &e),

@@ -5,7 +5,10 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::embedded::EmbeddedBroker;
 
 pub async fn broker(port: Option<u16>, topics: &[String]) -> i32 {
-    crate::telemetry::init_logging("warn", false);
+    if let Err(e) = crate::telemetry::init_logging("warn", false) {
+        eprintln!("error: {e}");
+        return crate::config::EXIT_CONFIG;
+    }
     let broker = match EmbeddedBroker::start(1) {
         Ok(b) => b,
         Err(e) => return super::fail("cannot start the embedded broker", &e.into()),

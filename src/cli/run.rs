@@ -18,7 +18,10 @@ pub async fn run(path: &Path) -> i32 {
         }
     };
     let log = &config.telemetry.log;
-    telemetry::init_logging(&log.level, log.format == LogFormat::Json);
+    if let Err(e) = telemetry::init_logging(&log.level, log.format == LogFormat::Json) {
+        eprintln!("error: {e}");
+        return EXIT_CONFIG;
+    }
     for w in &warnings {
         tracing::warn!(warning = %w, "Config warning");
     }

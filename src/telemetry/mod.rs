@@ -112,21 +112,31 @@ pub mod attributes {
 
 /// Log set-up: `level` (a level or a filter) unless `FERRY_LOG` (or `RUST_LOG`) says otherwise;
 /// JSON lines when `json` or `FERRY_LOG_FORMAT=json`. Logs go to stderr, coloured only on a terminal.
-pub fn init_logging(level: &str, json: bool) {
+/// A `FERRY_LOG` or `FERRY_LOG_FORMAT` that means nothing is an error, as the same value in the
+/// config is: ignored, it would leave the operator reading logs at a level they did not ask for.
+pub fn init_logging(level: &str, json: bool) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("FERRY_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .or_else(|| EnvFilter::try_new(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let filter = match std::env::var("FERRY_LOG") {
+        Ok(f) => EnvFilter::try_new(&f).map_err(|e| {
+            format!("FERRY_LOG: `{f}` is not a log filter ({e}): write a level (info) or a filter (info,ferry=debug)")
+        })?,
+        Err(_) => EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(level))
+            .unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours for a person at a terminal only: in a pod's log or a file they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let json = match std::env::var("FERRY_LOG_FORMAT") {
-        Ok(f) => f == "json",
+    let json = match std::env::var("FERRY_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        Ok(other) => {
+            return Err(format!(
+                "FERRY_LOG_FORMAT: `{other}` is not a log format: write text or json"
+            ));
+        }
         Err(_) => json,
     };
     // A second initialisation (tests) is harmless; ignore it.
@@ -135,4 +145,5 @@ pub fn init_logging(level: &str, json: bool) {
     } else {
         builder.try_init()
     };
+    Ok(())
 }

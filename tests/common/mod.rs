@@ -54,7 +54,7 @@ impl Kafka {
 
     /// As `start`; an embedded broker gets `brokers` brokers (for leader changes).
     pub fn start_cluster(brokers: u32) -> Kafka {
-        ferry::telemetry::init_logging("warn", false);
+        let _ = ferry::telemetry::init_logging("warn", false);
         ferry::sidecar::install_crypto();
         let count = brokers;
         let (embedded, brokers) = match std::env::var("FERRY_TEST_BROKERS") {
@@ -80,7 +80,7 @@ impl Kafka {
 
     /// A client of the broker at `brokers` (one the test runs itself).
     pub fn connect(brokers: &str) -> Kafka {
-        ferry::telemetry::init_logging("warn", false);
+        let _ = ferry::telemetry::init_logging("warn", false);
         ferry::sidecar::install_crypto();
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
