@@ -149,16 +149,15 @@ impl Control {
         })
     }
 
-    /// Why an operator holds `route`, if one does.
-    pub fn held(&self, route: usize) -> Option<PauseReason> {
-        let f = self.routes.get(route)?;
-        if f.draining.load(Ordering::Relaxed) {
-            Some(PauseReason::Drain)
-        } else if f.paused.load(Ordering::Relaxed) {
-            Some(PauseReason::Operator)
-        } else {
-            None
-        }
+    /// Why an operator holds `route`: paused, drained, both or neither. Each is a reason of its
+    /// own (SPEC §1): a resume clears both, and status shows both while both hold.
+    pub fn held(&self, route: usize) -> impl Iterator<Item = PauseReason> {
+        let f = self.routes.get(route);
+        let paused = f.is_some_and(|f| f.paused.load(Ordering::Relaxed));
+        let draining = f.is_some_and(|f| f.draining.load(Ordering::Relaxed));
+        [(paused, PauseReason::Operator), (draining, PauseReason::Drain)]
+            .into_iter()
+            .filter_map(|(on, reason)| on.then_some(reason))
     }
 
     fn set(&self, route: usize, paused: bool, draining: bool) {

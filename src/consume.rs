@@ -871,10 +871,7 @@ fn has_room(ctx: &Context, tp: &Tp) -> bool {
         return true;
     };
     let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
-    let mut reasons = Vec::new();
-    if let Some(held) = ctx.control.held(route) {
-        reasons.push(held);
-    }
+    let mut reasons: Vec<PauseReason> = ctx.control.held(route).collect();
     if !ctx.gate.is_open() {
         reasons.push(PauseReason::Unready);
     }

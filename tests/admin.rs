@@ -346,6 +346,41 @@ async fn drain_finishes_in_flight_commits_and_turns_unready_until_resume() {
     .await;
 }
 
+/// SPEC §1: pauses have reasons, and a partition resumes only when every reason has cleared.
+/// An operator's pause and a drain on top of it are two reasons, both shown.
+#[tokio::test]
+async fn a_pause_and_a_drain_are_two_reasons_until_resume() {
+    let b = bench(1, Duration::ZERO).await;
+    let reasons = || async {
+        let s = b.status().await;
+        s.routes[0].partitions.first().map(|p| p.paused.clone())
+    };
+    assert_eq!(
+        admin_call("POST", &format!("{}/pause", b.base), None).await.0,
+        200
+    );
+    eventually(WAIT, "paused by the operator", || async {
+        (reasons().await? == ["operator"]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        admin_call("POST", &format!("{}/drain", b.base), None).await.0,
+        200
+    );
+    eventually(WAIT, "paused and drained", || async {
+        (reasons().await? == ["operator", "drain"]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        admin_call("POST", &format!("{}/resume", b.base), None).await.0,
+        200
+    );
+    eventually(WAIT, "both cleared", || async {
+        reasons().await?.is_empty().then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn unknown_route_is_refused_with_the_known_ones() {
     let b = bench(1, Duration::ZERO).await;
