@@ -603,6 +603,8 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
     // Records of partitions whose queue could not be split arrive with the group's events.
     let mut topics: HashMap<String, (Arc<str>, usize)> = HashMap::new();
     let mut next_watermarks = Instant::now();
+    // Assigned partitions whose committed offset was asked of the broker.
+    let mut looked_up: HashSet<Tp> = HashSet::new();
     let mut intake_failed = false;
     let mut failed: Option<String> = None;
     while !setup.shutdown.is_cancelled() {
@@ -617,6 +619,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         if Instant::now() >= next_watermarks {
             next_watermarks = Instant::now() + WATERMARKS_EVERY;
             read_high_watermarks(&consumer, &setup.tracker);
+            read_committed_offsets(&consumer, &setup.tracker, &mut looked_up);
         }
         match consumer.poll(GROUP_WAIT) {
             Some(Ok(msg)) => take(consumer.context(), &msg, &routes, &mut topics),
@@ -862,6 +865,36 @@ fn read_high_watermarks(consumer: &BaseConsumer<Context>, tracker: &Tracker) {
         }
     }
     tracker.set_high_watermarks(&marks);
+}
+
+/// Asks the broker, once per assignment, for the committed offsets of the assigned partitions
+/// this process has not committed to yet: a partition with nothing new since the last start
+/// (or handover) would otherwise show no committed offset and no lag in `/status` and the
+/// metrics until its next record.
+fn read_committed_offsets(consumer: &BaseConsumer<Context>, tracker: &Tracker, looked_up: &mut HashSet<Tp>) {
+    let unknown = tracker.without_committed();
+    // Forgets what was revoked (or became known): reassigned later, it is asked again.
+    looked_up.retain(|tp| unknown.contains(tp));
+    let mut query = TopicPartitionList::new();
+    for tp in unknown.iter().filter(|tp| !looked_up.contains(*tp)) {
+        query.add_partition(&tp.0, tp.1);
+    }
+    if query.count() == 0 {
+        return;
+    }
+    // On the group thread, so briefly: a broker that does not answer is asked again next time.
+    let Ok(found) = consumer.committed_offsets(query, Timeout::After(Duration::from_millis(500))) else {
+        return;
+    };
+    let mut committed = Vec::new();
+    for e in found.elements() {
+        let tp: Tp = (e.topic().into(), e.partition());
+        if let Offset::Offset(o) = e.offset() {
+            committed.push((tp.clone(), o));
+        }
+        looked_up.insert(tp);
+    }
+    tracker.committed(&committed);
 }
 
 /// Whether `tp` may take another record: only when no pause reason holds. The reasons are

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use tokio_util::sync::CancellationToken;
 
 /// A topic and partition.
@@ -603,6 +603,16 @@ impl Tracker {
     /// Live records across every partition.
     pub fn live(&self) -> usize {
         self.lock().partitions.values().map(|p| p.window.live()).sum()
+    }
+
+    /// The assigned partitions with no committed offset known yet.
+    pub fn without_committed(&self) -> HashSet<Tp> {
+        let s = self.lock();
+        s.partitions
+            .iter()
+            .filter(|(_, p)| p.committed.is_none())
+            .map(|(tp, _)| tp.clone())
+            .collect()
     }
 
     pub fn assigned(&self) -> Vec<Tp> {

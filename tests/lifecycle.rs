@@ -322,3 +322,40 @@ async fn async_work_runs_on_one_thread_unless_ferry_worker_threads_says_otherwis
         "the error names the variable and its value: {said}"
     );
 }
+
+/// After a restart, a partition with nothing new shows the offset committed before it and no
+/// lag (it showed neither until its next record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_an_idle_partition_shows_its_committed_offset_and_lag() {
+    use ferry::sidecar::Sidecar;
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
+    let text = route_config(&kafka, &t, &service.url("/h"), "");
+    let first = Sidecar::start(parse(&text)).await.unwrap();
+    for i in 0..3 {
+        kafka
+            .send(&t.source, None, Some("k"), &format!("v{i}"), &[])
+            .await;
+    }
+    eventually(WAIT, "3 committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 3).then_some(())
+    })
+    .await;
+    first.shutdown();
+    first.wait().await.unwrap();
+
+    let second = Sidecar::start(parse(&text)).await.unwrap();
+    eventually(
+        WAIT,
+        "the committed offset and lag of the idle partition",
+        || async {
+            let p = second.partitions().into_iter().next()?;
+            (p.committed == Some(3) && p.lag == Some(0)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(service.requests().len(), 3, "nothing handled again");
+    second.shutdown();
+    second.wait().await.unwrap();
+}
