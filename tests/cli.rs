@@ -475,3 +475,20 @@ fn a_log_setting_in_the_environment_that_means_nothing_is_a_config_error() {
         assert!(stderr.contains(says), "{stderr}");
     }
 }
+
+#[test]
+fn topic_names_kafka_refuses_are_reported_at_load() {
+    let (code, stderr) = validate(
+        &GOOD
+            .replace("topics: [in]", "topics: [in, 'x y', '']")
+            .replace("to: dlq", "to: a/b"),
+    );
+    assert_eq!(code, 78, "{stderr}");
+    for says in [
+        "routes[0].from.topics[1]: `x y` is not a topic name Kafka accepts",
+        "routes[0].from.topics[2]: a topic name cannot be empty",
+        "routes[0].dead_letter.to: `a/b` is not a topic name Kafka accepts: use letters, digits, `.`, `_` and `-`",
+    ] {
+        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
+    }
+}

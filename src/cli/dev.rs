@@ -26,6 +26,10 @@ pub async fn broker(port: Option<u16>, topics: &[String]) -> i32 {
             },
             None => (spec.as_str(), 1),
         };
+        if let Some(why) = crate::config::topic_name_problem(name) {
+            eprintln!("error: --topic {spec}: {why}");
+            return 2;
+        }
         if let Err(e) = broker.create_topic(name, partitions) {
             return super::fail(&format!("cannot create topic {name}"), &e.into());
         }

@@ -127,6 +127,32 @@ pub fn is_secret_key(key: &str) -> bool {
         )
 }
 
+/// What Kafka refuses in a topic name, if anything: the broker would refuse to create or serve
+/// it, at the first record rather than at load.
+pub fn topic_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a topic name cannot be empty".into());
+    }
+    if name == "." || name == ".." {
+        return Some(format!("`{name}` is not a topic name Kafka accepts"));
+    }
+    if name.len() > 249 {
+        return Some(format!(
+            "the topic name is {} characters long; Kafka takes at most 249",
+            name.len()
+        ));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Some(format!(
+            "`{name}` is not a topic name Kafka accepts: use letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    None
+}
+
 /// `kafka.properties` as librdkafka sees them: a known property with a valid value, and the
 /// files the TLS properties name. librdkafka's own check runs here so that a mistake is a config
 /// error at its key instead of a failure to start (whose message would quote the value).
@@ -531,6 +557,28 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
         }
         if !(r.backoff.multiplier >= 1.0 && r.backoff.multiplier.is_finite()) {
             say(at("retry.backoff.multiplier"), "must be 1.0 or more".into());
+        }
+
+        let mut named: Vec<(String, &String)> = Vec::new();
+        for (field, list) in [
+            ("from.topics", &route.from.topics),
+            ("retry.topics", &route.retry.topics),
+            ("reply.topics", &route.reply.topics),
+        ] {
+            named.extend(
+                list.iter()
+                    .enumerate()
+                    .map(|(t, name)| (format!("routes[{i}].{field}[{t}]"), name)),
+            );
+        }
+        named.extend(route.reply.to.iter().map(|name| (at("reply.to"), name)));
+        if !route.dead_letter.to.trim().is_empty() {
+            named.push((at("dead_letter.to"), &route.dead_letter.to));
+        }
+        for (path, name) in named {
+            if let Some(why) = topic_name_problem(name) {
+                say(path, why);
+            }
         }
 
         let sources = &route.from.topics;

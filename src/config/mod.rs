@@ -20,6 +20,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use check::topic_name_problem;
 pub use document::{Document, Position};
 pub use interpolate::Interpolator;
 pub use types::*;
