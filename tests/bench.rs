@@ -475,3 +475,20 @@ async fn tail_into_a_closed_pipe_ends_without_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
 }
+
+/// A broker that cannot be reached is an error that says so, after the metadata request's 10 s,
+/// not five minutes of silence and a "message timed out".
+#[tokio::test]
+async fn send_to_a_broker_that_cannot_be_reached_says_so() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (code, _, err) = ferry(args(&["send", "-b", &closed, "-t", "x", "v"]), "").await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the broker at {closed}")) && err.contains("check -b"),
+        "{err}"
+    );
+}

@@ -143,6 +143,27 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
     let producer: FutureProducer = client
         .create()
         .map_err(|e| refused(1, format!("cannot create the producer: {e}")))?;
+    // librdkafka waits up to its message timeout (five minutes) for a broker it cannot reach
+    // or a topic that is not there, saying nothing meanwhile: ask first, briefly, as tail does.
+    let brokers = client.get("bootstrap.servers").unwrap_or_default().to_string();
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(&args.topic), Duration::from_secs(10))
+        .map_err(|e| {
+            refused(
+                1,
+                format!("cannot reach the broker at {brokers}: {e} (is it running? check -b or the config's kafka.brokers)"),
+            )
+        })?;
+    if let Some(e) = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == args.topic)
+        .and_then(|t| t.error())
+    {
+        let e = rdkafka::error::RDKafkaErrorCode::from(e);
+        return Err(refused(1, format!("cannot write to topic `{}`: {e}", args.topic)));
+    }
     let headers = parse_headers(&args.headers)?;
     let records: Box<dyn Iterator<Item = Outgoing>> = if args.json_lines {
         let lines = json_lines(&read_source(args.value.as_deref())?)?;
