@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DeadLetter;
 use crate::outcome::Failure;
-use crate::record::{IDEMPOTENCY_KEY_HEADER, NOT_BEFORE_HEADER, RETRY_HOP_HEADER, Record};
+use crate::record::{
+    IDEMPOTENCY_KEY_HEADER, NOT_BEFORE_HEADER, RETRY_HOP_HEADER, Record, SOURCE_TIMESTAMP_HEADER,
+};
 use crate::telemetry::Metrics;
 use crate::transaction::Transactions;
 
@@ -687,6 +689,9 @@ pub fn deferred(
         .map(|(k, v)| (Cow::Owned(k.clone()), v.clone()))
         .collect();
     source_headers(record, &mut headers);
+    if let Some(ts) = record.origin_timestamp_ms() {
+        headers.push(header(SOURCE_TIMESTAMP_HEADER, ts));
+    }
     headers.push(header(IDEMPOTENCY_KEY_HEADER, record.idempotency_key()));
     headers.push(header("ferry.attempts", attempts.count));
     if let Some(t) = attempts.first_at_ms {
@@ -741,8 +746,8 @@ pub fn dead_letter(
         headers.push(header("ferry.error.message", message));
     }
     source_headers(record, &mut headers);
-    if let Some(ts) = record.timestamp_ms {
-        headers.push(header("ferry.source.timestamp", ts));
+    if let Some(ts) = record.origin_timestamp_ms() {
+        headers.push(header(SOURCE_TIMESTAMP_HEADER, ts));
     }
     headers.push(header("ferry.attempts", attempts.count));
     headers.push(header(IDEMPOTENCY_KEY_HEADER, record.idempotency_key()));

@@ -14,6 +14,12 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "ferry.idempotency_key";
 /// On a record in a retry topic: how many retry topics it has passed through (1 in the first).
 pub const RETRY_HOP_HEADER: &str = "ferry.retry.hop";
 
+/// Lineage: the topic a record first arrived on.
+pub const SOURCE_TOPIC_HEADER: &str = "ferry.source.topic";
+
+/// Lineage: the timestamp a record first arrived with (milliseconds since the epoch).
+pub const SOURCE_TIMESTAMP_HEADER: &str = "ferry.source.timestamp";
+
 /// On a record in a retry topic: not to be tried before this time (milliseconds since the epoch).
 pub const NOT_BEFORE_HEADER: &str = "ferry.retry.not_before";
 
@@ -103,6 +109,30 @@ impl Record {
     }
 
     /// How many retry topics this record has passed through; 0 for a record from a source topic.
+    /// The topic the record first arrived on: for a record from a retry topic, the one its
+    /// lineage names (`ferry.source.topic`).
+    pub fn origin_topic(&self) -> &str {
+        self.lineage(SOURCE_TOPIC_HEADER)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or(&self.topic)
+    }
+
+    /// The timestamp of the record as it first arrived: for a record from a retry topic, the
+    /// one its lineage carries (`ferry.source.timestamp`), not the retry topic's.
+    pub fn origin_timestamp_ms(&self) -> Option<i64> {
+        if self.retry_hop() > 0 {
+            if let Some(ts) = self.number(SOURCE_TIMESTAMP_HEADER) {
+                return Some(ts);
+            }
+        }
+        self.timestamp_ms
+    }
+
+    /// A lineage header, which only a record from a retry topic carries as ferry's own.
+    fn lineage(&self, name: &str) -> Option<&Bytes> {
+        (self.retry_hop() > 0).then(|| self.header(name)).flatten()
+    }
+
     pub fn retry_hop(&self) -> usize {
         self.number(RETRY_HOP_HEADER).map_or(0, |h| h.max(0) as usize)
     }

@@ -24,6 +24,11 @@ struct Bench {
 
 /// The service fails a value `fail-N` with 503 for its first N calls, and answers 200 otherwise.
 async fn bench() -> Bench {
+    bench_with("").await
+}
+
+/// [`bench`], with these lines added to the route's `http` block.
+async fn bench_with(http: &str) -> Bench {
     let kafka = Kafka::start();
     let t = kafka.route_topics(1).await;
     let retries = [kafka.topic("retry1", 1).await, kafka.topic("retry2", 1).await];
@@ -53,10 +58,12 @@ async fn bench() -> Bench {
         "    ordering: none\n    retry:\n      max_attempts: 10\n      backoff: {{ initial: 700ms, max: 700ms, jitter: none }}\n      topics: [{}, {}]\n",
         retries[0], retries[1]
     );
-    let text = route_config(&kafka, &t, &service.url("/h"), "").replace(
-        "    retry:\n      max_attempts: 3\n      backoff: { initial: 10ms, max: 50ms }\n",
-        &extra,
-    );
+    let text = route_config(&kafka, &t, &service.url("/h"), "")
+        .replace(
+            "    retry:\n      max_attempts: 3\n      backoff: { initial: 10ms, max: 50ms }\n",
+            &extra,
+        )
+        .replace("        timeout: 2s\n", &format!("        timeout: 2s\n{http}"));
     assert!(text.contains("topics: ["), "{text}");
     let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
     Bench {
@@ -193,4 +200,45 @@ async fn after_the_last_retry_topic_the_record_is_dead_lettered() {
         "re-driven, it starts afresh"
     );
     assert_eq!(dead.value.as_deref(), Some("fail-99"));
+    // The timestamp the record first arrived with travels through the retry topics, as the
+    // rest of its lineage does.
+    let mut copies = Vec::new();
+    for topic in &b.retries {
+        copies.push(b.kafka.read(topic, 1, WAIT).await.remove(0));
+    }
+    let first = copies[0].header("ferry.source.timestamp");
+    assert!(first.is_some(), "{:?}", copies[0]);
+    assert_eq!(copies[1].header("ferry.source.timestamp"), first);
+    assert_eq!(dead.header("ferry.source.timestamp"), first);
+}
+
+/// In CloudEvents format an event's identity is (source, id): every attempt, on whichever retry
+/// topic, is the same event, with the same source and time.
+#[tokio::test]
+async fn a_cloud_event_keeps_its_source_and_time_through_the_retry_topics() {
+    let b = bench_with("        format: cloudevents\n").await;
+    b.kafka.send(&b.t.source, Some(0), Some("k"), "fail-2", &[]).await;
+    b.kafka.read(&b.t.reply, 1, WAIT).await;
+    let calls: Vec<_> = b
+        .service
+        .requests()
+        .into_iter()
+        .filter(|r| r.body == "fail-2")
+        .collect();
+    assert_eq!(calls.len(), 3, "the source, then each retry topic");
+    let attribute = |name: &str| -> Vec<Option<String>> {
+        calls.iter().map(|r| r.header(name).map(str::to_string)).collect()
+    };
+    let source = Some(format!("kafka:{}", b.t.source));
+    assert_eq!(
+        attribute("ce-source"),
+        vec![source.clone(), source.clone(), source]
+    );
+    let id = Some(format!("{}/0/0", b.t.source));
+    assert_eq!(attribute("ce-id"), vec![id.clone(), id.clone(), id]);
+    let times = attribute("ce-time");
+    assert!(
+        times[0].is_some() && times.iter().all(|t| *t == times[0]),
+        "{times:?}"
+    );
 }

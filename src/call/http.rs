@@ -388,7 +388,9 @@ fn cloud_event(record: &Record) -> Vec<(HeaderName, String)> {
         ("id", from_record("id").or_else(|| Some(record.idempotency_key()))),
         (
             "source",
-            from_record("source").or_else(|| Some(format!("kafka:{}", record.topic))),
+            // Where the record first arrived, through every retry topic: (source, id) is a
+            // CloudEvent's identity, and a retry is the same event.
+            from_record("source").or_else(|| Some(format!("kafka:{}", record.origin_topic()))),
         ),
         (
             "type",
@@ -396,7 +398,7 @@ fn cloud_event(record: &Record) -> Vec<(HeaderName, String)> {
         ),
         (
             "time",
-            from_record("time").or_else(|| record.timestamp_ms.map(rfc3339)),
+            from_record("time").or_else(|| record.origin_timestamp_ms().map(rfc3339)),
         ),
         (
             "subject",
