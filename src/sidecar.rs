@@ -33,11 +33,9 @@ use crate::transaction;
 pub enum RunError {
     #[error("cannot set up the Kafka client: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("cannot listen for the admin endpoint on {addr}: {source} (change admin.listen)")]
-    Admin {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    // `error`, not `source`: the message already says it, and a source is printed again after it.
+    #[error("cannot listen for the admin endpoint on {addr}: {error} (change admin.listen)")]
+    Admin { addr: SocketAddr, error: std::io::Error },
     #[error("route `{route}`: {message}")]
     Route { route: String, message: String },
     #[error("the consumer thread failed: {0}")]
@@ -188,7 +186,7 @@ impl Sidecar {
             Some(addr) => Some(
                 admin::serve(addr, admin.clone(), admin_stop.clone())
                     .await
-                    .map_err(|source| RunError::Admin { addr, source })?,
+                    .map_err(|error| RunError::Admin { addr, error })?,
             ),
             None => None,
         };

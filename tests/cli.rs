@@ -492,3 +492,50 @@ fn topic_names_kafka_refuses_are_reported_at_load() {
         assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
     }
 }
+
+#[test]
+fn an_admin_port_in_use_is_named_once_with_what_to_change() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.yaml");
+    std::fs::write(
+        &path,
+        format!("kafka: {{ brokers: 127.0.0.1:9, group_id: g }}\nroutes:\n  - name: r\n    from: {{ topics: [in] }}\n    call: {{ http: {{ url: \"http://127.0.0.1:9/\" }} }}\n    dead_letter: {{ to: dlq }}\nadmin: {{ listen: 127.0.0.1:{port} }}\n"),
+    )
+    .unwrap();
+    let (code, _, stderr) = ferry(&["run", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("(change admin.listen)"), "{stderr}");
+    assert_eq!(stderr.matches("Address already in use").count(), 1, "{stderr}");
+}
+
+#[test]
+fn value_errors_say_what_would_be_valid() {
+    for (from, to, says) in [
+        (
+            "initial: 200ms",
+            "initial: 200ms\n        jitter: some",
+            "routes[0].retry.backoff.jitter: unknown value `some`, expected `none` or `full` or `equal`",
+        ),
+        (
+            "    retry:\n",
+            "    retry:\n      max_attempts: -3\n",
+            "routes[0].retry.max_attempts: -3 is less than the minimum of 1",
+        ),
+        (
+            "routes:",
+            "admin: { listen: \"localhost:9464\" }\nroutes:",
+            "admin.listen: not an address to listen on: write IP:PORT",
+        ),
+        (
+            "routes:",
+            "admin: { listen: 9464 }\nroutes:",
+            "admin.listen: expected null or string, found `9464`",
+        ),
+    ] {
+        let (code, stderr) = validate(&GOOD.replace(from, to));
+        assert_eq!(code, 78, "{stderr}");
+        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
+    }
+}

@@ -376,6 +376,10 @@ fn tidy(message: &str) -> String {
     message
         .replace("invalid type: map", "expected something else than a mapping")
         .replace("unknown variant", "unknown value")
+        .replace(
+            "invalid socket address syntax",
+            "not an address to listen on: write IP:PORT, such as 0.0.0.0:9464 (every interface) or 127.0.0.1:9464 (this pod only); a host name is not taken",
+        )
 }
 
 #[cfg(test)]
@@ -787,7 +791,7 @@ shutdown:
         let e = parse(&zero, Path::new("p.yaml"), &optional)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("max_attempts") && e.contains("at least 1"), "{e}");
+        assert!(e.contains("max_attempts") && e.contains("minimum of 1"), "{e}");
         // Without --env-optional the variables are needed.
         assert!(parse(&text, Path::new("p.yaml"), &Interpolator::from_pairs(&[])).is_err());
     }

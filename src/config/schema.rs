@@ -165,7 +165,8 @@ fn describe(error: &ValidationError<'_>, out: &mut Vec<Problem>) {
                 .to_lowercase()
                 .replace("single(", "")
                 .replace("multiple(", "")
-                .replace(')', "");
+                .replace(['(', ')'], "")
+                .replace(", ", " or ");
             say(
                 path,
                 false,
@@ -173,19 +174,24 @@ fn describe(error: &ValidationError<'_>, out: &mut Vec<Problem>) {
             );
         }
         ValidationErrorKind::AnyOf { context } | ValidationErrorKind::OneOfNotValid { context } => {
-            // An enum whose values are documented one by one is a `oneOf` of constants.
+            // An enum whose values are documented one by one is a `oneOf` of constants (and of
+            // one `enum` holding the undocumented values): name them all.
             let constants: Option<Vec<String>> = context
                 .iter()
                 .map(|b| match b.as_slice() {
                     [e] => match e.kind() {
                         ValidationErrorKind::Constant { expected_value } => {
-                            Some(format!("`{}`", shown(expected_value)))
+                            Some(vec![format!("`{}`", shown(expected_value))])
                         }
+                        ValidationErrorKind::Enum { options } => options
+                            .as_array()
+                            .map(|o| o.iter().map(|v| format!("`{}`", shown(v))).collect()),
                         _ => None,
                     },
                     _ => None,
                 })
-                .collect();
+                .collect::<Option<Vec<Vec<String>>>>()
+                .map(|v| v.concat());
             if let Some(values) = constants.filter(|v| !v.is_empty()) {
                 say(
                     path,

@@ -563,6 +563,7 @@ fn default_call_timeout() -> Dur {
 pub struct Retry {
     /// Attempts in total, the first one included.
     #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1))]
     pub max_attempts: u32,
     #[serde(default)]
     pub backoff: Backoff,
