@@ -210,7 +210,9 @@ impl Document {
         interp: &Interpolator,
         errors: &mut Vec<DocumentError>,
     ) -> Value {
-        self.values.insert(path.clone(), node.position);
+        // A merged mapping (`<<: *defaults`) stands at its parent's path: the parent keeps its
+        // own position.
+        self.values.entry(path.clone()).or_insert(node.position);
         match node.kind {
             NodeKind::Scalar(text, style) => {
                 let text = match interp.expand_tracked(&text) {
@@ -251,7 +253,15 @@ impl Document {
             ),
             NodeKind::Mapping(entries) => {
                 let mut map = Map::new();
+                // YAML's merge keys (`<<: *defaults`, `<<: [*a, *b]`): the mappings' entries
+                // join this one where it has no entry of its own, the first given first. They
+                // are read after its own entries, so that those keep their positions.
+                let mut merges = Vec::new();
                 for (key, key_pos, value) in entries {
+                    if key == "<<" {
+                        merges.push(value);
+                        continue;
+                    }
                     let child = if path.is_empty() {
                         key.clone()
                     } else {
@@ -269,6 +279,30 @@ impl Document {
                     let pointer = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
                     let v = self.convert(value, child, pointer, interp, errors);
                     map.insert(key, v);
+                }
+                for value in merges {
+                    let position = value.position;
+                    let merged = match self.convert(value, path.clone(), pointer.clone(), interp, errors) {
+                        Value::Object(m) => vec![m],
+                        Value::Array(list) if list.iter().all(Value::is_object) => list
+                            .into_iter()
+                            .filter_map(|v| match v {
+                                Value::Object(m) => Some(m),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => {
+                            errors.push(DocumentError {
+                                position,
+                                path: path.clone(),
+                                message: "a merge key `<<` takes a mapping (`<<: *defaults`) or a list of them (`<<: [*a, *b]`)".into(),
+                            });
+                            Vec::new()
+                        }
+                    };
+                    for (k, v) in merged.into_iter().flatten() {
+                        map.entry(k).or_insert(v);
+                    }
                 }
                 Value::Object(map)
             }

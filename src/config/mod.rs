@@ -762,6 +762,42 @@ shutdown:
     }
 
     #[test]
+    fn merge_keys_share_a_route_s_settings_and_its_own_keys_win() {
+        let text = "\
+kafka: { brokers: 127.0.0.1:9092, group_id: g }
+routes:
+  - &first
+    name: a
+    from: { topics: [in] }
+    call: { http: { url: \"http://127.0.0.1:8080/\", timeout: 3s } }
+    dead_letter: { to: dlq }
+  - <<: *first
+    name: b
+    from: { topics: [in2] }
+  - <<: [{ name: c, ordering: none }, *first]
+    from: { topics: [in3] }
+";
+        let config = load(text).unwrap();
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(config.routes[1].from.topics, ["in2"]);
+        assert_eq!(
+            config.routes[2].ordering,
+            Ordering::None,
+            "the first merged mapping first"
+        );
+        for r in &config.routes {
+            let timeout = r.call.http.as_ref().map(|h| h.timeout.0);
+            assert_eq!(timeout, Some(std::time::Duration::from_secs(3)), "{}", r.name);
+            assert_eq!(r.dead_letter.to, "dlq");
+        }
+        let e = load(&text.replace("<<: *first", "<<: 3"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a merge key `<<` takes a mapping"), "{e}");
+    }
+
+    #[test]
     fn env_optional_placeholders_stand_in_for_typed_values_and_the_rest_is_still_checked() {
         // A production file whose numbers, durations and librdkafka properties come from the
         // environment: without it, their placeholders take a value of their field's type.
