@@ -539,3 +539,33 @@ fn value_errors_say_what_would_be_valid() {
         assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
     }
 }
+
+#[test]
+fn schema_errors_and_errors_across_fields_are_reported_together() {
+    // The rules that span fields looked at a file only once the schema took it: a typo hid
+    // every other mistake until it was fixed.
+    let (code, stderr) = validate(
+        &GOOD
+            .replace("  group_id: g\n", "  group_id: g\n  comit_interval: 1s\n")
+            .replace(
+                "        url: http://127.0.0.1:8080/\n",
+                "        url: http://127.0.0.1:8080/\n        timeout: 0s\n",
+            )
+            .replace(
+                "        initial: 200ms\n",
+                "        initial: 200ms\n        jitter: some\n        multiplier: 0.5\n",
+            )
+            .replace("to: dlq", "to: in"),
+    );
+    assert_eq!(code, 78, "{stderr}");
+    for says in [
+        "kafka.comit_interval: unknown key `comit_interval`",
+        "routes[0].call.http.timeout: must be above zero",
+        "routes[0].retry.backoff.jitter: unknown value `some`",
+        "routes[0].retry.backoff.multiplier: must be 1.0 or more",
+        "routes[0].dead_letter.to: the dead-letter topic cannot be a source of the same route",
+        "5 errors in",
+    ] {
+        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
+    }
+}

@@ -70,6 +70,8 @@ pub struct Document {
     /// The scalars that hold a missing variable's placeholder (`--env-optional`): the path and
     /// the JSON pointer of each.
     placeholders: Vec<(String, String)>,
+    /// The JSON pointer of each node, by path.
+    pointers: HashMap<String, String>,
 }
 
 /// The values may hold credentials: debug output shows none of them.
@@ -108,6 +110,7 @@ impl Document {
             referenced: HashSet::new(),
             outside: Vec::new(),
             placeholders: Vec::new(),
+            pointers: HashMap::new(),
         };
         let mut errors = builder.errors;
         doc.value = doc.convert(root, String::new(), String::new(), interpolator, &mut errors);
@@ -197,6 +200,20 @@ impl Document {
         self.placeholders.iter().map(|(path, _)| path.clone()).collect()
     }
 
+    /// The value without the mapping entries at `paths`: what is left to check once those
+    /// are fixed. `None` when one of them is not a mapping entry (an array item: taking it out
+    /// would move the items after it to other paths).
+    pub fn without(&self, paths: &[&str]) -> Option<Value> {
+        let mut value = self.value.clone();
+        for path in paths {
+            let pointer = self.pointers.get(*path)?;
+            let (parent, key) = pointer.rsplit_once('/')?;
+            let key = key.replace("~1", "/").replace("~0", "~");
+            value.pointer_mut(parent)?.as_object_mut()?.remove(&key);
+        }
+        Some(value)
+    }
+
     /// The position of the key that introduces `path`, if it is a mapping entry.
     pub fn key_position(&self, path: &str) -> Option<Position> {
         self.keys.get(path).copied()
@@ -213,6 +230,9 @@ impl Document {
         // A merged mapping (`<<: *defaults`) stands at its parent's path: the parent keeps its
         // own position.
         self.values.entry(path.clone()).or_insert(node.position);
+        self.pointers
+            .entry(path.clone())
+            .or_insert_with(|| pointer.clone());
         match node.kind {
             NodeKind::Scalar(text, style) => {
                 let text = match interp.expand_tracked(&text) {

@@ -138,19 +138,35 @@ pub fn parse_with_warnings(
     };
     let problems = schema::check(&doc.value);
     if !problems.is_empty() {
-        return Err(ConfigErrors(
-            problems
-                .into_iter()
-                .map(|p| {
-                    let position = if p.is_key {
-                        doc.key_position(&p.path).unwrap_or_else(|| doc.position(&p.path))
-                    } else {
-                        doc.position(&p.path)
-                    };
-                    at(Some(position), p.path, p.message)
-                })
-                .collect(),
-        ));
+        let mut errors: Vec<ConfigError> = problems
+            .iter()
+            .map(|p| {
+                let position = if p.is_key {
+                    doc.key_position(&p.path).unwrap_or_else(|| doc.position(&p.path))
+                } else {
+                    doc.position(&p.path)
+                };
+                at(Some(position), p.path.clone(), p.message.clone())
+            })
+            .collect();
+        // Every error at once (SPEC §2): the rules that span fields still look at the rest of
+        // the file, as if what the schema refused were left out (its defaults apply).
+        let refused: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        let rest = doc
+            .without(&refused)
+            .filter(|v| schema::check(v).is_empty())
+            .and_then(|v| serde_path_to_error::deserialize::<_, Config>(&v).ok());
+        if let Some(mut config) = rest {
+            resolve_paths(&mut config, file);
+            let related = |path: &str| refused.iter().any(|r| path.starts_with(r) || r.starts_with(path));
+            for (path, message) in check::check(&config, interpolator.env_optional, &placeholders) {
+                if !related(&path) && !placeholders.contains(&path) {
+                    errors.push(at(Some(doc.position(&path)), path, message));
+                }
+            }
+        }
+        errors.sort_by_key(|e| e.position.map(|p| (p.line, p.column)));
+        return Err(ConfigErrors(errors));
     }
     let config: Config = serde_path_to_error::deserialize(&doc.value).map_err(|e| {
         let path = e.path().to_string();
