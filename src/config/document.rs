@@ -64,9 +64,9 @@ pub struct Document {
     keys: HashMap<String, Position>,
     /// Paths of the scalar values that held at least one `${…}` reference.
     referenced: HashSet<String>,
-    /// What references brought in from the environment or files, each with the reference
-    /// (`${KAFKA_PASSWORD}`) to show in its place.
-    outside: Vec<(String, String)>,
+    /// What references brought in from the environment or files: the path of the value each
+    /// went into, the text, and the reference (`${KAFKA_PASSWORD}`) to show in its place.
+    outside: Vec<(String, String, String)>,
     /// The scalars that hold a missing variable's placeholder (`--env-optional`): the path and
     /// the JSON pointer of each.
     placeholders: Vec<(String, String)>,
@@ -136,12 +136,31 @@ impl Document {
         self.referenced.contains(path)
     }
 
-    /// `message` with every value that came from the environment or a file replaced by the
+    /// `message`, about the value at `path`, with every value that came from the environment
+    /// or a file into that value (or one within it, or the one it is within) replaced by the
     /// reference that brought it (`${KAFKA_PASSWORD}`): an error may quote a value, never a
-    /// secret. Values shorter than four characters are replaced only where they stand alone,
-    /// so that a `${PARTITIONS}` of `3` does not turn every 3 in the message into a reference.
-    pub fn redact(&self, message: &str) -> String {
-        let mut outside: Vec<&(String, String)> = self.outside.iter().collect();
+    /// secret. Only those: a message about another field quotes that field, and masking a
+    /// password wherever its text happens to occur (a path segment `kafka`, say) garbled the
+    /// message and showed what the password was. Values shorter than four characters are
+    /// replaced only where they stand alone, so that a `${PARTITIONS}` of `3` does not turn
+    /// every 3 in the message into a reference.
+    pub fn redact(&self, path: &str, message: &str) -> String {
+        let related = |at: &str| {
+            let within = |outer: &str, inner: &str| {
+                outer.is_empty()
+                    || inner == outer
+                    || inner
+                        .strip_prefix(outer)
+                        .is_some_and(|rest| rest.starts_with(['.', '[']))
+            };
+            within(path, at) || within(at, path)
+        };
+        let mut outside: Vec<(&String, &String)> = self
+            .outside
+            .iter()
+            .filter(|(at, _, _)| related(at))
+            .map(|(_, value, reference)| (value, reference))
+            .collect();
         outside.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
         let mut out = message.to_string();
         for (value, reference) in outside {
@@ -243,7 +262,8 @@ impl Document {
                         if e.placeholders > 0 {
                             self.placeholders.push((path.clone(), pointer.clone()));
                         }
-                        self.outside.extend(e.fragments);
+                        self.outside
+                            .extend(e.fragments.into_iter().map(|(v, r)| (path.clone(), v, r)));
                         e.text
                     }
                     Err(missing) => {

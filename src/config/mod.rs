@@ -132,9 +132,9 @@ pub fn parse_with_warnings(
     // No message quotes what came from the environment or a file.
     let at = |position: Option<Position>, path: String, message: String| ConfigError {
         file: file.to_path_buf(),
+        message: doc.redact(&path, &message),
         position,
         path,
-        message: doc.redact(&message),
     };
     let problems = schema::check(&doc.value);
     if !problems.is_empty() {
@@ -506,6 +506,20 @@ shutdown:
             "{shown}"
         );
         assert!(!shown.contains("env-s3cret"), "{shown}");
+
+        // A message about another field quotes that field as it is, even where a secret's text
+        // happens to occur in it: masking it there garbled the message and told what the secret
+        // was.
+        let text = VALID.replace(
+            "  commit_interval: 1s\n",
+            "  commit_interval: 1s\n  properties:\n    sasl.password: \"${PW}\"\n    ssl.ca.location: /var/run/secrets/kafka/ca.crt\n",
+        );
+        let shown = load_with(&text, &[("PW", "kafka")]).unwrap_err().to_string();
+        assert!(
+            shown.contains("ssl.ca.location: `/var/run/secrets/kafka/ca.crt` does not exist"),
+            "{shown}"
+        );
+        assert!(!shown.contains("${PW}"), "{shown}");
     }
 
     #[test]
