@@ -130,6 +130,8 @@ pub struct Context {
     transactions: Option<Arc<Transactions>>,
     /// Cancelled when the transactional producer is fenced: this instance must stop.
     shutdown: CancellationToken,
+    /// Set when the producer failed for good: no record in flight can end any more.
+    producer_failed: Arc<crate::produce::Failed>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,8 +254,14 @@ impl Context {
                 intake.fresh.remove(tp);
             }
         }
-        if commit_final && !self.tracker.wait_quiet(tps, Instant::now() + self.drain_timeout) {
-            tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
+        if commit_final && !self.wait_quiet(tps) {
+            if self.given_up() {
+                tracing::warn!(
+                    "Nothing more can be written; unfinished records will be handled again by the next owner"
+                );
+            } else {
+                tracing::warn!(timeout = ?self.drain_timeout, "Drain timed out; unfinished records will be handled again by the next owner");
+            }
         }
         // Only a final commit needs to keep the periodic one out; a lost assignment commits
         // nothing and must not wait behind a commit to an unreachable coordinator.
@@ -292,6 +300,29 @@ impl Context {
             }
         }
         self.tracing.forget(tps);
+    }
+
+    /// Waits for the records of `tps` to end, up to the drain timeout, unless nothing more can
+    /// be written: then none of them can end, and the stop that follows (the producer failed
+    /// for good, or the instance was fenced) must not wait behind this revoke for the timeout.
+    fn wait_quiet(&self, tps: &[Tp]) -> bool {
+        let deadline = Instant::now() + self.drain_timeout;
+        loop {
+            let slice = (Instant::now() + Duration::from_millis(100)).min(deadline);
+            if self.tracker.wait_quiet(tps, slice) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.given_up() {
+                return false;
+            }
+        }
+    }
+
+    /// Whether nothing more can be written: the producer failed for good, or this instance
+    /// was fenced (exactly once).
+    fn given_up(&self) -> bool {
+        self.producer_failed.why().is_some()
+            || self.transactions.as_ref().is_some_and(|t| t.fenced().is_some())
     }
 
     /// Gives each partition its own queue before it is assigned, so its records wait in
@@ -574,6 +605,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         default_start,
         transactions: setup.transactions.clone(),
         shutdown: setup.shutdown.clone(),
+        producer_failed: setup.producer_failed.clone(),
     };
     let consumer: BaseConsumer<Context> = client.create_with_context(context)?;
     let consumer = Arc::new(consumer);

@@ -526,6 +526,80 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     );
 }
 
+/// A rebalance revokes the partition while its record's call is held; the record's reply then
+/// meets a producer failed for good. The revoke's drain gives up at once (nothing more can be
+/// written, so no record in flight can end) rather than wait out its 120 s, and ferry stops with
+/// the reason; the next start takes the record again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_under_way_gives_up_at_once_when_the_producer_fails_for_good() {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let kafka = Kafka::start();
+    let Some(embedded) = &kafka.embedded else {
+        eprintln!("skipping: faults are injected into the embedded broker only");
+        return;
+    };
+    let t = kafka.route_topics(1).await;
+    // An eager protocol: a member joining revokes every partition of every member.
+    let mut call = a_call_in_flight(&kafka, &t, "partition.assignment.strategy: range").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let member = {
+        let (brokers, group, source, stop) = (
+            kafka.brokers.clone(),
+            t.group.clone(),
+            t.source.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .set("partition.assignment.strategy", "range")
+                .set("enable.auto.commit", "false")
+                .set("session.timeout.ms", "6000")
+                .create()
+                .unwrap();
+            c.subscribe(&[&source]).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let _ = c.poll(Duration::from_millis(50));
+            }
+        })
+    };
+    eventually(WAIT, "the revoke draining the held record", || async {
+        std::fs::read_to_string(&call.log)
+            .unwrap_or_default()
+            .contains("Partitions revoked, draining")
+            .then_some(())
+    })
+    .await;
+
+    let mock = embedded.mock().unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    call.gate.add_permits(1000);
+    let code = call.ferry.exit_code(WAIT).await;
+    let log = std::fs::read_to_string(&call.log).unwrap_or_default();
+    assert_eq!(
+        code,
+        Some(1),
+        "stopped well within the revoke's 120 s drain:\n{log}"
+    );
+    assert!(
+        log.contains(
+            "Nothing more can be written; unfinished records will be handled again by the next owner"
+        ),
+        "{log}"
+    );
+    assert_eq!(kafka.committed_total(&t.group, &t.source, 1).await, 0);
+    stop.store(true, Ordering::SeqCst);
+    member.join().unwrap();
+    the_next_start_replies_and_commits(&kafka, &t, &call.text).await;
+}
+
 /// With static membership (`group.instance.id` in `kafka.properties`), the broker fences a
 /// member when another takes its instance id: librdkafka's fatal consumer error, after which
 /// nothing is fetched or committed. ferry stops with the reason rather than look healthy while
