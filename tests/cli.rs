@@ -569,3 +569,24 @@ fn schema_errors_and_errors_across_fields_are_reported_together() {
         assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
     }
 }
+
+#[test]
+fn an_unknown_key_names_the_key_meant_or_the_keys_taken() {
+    let (code, stderr) = validate(
+        &GOOD
+            .replace(
+                "        url: http://127.0.0.1:8080/\n",
+                "        url: http://127.0.0.1:8080/\n        timout: 1s\n",
+            )
+            .replace("    retry:\n", "    zzz: 1\n    retry:\n"),
+    );
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("routes[0].call.http.timout: unknown key `timout`; did you mean `timeout`?"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("routes[0].zzz: unknown key `zzz`; this mapping takes `call`, `circuit`"),
+        "{stderr}"
+    );
+}

@@ -55,8 +55,54 @@ static VALIDATOR: LazyLock<Result<Validator, String>> = LazyLock::new(|| {
     options = options.with_format("status", |s: &str| {
         format_check("status", &Value::String(s.into())).is_ok()
     });
-    options.build(&schema()).map_err(|e| e.to_string())
+    options.build(&SCHEMA).map_err(|e| e.to_string())
 });
+
+static SCHEMA: LazyLock<Value> = LazyLock::new(schema);
+
+/// What to say after "unknown key `key`": the key meant, when one is close, else the keys the
+/// mapping takes. `keyword` is the schema location of the `additionalProperties` that refused
+/// it, beside the `properties` it allows.
+fn meant(key: &str, keyword: &str) -> String {
+    let Some(allowed) = keyword
+        .strip_suffix("/additionalProperties")
+        .and_then(|node| SCHEMA.pointer(node))
+        .and_then(|node| node.get("properties"))
+        .and_then(Value::as_object)
+    else {
+        return String::new();
+    };
+    let close = allowed
+        .keys()
+        .map(|k| (edit_distance(&key.to_lowercase(), k), k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(1))
+        .min();
+    match close {
+        Some((_, k)) => format!("; did you mean `{k}`?"),
+        None => {
+            let keys: Vec<String> = allowed.keys().map(|k| format!("`{k}`")).collect();
+            format!("; this mapping takes {}", keys.join(", "))
+        }
+    }
+}
+
+/// Levenshtein distance, for suggesting the key a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let current = row[j + 1];
+            row[j + 1] = (previous + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(current + 1);
+            previous = current;
+        }
+    }
+    row[b.len()]
+}
 
 /// One problem: the path of the value (or of the unknown key), whether it names a key, and what
 /// is wrong.
@@ -133,7 +179,8 @@ fn describe(error: &ValidationError<'_>, out: &mut Vec<Problem>) {
     match error.kind() {
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             for key in unexpected {
-                say(child(&path, key), true, format!("unknown key `{key}`"));
+                let hint = meant(key, error.schema_path().as_str());
+                say(child(&path, key), true, format!("unknown key `{key}`{hint}"));
             }
         }
         ValidationErrorKind::Required { property } => {
