@@ -45,6 +45,9 @@ enum State {
     Open {
         next_probe: Instant,
         probing: bool,
+        /// Opened because the service could not be reached (not because most calls failed):
+        /// any answer to a probe shows it is back.
+        refused: bool,
     },
 }
 
@@ -170,7 +173,9 @@ impl Breaker {
     pub fn takes_records(&self) -> bool {
         match self.lock().state {
             State::Closed => true,
-            State::Open { next_probe, probing } => !probing && Instant::now() >= next_probe,
+            State::Open {
+                next_probe, probing, ..
+            } => !probing && Instant::now() >= next_probe,
         }
     }
 
@@ -182,7 +187,9 @@ impl Breaker {
                 let mut inner = self.lock();
                 match &mut inner.state {
                     State::Closed => return Admission::Call,
-                    State::Open { next_probe, probing } => {
+                    State::Open {
+                        next_probe, probing, ..
+                    } => {
                         let now = Instant::now();
                         if !*probing && now >= *next_probe {
                             *probing = true;
@@ -202,23 +209,40 @@ impl Breaker {
         }
     }
 
-    /// Records the result of a call admitted as `admission`.
-    pub fn record(&self, admission: Admission, verdict: Verdict) {
+    /// Records the result of a call admitted as `admission`, and says whether the attempt
+    /// counts towards the record's `max_attempts`. It does not when the service, not the
+    /// record, failed it: the call that opened the circuit, a call that ended while it was
+    /// open, and the probes of a circuit that opened because most calls failed (SPEC §1). The
+    /// probe of a circuit that opened because the service could not be reached closes it as
+    /// soon as anything answers (the service is back) and counts as a call: a record that
+    /// fails the service each time is the record's problem, and is dead-lettered after its
+    /// attempts instead of probing for ever.
+    pub fn record(&self, admission: Admission, verdict: Verdict) -> bool {
         let failed = verdict != Verdict::Fine;
         let now = Instant::now();
         let mut inner = self.lock();
-        match (admission, &inner.state) {
-            (Admission::Probe, _) if !failed => {
+        let open = |refused: bool| State::Open {
+            next_probe: now + self.config.probe_every.0,
+            probing: false,
+            refused,
+        };
+        let counts = match (admission, &inner.state) {
+            (Admission::Probe, State::Open { refused, .. })
+                if verdict != Verdict::Unreachable && (!failed || *refused) =>
+            {
+                let refused = *refused;
                 inner.state = State::Closed;
                 inner.calls.clear();
-                inner.consecutive = 0;
+                inner.consecutive = u32::from(failed);
+                if failed {
+                    inner.calls.record(now, true);
+                }
                 tracing::info!("Circuit closed: the service answers again");
+                refused
             }
             (Admission::Probe, _) => {
-                inner.state = State::Open {
-                    next_probe: now + self.config.probe_every.0,
-                    probing: false,
-                };
+                inner.state = open(verdict == Verdict::Unreachable);
+                false
             }
             (Admission::Call, State::Closed) => {
                 inner.consecutive = if failed { inner.consecutive + 1 } else { 0 };
@@ -227,33 +251,30 @@ impl Breaker {
                 let mostly_failing = total >= self.config.min_calls
                     && f64::from(failures) >= self.config.failure_ratio * f64::from(total);
                 if verdict == Verdict::Unreachable {
-                    inner.state = State::Open {
-                        next_probe: now + self.config.probe_every.0,
-                        probing: false,
-                    };
+                    inner.state = open(true);
                     tracing::warn!(
                         "Circuit open: the service cannot be reached; probing it before taking more records"
                     );
+                    false
                 } else if mostly_failing || inner.consecutive >= self.config.min_calls {
-                    inner.state = State::Open {
-                        next_probe: now + self.config.probe_every.0,
-                        probing: false,
-                    };
+                    inner.state = open(false);
                     tracing::warn!(
                         failures,
                         calls = total,
                         "Circuit open: the service is failing; probing it before taking more records"
                     );
+                    false
                 } else {
                     // Nothing changed that a waiter could act on.
-                    return;
+                    return true;
                 }
             }
-            // A call admitted before the circuit opened: its result is already accounted for.
-            (Admission::Call, State::Open { .. }) => {}
-        }
+            // A call admitted before the circuit opened: its failure is the outage's.
+            (Admission::Call, State::Open { .. }) => return !failed,
+        };
         drop(inner);
         self.changed.notify_waiters();
+        counts
     }
 }
 
@@ -353,16 +374,41 @@ mod tests {
         for _ in 0..1000 {
             b.record(Admission::Call, Verdict::Fine);
         }
-        b.record(Admission::Call, Verdict::Unreachable);
+        assert!(
+            !b.record(Admission::Call, Verdict::Unreachable),
+            "not the record's attempt"
+        );
         assert!(
             !b.is_closed(),
             "a refused connection is the service's absence, not a record's fault"
         );
         assert_eq!(b.admit().await, Admission::Probe);
-        b.record(Admission::Probe, Verdict::Unreachable);
+        assert!(!b.record(Admission::Probe, Verdict::Unreachable));
         assert!(!b.is_closed(), "still away");
         assert_eq!(b.admit().await, Admission::Probe);
         b.record(Admission::Probe, Verdict::Fine);
         assert!(b.is_closed(), "back");
+    }
+
+    #[tokio::test]
+    async fn any_answer_to_the_probe_of_a_refused_service_closes_it_and_counts_as_the_record_s() {
+        let b = Breaker::new(config());
+        b.record(Admission::Call, Verdict::Unreachable);
+        assert_eq!(b.admit().await, Admission::Probe);
+        assert!(
+            b.record(Admission::Probe, Verdict::Failed),
+            "the service is back and failed this record: its attempt"
+        );
+        assert!(b.is_closed());
+
+        // A circuit opened because most calls failed keeps SPEC §1: its probes are not the
+        // record's attempts, and only a success closes it.
+        for _ in 0..4 {
+            b.record(Admission::Call, Verdict::Failed);
+        }
+        assert!(!b.is_closed());
+        assert_eq!(b.admit().await, Admission::Probe);
+        assert!(!b.record(Admission::Probe, Verdict::Failed));
+        assert!(!b.is_closed());
     }
 }

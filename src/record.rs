@@ -108,7 +108,6 @@ impl Record {
             .ok()
     }
 
-    /// How many retry topics this record has passed through; 0 for a record from a source topic.
     /// The topic the record first arrived on: for a record from a retry topic, the one its
     /// lineage names (`ferry.source.topic`).
     pub fn origin_topic(&self) -> &str {
@@ -133,6 +132,7 @@ impl Record {
         (self.retry_hop() > 0).then(|| self.header(name)).flatten()
     }
 
+    /// How many retry topics this record has passed through; 0 for a record from a source topic.
     pub fn retry_hop(&self) -> usize {
         self.number(RETRY_HOP_HEADER).map_or(0, |h| h.max(0) as usize)
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::call::{Attempt, Call, CallError};
-use crate::circuit::{Admission, Breaker, Verdict};
+use crate::circuit::{Breaker, Verdict};
 use crate::config::Route;
 use crate::contract;
 use crate::offsets::Tracker;
@@ -238,7 +238,7 @@ impl RouteHandler {
             }
         }
         let mut attempts = Attempts::default();
-        // Attempts that count towards max_attempts: not the probes of an open circuit.
+        // Attempts that count towards max_attempts: not those the service's outage failed.
         let mut counted = 0;
         // Since the first attempt, on whichever topic it was.
         let mut first = Instant::now();
@@ -261,9 +261,6 @@ impl RouteHandler {
             };
             // Time the service was known to be down is not the record's age.
             outage += waiting.elapsed();
-            if admission == Admission::Call {
-                counted += 1;
-            }
             attempts.count += 1;
             let now = epoch_ms();
             attempts.first_at_ms.get_or_insert(now);
@@ -291,10 +288,15 @@ impl RouteHandler {
                 _ if retryable => Verdict::Failed,
                 _ => Verdict::Fine,
             };
-            self.circuit.record(admission, verdict);
-            if retryable && admission == Admission::Call && !self.circuit.is_closed() {
-                // This failure belongs to the outage that opened the circuit: not the record's.
-                counted -= 1;
+            // Whether the attempt is the record's: not when the outage that opened the circuit
+            // failed it (see `Breaker::record`). A connection that broke mid-call reached the
+            // service, which may have crashed on this very record: that counts, probe or not,
+            // so that a record that crashes the service each time it is called is
+            // dead-lettered after its attempts rather than called for ever while the service
+            // restarts between the probes.
+            let counts = self.circuit.record(admission, verdict);
+            if counts || matches!(&result, Err(CallError::Connect(_))) {
+                counted += 1;
             }
             let failure = match decision {
                 Decision::Reply {

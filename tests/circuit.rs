@@ -237,3 +237,68 @@ async fn a_record_sent_while_the_service_restarts_waits_for_it() {
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
+
+/// A record that crashes the service: its call's connection breaks, and the service is away
+/// (refused) while it restarts, which opens the circuit. The calls that reached the service count
+/// towards the record's attempts, probes too, so it is dead-lettered after them rather than
+/// probed for ever, one crash per probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_crashes_the_service_is_dead_lettered_after_its_attempts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // An HTTP service that dies on "poison": the connection closes without an answer, and
+    // nothing listens for 300 ms while it restarts.
+    tokio::spawn(async move {
+        loop {
+            let Ok(listener) = tokio::net::TcpListener::bind(addr).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    break;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let mut text = String::from_utf8_lossy(&request).to_string();
+                if !text.ends_with("poison") && text.contains("content-length: 6") {
+                    // The body, when it came apart from the head.
+                    if let Ok(n) = conn.read(&mut buf).await {
+                        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+                if text.ends_with("poison") {
+                    drop(conn);
+                    break;
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                    .await;
+            }
+            // Nothing listens while it restarts.
+            drop(listener);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let extra = "    circuit: { failure_ratio: 0.5, min_calls: 20, window: 10s, probe_every: 200ms }\n";
+    let url = format!("http://{addr}/");
+    let sidecar = Sidecar::start(parse(&route_config(&kafka, &t, &url, extra)))
+        .await
+        .unwrap();
+    kafka.send(&t.source, None, Some("k"), "poison", &[]).await;
+    let dead = kafka.read(&t.dlq, 1, WAIT).await;
+    assert_eq!(dead[0].header("ferry.error.reason"), Some("connect"), "{dead:?}");
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}

@@ -553,7 +553,11 @@ fn schema_errors_and_errors_across_fields_are_reported_together() {
             )
             .replace(
                 "        initial: 200ms\n",
-                "        initial: 200ms\n        jitter: some\n        multiplier: 0.5\n",
+                "        initial: 200ms\n        jitter: some\n",
+            )
+            .replace(
+                "    retry:\n",
+                "    concurrency: { per_partition: eight, total: 16 }\n    retry:\n",
             )
             .replace("to: dlq", "to: in"),
     );
@@ -562,12 +566,14 @@ fn schema_errors_and_errors_across_fields_are_reported_together() {
         "kafka.comit_interval: unknown key `comit_interval`",
         "routes[0].call.http.timeout: must be above zero",
         "routes[0].retry.backoff.jitter: unknown value `some`",
-        "routes[0].retry.backoff.multiplier: must be 1.0 or more",
+        "routes[0].concurrency.per_partition: expected integer, found `eight`",
         "routes[0].dead_letter.to: the dead-letter topic cannot be a source of the same route",
         "5 errors in",
     ] {
         assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
     }
+    // Nothing about the default that stood in for the refused value (per_partition's 32).
+    assert!(!stderr.contains("concurrency.total"), "{stderr}");
 }
 
 #[test]

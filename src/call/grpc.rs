@@ -117,8 +117,7 @@ impl Grpc {
             } => {
                 let d = descriptor
                     .get_or_try_init(|| reflect_method(self.channel.clone(), method))
-                    .await
-                    .map_err(CallError::Connect)?;
+                    .await?;
                 (path.as_str(), to_request(record, &d.input())?, Some(d))
             }
         };
@@ -350,7 +349,24 @@ fn find_method(pool: &DescriptorPool, method: &str) -> Result<MethodDescriptor, 
 }
 
 /// Asks the service for its descriptors through the gRPC server reflection protocol (v1).
-async fn reflect_method(channel: Channel, method: &str) -> Result<MethodDescriptor, String> {
+async fn reflect_method(channel: Channel, method: &str) -> Result<MethodDescriptor, CallError> {
+    reflect(channel, method).await.map_err(|(e, unreachable)| {
+        if unreachable {
+            CallError::Unreachable(e)
+        } else {
+            CallError::Connect(e)
+        }
+    })
+}
+
+/// The reflection exchange; an error says whether the service was never reached (a refused
+/// connection), which opens the route's circuit at once as any call's would.
+async fn reflect(channel: Channel, method: &str) -> Result<MethodDescriptor, (String, bool)> {
+    let failed = |e: tonic::Status| {
+        let unreachable = std::error::Error::source(&e).is_some_and(super::never_reached);
+        (format!("reflection request failed: {}", e.message()), unreachable)
+    };
+    let other = |e: String| (e, false);
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -368,30 +384,30 @@ async fn reflect_method(channel: Channel, method: &str) -> Result<MethodDescript
         let mut stream = client
             .server_reflection_info(tokio_stream::iter([ask]))
             .await
-            .map_err(|e| format!("reflection request failed: {}", e.message()))?
+            .map_err(failed)?
             .into_inner();
         let response = stream
             .message()
             .await
-            .map_err(|e| format!("reflection request failed: {}", e.message()))?
-            .ok_or("the reflection service closed the stream without an answer")?;
+            .map_err(failed)?
+            .ok_or_else(|| other("the reflection service closed the stream without an answer".into()))?;
         match response.message_response {
             Some(MessageResponse::FileDescriptorResponse(r)) => {
                 for raw in r.file_descriptor_proto {
                     let file = prost_types::FileDescriptorProto::decode(raw.as_slice())
-                        .map_err(|e| format!("reflection returned a bad descriptor: {e}"))?;
+                        .map_err(|e| other(format!("reflection returned a bad descriptor: {e}")))?;
                     if !files.iter().any(|f| f.name == file.name) {
                         files.push(file);
                     }
                 }
             }
             Some(MessageResponse::ErrorResponse(e)) => {
-                return Err(format!(
+                return Err(other(format!(
                     "reflection: {} (is `{service}` served?)",
                     e.error_message
-                ));
+                )));
             }
-            _ => return Err("reflection gave an unexpected answer".into()),
+            _ => return Err(other("reflection gave an unexpected answer".into())),
         }
         // Ask for imports the answers did not include.
         for dep in files.iter().flat_map(|f| f.dependency.iter()) {
@@ -402,8 +418,8 @@ async fn reflect_method(channel: Channel, method: &str) -> Result<MethodDescript
         wanted.dedup();
     }
     let pool = DescriptorPool::from_file_descriptor_set(prost_types::FileDescriptorSet { file: files })
-        .map_err(|e| format!("reflection returned inconsistent descriptors: {e}"))?;
-    find_method(&pool, method)
+        .map_err(|e| other(format!("reflection returned inconsistent descriptors: {e}")))?;
+    find_method(&pool, method).map_err(other)
 }
 
 /// Passes already-encoded messages through, so one client serves every method.

@@ -86,9 +86,10 @@ pub enum CallError {
     /// record, and the route's circuit opens at once (see `circuit`).
     #[error("cannot reach the service: {0}")]
     Unreachable(String),
-    /// The connection broke before an answer. The service may have crashed on this very
-    /// record, so it counts towards the record's attempts like any retryable failure.
-    #[error("the connection to the service broke: {0}")]
+    /// The connection failed otherwise: it broke before an answer (the service may have
+    /// crashed on this very record, so it counts towards the record's attempts, even as the
+    /// probe of an open circuit), or its TLS handshake or name lookup failed.
+    #[error("the connection to the service failed: {0}")]
     Connect(String),
     /// The record cannot be turned into a request (a JSON value that does not fit the method's
     /// message). Never retried.
@@ -101,6 +102,7 @@ pub enum CallError {
 
 /// Whether `error` (or one of its causes) is a connection the operating system refused to
 /// open: nothing listening on the port, no route to the host. The service was never reached.
+/// (Not `AddrNotAvailable`: that is this host out of local ports, not the service away.)
 pub(crate) fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
     let mut cause = Some(error);
@@ -108,7 +110,7 @@ pub(crate) fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && matches!(
                 io.kind(),
-                ConnectionRefused | AddrNotAvailable | HostUnreachable | NetworkUnreachable
+                ConnectionRefused | HostUnreachable | NetworkUnreachable
             )
         {
             return true;

@@ -112,8 +112,9 @@ pub fn main() -> i32 {
     };
     // A command whose output goes into a pipe (`ferry tail … | head`) ends when the reader
     // does, as Unix tools do: Rust's runtime ignores SIGPIPE, which made the next line printed
-    // a panic. The sidecar and the embedded broker keep ignoring it: they serve sockets, and a
-    // peer gone is an error to handle there, not a reason to die.
+    // a panic. The sidecar and the embedded broker keep ignoring it: they run for long and
+    // their output is a log, not something to pipe. (Sockets never raise it: Rust's and
+    // librdkafka's writes to them ask the kernel not to, so the demo's are safe.)
     if !matches!(cli.command, Command::Run { .. } | Command::Dev { .. }) {
         // SAFETY: setting a signal's disposition to its default, before any thread starts.
         unsafe {

@@ -155,13 +155,17 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
                 format!("cannot reach the broker at {brokers}: {e} (is it running? check -b or the config's kafka.brokers)"),
             )
         })?;
+    // Only what will not change by itself: a broker that creates topics on first use answers
+    // a new one's first request with LEADER_NOT_AVAILABLE, and then takes the record.
+    use rdkafka::error::RDKafkaErrorCode::{TopicAuthorizationFailed, UnknownTopicOrPartition};
     if let Some(e) = metadata
         .topics()
         .iter()
         .find(|t| t.name() == args.topic)
         .and_then(|t| t.error())
+        .map(rdkafka::error::RDKafkaErrorCode::from)
+        .filter(|e| matches!(e, UnknownTopicOrPartition | TopicAuthorizationFailed))
     {
-        let e = rdkafka::error::RDKafkaErrorCode::from(e);
         return Err(refused(1, format!("cannot write to topic `{}`: {e}", args.topic)));
     }
     let headers = parse_headers(&args.headers)?;

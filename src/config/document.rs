@@ -321,27 +321,34 @@ impl Document {
                     map.insert(key, v);
                 }
                 for value in merges {
-                    let position = value.position;
-                    let merged = match self.convert(value, path.clone(), pointer.clone(), interp, errors) {
-                        Value::Object(m) => vec![m],
-                        Value::Array(list) if list.iter().all(Value::is_object) => list
-                            .into_iter()
-                            .filter_map(|v| match v {
-                                Value::Object(m) => Some(m),
-                                _ => None,
-                            })
-                            .collect(),
-                        _ => {
-                            errors.push(DocumentError {
+                    // `<<: [*a, *b]`: each item merges at this mapping's own path, not as an
+                    // item of a list that is not in the document.
+                    let nodes = match value.kind {
+                        NodeKind::Sequence(items) => items,
+                        kind => vec![Node {
+                            position: value.position,
+                            kind,
+                        }],
+                    };
+                    for mut node in nodes {
+                        let position = node.position;
+                        // What this mapping already has is not read from the merged one at
+                        // all: its position, placeholders and secrets are the mapping's own.
+                        if let NodeKind::Mapping(entries) = &mut node.kind {
+                            entries.retain(|(key, _, _)| key == "<<" || !map.contains_key(key));
+                        }
+                        match self.convert(node, path.clone(), pointer.clone(), interp, errors) {
+                            Value::Object(m) => {
+                                for (k, v) in m {
+                                    map.entry(k).or_insert(v);
+                                }
+                            }
+                            _ => errors.push(DocumentError {
                                 position,
                                 path: path.clone(),
                                 message: "a merge key `<<` takes a mapping (`<<: *defaults`) or a list of them (`<<: [*a, *b]`)".into(),
-                            });
-                            Vec::new()
+                            }),
                         }
-                    };
-                    for (k, v) in merged.into_iter().flatten() {
-                        map.entry(k).or_insert(v);
                     }
                 }
                 Value::Object(map)

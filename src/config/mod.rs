@@ -158,7 +158,23 @@ pub fn parse_with_warnings(
             .and_then(|v| serde_path_to_error::deserialize::<_, Config>(&v).ok());
         if let Some(mut config) = rest {
             resolve_paths(&mut config, file);
-            let related = |path: &str| refused.iter().any(|r| path.starts_with(r) || r.starts_with(path));
+            // What the checks say about a refused value, its parts, what holds it, or (when
+            // its default stood in for it) the values beside it, would be about the default.
+            let within = |outer: &str, inner: &str| {
+                outer.is_empty()
+                    || inner == outer
+                    || inner
+                        .strip_prefix(outer)
+                        .is_some_and(|rest| rest.starts_with(['.', '[']))
+            };
+            let parent = |path: &str| path.rfind(['.', '[']).map_or("", |i| &path[..i]).to_string();
+            let related = |path: &str| {
+                problems.iter().any(|p| {
+                    within(&p.path, path)
+                        || within(path, &p.path)
+                        || (!p.is_key && within(&parent(&p.path), path))
+                })
+            };
             for (path, message) in check::check(&config, interpolator.env_optional, &placeholders) {
                 if !related(&path) && !placeholders.contains(&path) {
                     errors.push(at(Some(doc.position(&path)), path, message));
@@ -825,6 +841,11 @@ routes:
             .unwrap_err()
             .to_string();
         assert!(e.contains("a merge key `<<` takes a mapping"), "{e}");
+        // An item of a merged list is checked at the mapping's own path.
+        let e = load(&text.replace("ordering: none", "ordering: sideways"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes[2].ordering: unknown value `sideways`"), "{e}");
     }
 
     #[test]
