@@ -3,8 +3,10 @@
 //! Fed with the result of every call; consulted before every call. When most calls in the window
 //! fail for a retryable reason the circuit opens: the route takes no new records, one probe call
 //! at a time tests the service (every `probe_every`), and the attempts made meanwhile do not count
-//! towards `max_attempts`. A successful probe closes it. A service restart therefore never turns
-//! a backlog into dead letters.
+//! towards `max_attempts`. A successful probe closes it. A call that cannot connect at all (the
+//! service not listening, as while it restarts) opens it at once, whatever the window holds, and
+//! any answer to a probe then closes it. A service restart therefore never turns a backlog, or
+//! the few records of a quiet route, into dead letters.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
