@@ -321,8 +321,12 @@ impl Context {
     /// Whether nothing more can be written: the producer failed for good, or this instance
     /// was fenced (exactly once).
     fn given_up(&self) -> bool {
-        self.producer_failed.why().is_some()
-            || self.transactions.as_ref().is_some_and(|t| t.fenced().is_some())
+        self.producer_failed.why().is_some() || self.fenced()
+    }
+
+    /// Whether this instance was fenced (exactly once): it can commit nothing more.
+    fn fenced(&self) -> bool {
+        self.transactions.as_ref().is_some_and(|t| t.fenced().is_some())
     }
 
     /// Gives each partition its own queue before it is assigned, so its records wait in
@@ -687,17 +691,11 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
     for tp in &assigned {
         setup.tracker.set_paused(tp, &[PauseReason::Drain]);
     }
-    let fenced = || {
-        consumer
-            .context()
-            .transactions
-            .as_ref()
-            .is_some_and(|t| t.fenced().is_some())
-    };
+    let fenced = || consumer.context().fenced();
     let deadline = Instant::now() + setup.drain_timeout;
     // A fenced instance can commit nothing, and a failed producer write nothing: their records
     // are given up at once.
-    let given_up = || fenced() || failed.is_some() || setup.producer_failed.why().is_some();
+    let given_up = || consumer.context().given_up() || failed.is_some();
     while setup.tracker.live() > 0 && Instant::now() < deadline && !given_up() {
         setup.health.beat();
         // Keep serving the group protocol while waiting; records fetched now are not taken.

@@ -491,16 +491,7 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
     // Held until the fault is armed, so that it meets ferry's reply and not the test's record.
     let mut call = a_call_in_flight(&kafka, &t, "max.poll.interval.ms: 300000").await;
 
-    // The broker answers the reply's first write as if the producer's sequence numbers were
-    // out of step with its own: for the first request in flight, librdkafka's fatal error.
-    let mock = embedded.mock().unwrap();
-    mock.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
-    );
-    call.gate.add_permits(1000);
-    let code = call.ferry.exit_code(WAIT).await;
-    let log = std::fs::read_to_string(&call.log).unwrap_or_default();
+    let (code, log) = the_reply_fails_the_producer_for_good(embedded, &mut call).await;
     assert_eq!(
         code,
         Some(1),
@@ -524,6 +515,22 @@ async fn a_producer_that_failed_for_good_stops_ferry_and_its_records_wait_for_th
         kafka.read_all(&t.dlq).await.is_empty(),
         "a producer's failure is not the record's fault"
     );
+}
+
+/// Lets the held call answer, and has the broker answer its reply's first write as if the
+/// producer's sequence numbers were out of step with its own: for the first request in flight,
+/// librdkafka's fatal error. Returns ferry's exit code (within `WAIT`) and its log.
+async fn the_reply_fails_the_producer_for_good(
+    embedded: &ferry::embedded::EmbeddedBroker,
+    call: &mut InFlight,
+) -> (Option<i32>, String) {
+    embedded.mock().unwrap().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    call.gate.add_permits(1000);
+    let code = call.ferry.exit_code(WAIT).await;
+    (code, std::fs::read_to_string(&call.log).unwrap_or_default())
 }
 
 /// A rebalance revokes the partition while its record's call is held; the record's reply then
@@ -575,14 +582,7 @@ async fn a_revoke_under_way_gives_up_at_once_when_the_producer_fails_for_good() 
     })
     .await;
 
-    let mock = embedded.mock().unwrap();
-    mock.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
-    );
-    call.gate.add_permits(1000);
-    let code = call.ferry.exit_code(WAIT).await;
-    let log = std::fs::read_to_string(&call.log).unwrap_or_default();
+    let (code, log) = the_reply_fails_the_producer_for_good(embedded, &mut call).await;
     assert_eq!(
         code,
         Some(1),

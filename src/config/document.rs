@@ -55,6 +55,16 @@ pub struct DocumentError {
     pub message: String,
 }
 
+/// Whether the value at path `inner` is the one at `outer` or part of it (`routes[0]` holds
+/// `routes[0].call` and `routes[0][1]`, not `routes[0]x`); the root holds everything.
+pub(crate) fn within(outer: &str, inner: &str) -> bool {
+    outer.is_empty()
+        || inner == outer
+        || inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with(['.', '[']))
+}
+
 /// The parsed, interpolated document.
 pub struct Document {
     pub value: Value,
@@ -145,16 +155,7 @@ impl Document {
     /// replaced only where they stand alone, so that a `${PARTITIONS}` of `3` does not turn
     /// every 3 in the message into a reference.
     pub fn redact(&self, path: &str, message: &str) -> String {
-        let related = |at: &str| {
-            let within = |outer: &str, inner: &str| {
-                outer.is_empty()
-                    || inner == outer
-                    || inner
-                        .strip_prefix(outer)
-                        .is_some_and(|rest| rest.starts_with(['.', '[']))
-            };
-            within(path, at) || within(at, path)
-        };
+        let related = |at: &str| within(path, at) || within(at, path);
         let mut outside: Vec<(&String, &String)> = self
             .outside
             .iter()

@@ -21,6 +21,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use check::topic_name_problem;
+use document::within;
 pub use document::{Document, Position};
 pub use interpolate::Interpolator;
 pub use types::*;
@@ -160,13 +161,6 @@ pub fn parse_with_warnings(
             resolve_paths(&mut config, file);
             // What the checks say about a refused value, its parts, what holds it, or (when
             // its default stood in for it) the values beside it, would be about the default.
-            let within = |outer: &str, inner: &str| {
-                outer.is_empty()
-                    || inner == outer
-                    || inner
-                        .strip_prefix(outer)
-                        .is_some_and(|rest| rest.starts_with(['.', '[']))
-            };
             let parent = |path: &str| path.rfind(['.', '[']).map_or("", |i| &path[..i]).to_string();
             let related = |path: &str| {
                 problems.iter().any(|p| {
