@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-build_line=$(grep -E '^RUN cargo build' Dockerfile)
-echo "== the Dockerfile builds with: ${build_line#RUN }"
+build_line=$(grep -oE 'cargo build [^\\]*' Dockerfile)
+echo "== the Dockerfile builds with: ${build_line}"
 cargo build --release --locked --bin ferry
 binary=target/release/ferry
 "$binary" --version

@@ -55,3 +55,178 @@ impl EmbeddedBroker {
             .ok_or(KafkaError::MockCluster(rdkafka::types::RDKafkaErrorCode::Fail))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The group protocol spoken by hand, to drive the mock cluster where librdkafka's client
+    //! only goes by accident (a request sent again on a new connection while the first waits).
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use super::EmbeddedBroker;
+
+    const JOIN_GROUP: i16 = 11;
+    const SYNC_GROUP: i16 = 14;
+
+    fn string(buf: &mut Vec<u8>, s: &str) {
+        buf.extend_from_slice(&(s.len() as i16).to_be_bytes());
+        buf.extend_from_slice(s.as_bytes());
+    }
+
+    fn bytes(buf: &mut Vec<u8>, b: &[u8]) {
+        buf.extend_from_slice(&(b.len() as i32).to_be_bytes());
+        buf.extend_from_slice(b);
+    }
+
+    /// Sends a version 0 request and leaves the answer to `answer`.
+    fn send(conn: &mut TcpStream, api_key: i16, body: &[u8]) {
+        let mut request = Vec::new();
+        request.extend_from_slice(&api_key.to_be_bytes());
+        request.extend_from_slice(&0i16.to_be_bytes());
+        request.extend_from_slice(&1i32.to_be_bytes());
+        string(&mut request, "by-hand");
+        request.extend_from_slice(body);
+        conn.write_all(&(request.len() as i32).to_be_bytes()).unwrap();
+        conn.write_all(&request).unwrap();
+    }
+
+    /// The answer's body, after its size and correlation id.
+    fn answer(conn: &mut TcpStream) -> Vec<u8> {
+        let mut size = [0u8; 4];
+        conn.read_exact(&mut size).unwrap();
+        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
+        conn.read_exact(&mut body).unwrap();
+        body.split_off(4)
+    }
+
+    struct Reader<'a>(&'a [u8]);
+
+    impl Reader<'_> {
+        fn i16(&mut self) -> i16 {
+            let (v, rest) = self.0.split_at(2);
+            self.0 = rest;
+            i16::from_be_bytes([v[0], v[1]])
+        }
+        fn i32(&mut self) -> i32 {
+            let (v, rest) = self.0.split_at(4);
+            self.0 = rest;
+            i32::from_be_bytes([v[0], v[1], v[2], v[3]])
+        }
+        fn string(&mut self) -> String {
+            let n = self.i16() as usize;
+            let (v, rest) = self.0.split_at(n);
+            self.0 = rest;
+            String::from_utf8(v.to_vec()).unwrap()
+        }
+    }
+
+    fn connect(broker: &EmbeddedBroker) -> TcpStream {
+        let conn = TcpStream::connect(broker.bootstrap_servers()).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        conn
+    }
+
+    fn join(conn: &mut TcpStream, group: &str, member: &str) {
+        let mut body = Vec::new();
+        string(&mut body, group);
+        body.extend_from_slice(&6000i32.to_be_bytes());
+        string(&mut body, member);
+        string(&mut body, "consumer");
+        body.extend_from_slice(&1i32.to_be_bytes());
+        string(&mut body, "range");
+        bytes(&mut body, b"");
+        send(conn, JOIN_GROUP, &body);
+    }
+
+    /// (generation, leader, member) from a JoinGroup answer.
+    fn joined(conn: &mut TcpStream) -> (i32, String, String) {
+        let body = answer(conn);
+        let mut r = Reader(&body);
+        assert_eq!(r.i16(), 0, "JoinGroup answered an error");
+        let generation = r.i32();
+        let _protocol = r.string();
+        (generation, r.string(), r.string())
+    }
+
+    fn sync(conn: &mut TcpStream, group: &str, generation: i32, member: &str, assignments: &[&str]) {
+        let mut body = Vec::new();
+        string(&mut body, group);
+        body.extend_from_slice(&generation.to_be_bytes());
+        string(&mut body, member);
+        body.extend_from_slice(&(assignments.len() as i32).to_be_bytes());
+        for m in assignments {
+            string(&mut body, m);
+            bytes(&mut body, b"assignment");
+        }
+        send(conn, SYNC_GROUP, &body);
+    }
+
+    /// A client that gave up on its connection while its SyncGroup waited for the leader (a
+    /// request on it timed out, say) sends it again on a new one before the broker saw the old
+    /// one close: librdkafka's mock cluster asserted and took the whole process down.
+    #[test]
+    fn a_member_that_syncs_again_on_a_new_connection_is_answered_there() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        let group = "synced-twice";
+        let (mut a, mut b) = (connect(&broker), connect(&broker));
+        // `a` forms the group alone; `b` joining makes it rejoin, into one generation with `b`.
+        join(&mut a, group, "");
+        let (_, _, me_a) = joined(&mut a);
+        join(&mut b, group, "");
+        join(&mut a, group, &me_a);
+        let (generation, leader, _) = joined(&mut a);
+        let (_, _, me_b) = joined(&mut b);
+        let (mut leader_conn, follower, mut follower_conn) = if leader == me_a {
+            (a, me_b, b)
+        } else {
+            (b, me_a, a)
+        };
+
+        // The follower's SyncGroup waits for the leader's.
+        sync(&mut follower_conn, group, generation, &follower, &[]);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut again = connect(&broker);
+        sync(&mut again, group, generation, &follower, &[]);
+        std::thread::sleep(Duration::from_millis(200));
+        sync(
+            &mut leader_conn,
+            group,
+            generation,
+            &leader,
+            &[&leader, &follower],
+        );
+
+        assert_eq!(Reader(&answer(&mut leader_conn)).i16(), 0, "the leader is synced");
+        assert_eq!(
+            Reader(&answer(&mut again)).i16(),
+            0,
+            "the follower is synced where it asked last"
+        );
+    }
+
+    /// The same for JoinGroup: a member joining again on a new connection while its first join
+    /// waits for the others.
+    #[test]
+    fn a_member_that_joins_again_on_a_new_connection_is_answered_there() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        let group = "joined-twice";
+        let (mut a, mut b) = (connect(&broker), connect(&broker));
+        join(&mut a, group, "");
+        let (generation, _, me_a) = joined(&mut a);
+        // `b` joining starts a rebalance that waits for `a` to join again.
+        join(&mut b, group, "");
+        join(&mut a, group, &me_a);
+        // The broker reads connections in its own order: the first join is in before the next.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut again = connect(&broker);
+        join(&mut again, group, &me_a);
+
+        let (next, _, me) = joined(&mut again);
+        assert_eq!(me, me_a);
+        assert!(next > generation, "a new generation: {next} after {generation}");
+        let (_, _, me_b) = joined(&mut b);
+        assert_ne!(me_b, me_a);
+    }
+}
