@@ -7,7 +7,7 @@
 //! dispatch lanes with records and the offset tracker with what was taken, on the thread that
 //! then runs their calls (a hand-off from a thread of its own cost a thread wake-up per record).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -37,10 +37,13 @@ use crate::telemetry::trace::Tracing;
 use crate::telemetry::{Metrics, RouteMetrics};
 use crate::transaction::{TransactionError, Transactions};
 
-/// Which route reads which topic.
+/// Which route reads which topic. A topic a route names is that route's, even where another
+/// route's pattern matches it; between patterns, the first route in the file wins; and a pattern
+/// never matches a topic its own route writes to (its replies would come back to it forever).
 pub struct RouteTable {
     exact: HashMap<String, usize>,
-    patterns: Vec<(Regex, usize)>,
+    /// Each pattern with its route and the topics that route writes to.
+    patterns: Vec<(Regex, usize, HashSet<String>)>,
     starts: Vec<Start>,
 }
 
@@ -53,7 +56,8 @@ impl RouteTable {
                 exact.insert(t.clone(), i);
             }
             if let Some(p) = &r.from.pattern {
-                patterns.push((Regex::new(p)?, i));
+                let writes = r.writes().map(|(t, _)| t.clone()).collect();
+                patterns.push((Regex::new(p)?, i, writes));
             }
         }
         Ok(RouteTable {
@@ -63,12 +67,14 @@ impl RouteTable {
         })
     }
 
+    /// The route that reads `topic`; `None` for a topic the subscription's patterns match that
+    /// no route reads (ferry pauses its partitions).
     pub fn route_for(&self, topic: &str) -> Option<usize> {
         self.exact.get(topic).copied().or_else(|| {
             self.patterns
                 .iter()
-                .find(|(re, _)| re.is_match(topic))
-                .map(|(_, i)| *i)
+                .find(|(re, _, writes)| re.is_match(topic) && !writes.contains(topic))
+                .map(|(_, i, _)| *i)
         })
     }
 
@@ -213,11 +219,13 @@ impl ConsumerContext for Context {
                     self.split_queues(&tps, &mut intake);
                 }
                 tracing::info!(partitions = %describe(&tps), "Partitions assigned");
-                if cooperative {
+                let assigned = if cooperative {
                     c.incremental_assign(tpl)
                 } else {
                     c.assign(tpl)
-                }
+                };
+                self.pause_unread(c, &tps, &with_routes);
+                assigned
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = %describe(&tps), lost = c.assignment_lost(), "Partitions revoked, draining");
@@ -350,6 +358,31 @@ impl Context {
                 }
             }
         }
+    }
+
+    /// Pauses the assigned partitions no route reads: a route's pattern matched a topic that
+    /// route writes to. The group gives them to a member all the same; they stay unread and
+    /// uncommitted, here and on every other instance with this config.
+    fn pause_unread(&self, c: &BaseConsumer<Self>, tps: &[Tp], with_routes: &[(Tp, usize)]) {
+        let unread: Vec<&Tp> = tps
+            .iter()
+            .filter(|tp| !with_routes.iter().any(|(routed, _)| routed == *tp))
+            .collect();
+        if unread.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in &unread {
+            tpl.add_partition(topic, *partition);
+        }
+        if let Err(e) = c.pause(&tpl) {
+            tracing::error!(error = %e, "Cannot pause the partitions no route reads");
+        }
+        let names: BTreeSet<&str> = unread.iter().map(|(t, _)| &**t).collect();
+        tracing::info!(
+            topics = %names.into_iter().collect::<Vec<_>>().join(","),
+            "Not read: a route's pattern matches these topics, but that route writes to them (its replies would come back to it forever)"
+        );
     }
 
     fn count_abandoned(&self, tps: &[Tp], live: usize) {
@@ -994,6 +1027,79 @@ fn take(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn routes(yaml_routes: &str) -> Vec<Route> {
+        let text = format!("kafka:\n  brokers: 127.0.0.1:9092\n  group_id: g\nroutes:\n{yaml_routes}");
+        let interpolator = crate::config::Interpolator::from_pairs(&[]);
+        crate::config::parse(&text, std::path::Path::new("t.yaml"), &interpolator)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .routes
+    }
+
+    fn route(name: &str, from: &str, reply: &str, dlq: &str) -> String {
+        format!(
+            "  - name: {name}\n    from: {from}\n    call: {{ http: {{ url: http://127.0.0.1:1/ }} }}\n    reply: {{ to: {reply} }}\n    dead_letter: {{ to: {dlq} }}\n"
+        )
+    }
+
+    #[test]
+    fn a_topic_belongs_to_the_route_that_names_it_then_to_the_first_pattern_that_does_not_write_it() {
+        let config = routes(
+            &[
+                route(
+                    "named",
+                    "{ topics: [orders.priority] }",
+                    "orders.priority.out",
+                    "named.dlq",
+                ),
+                route(
+                    "pattern",
+                    "{ pattern: '^orders\\..*' }",
+                    "orders.processed",
+                    "orders.dlq",
+                ),
+                route("fallback", "{ pattern: 'orders' }", "done", "fallback.dlq"),
+            ]
+            .concat(),
+        );
+        let table = RouteTable::new(&config).unwrap();
+        assert_eq!(
+            table.route_for("orders.priority"),
+            Some(0),
+            "named beats a pattern"
+        );
+        assert_eq!(
+            table.route_for("orders.new"),
+            Some(1),
+            "the first pattern that matches"
+        );
+        assert_eq!(
+            table.route_for("orders.processed"),
+            Some(2),
+            "not its own replies: the next pattern's"
+        );
+        assert_eq!(table.route_for("orders.dlq"), Some(2), "nor its own dead letters");
+        assert_eq!(
+            table.route_for("orders.priority.out"),
+            Some(1),
+            "another route's output is a topic like any"
+        );
+        assert_eq!(table.route_for("payments"), None);
+
+        let alone = routes(&route(
+            "pattern",
+            "{ pattern: '^orders\\..*' }",
+            "orders.processed",
+            "orders.dlq",
+        ));
+        let table = RouteTable::new(&alone).unwrap();
+        assert_eq!(
+            table.route_for("orders.processed"),
+            None,
+            "read by no route: paused"
+        );
+        assert_eq!(table.route_for("orders.dlq"), None);
+    }
 
     #[test]
     fn a_repeated_client_error_is_logged_once_per_quiet_period_with_the_count_held_back() {

@@ -488,15 +488,7 @@ fn check_topics(producer: &Producer, config: &Config) -> Option<String> {
     };
     let mut missing = Vec::new();
     for (i, r) in config.routes.iter().enumerate() {
-        let written = r
-            .reply
-            .to
-            .iter()
-            .map(|t| (t, "reply.to"))
-            .chain(r.reply.topics.iter().map(|t| (t, "reply.topics")))
-            .chain(std::iter::once((&r.dead_letter.to, "dead_letter.to")))
-            .chain(r.retry.topics.iter().map(|t| (t, "retry.topics")));
-        for (topic, field) in written {
+        for (topic, field) in r.writes() {
             if !usable(topic) {
                 missing.push(format!(
                     "topic `{topic}` (routes[{i}].{field}) does not exist or cannot be seen"

@@ -721,3 +721,56 @@ async fn conflate_calls_only_the_newest_queued_record_of_a_key() {
     assert_eq!(s.get(Outcome::Replied), 3);
     b.stop().await;
 }
+
+/// The SPEC's sketch of a pattern route (`pattern: '^payments\..*'`, replies to
+/// `payments.processed`, dead letters to `payments.dlq`): the pattern matches the route's own
+/// output, which ferry does not read. Each record is called once, and its reply or dead letter
+/// lands once; read back, they would have been called again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_route_does_not_read_the_topics_it_writes_to() {
+    let kafka = Kafka::start();
+    let prefix = unique("payments");
+    let (source, reply, dlq) = (
+        format!("{prefix}.incoming"),
+        format!("{prefix}.processed"),
+        format!("{prefix}.dlq"),
+    );
+    kafka.create(&source, 2).await;
+    kafka.create(&reply, 1).await;
+    kafka.create(&dlq, 1).await;
+    let service = Service::start(|r: Req| async move {
+        if r.body == "bad" {
+            Resp::new(422, "refused")
+        } else {
+            Resp::new(200, &format!("done:{}", r.body))
+        }
+    })
+    .await;
+    let group = unique("group");
+    let text = config_text(&kafka, &group, &source, &service.url("/h"), &reply, &dlq, "").replace(
+        &format!("      topics: [{source}]\n"),
+        &format!("      pattern: '^{}\\..*'\n", regex::escape(&prefix)),
+    );
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    for (k, v) in [("a", "1"), ("b", "2"), ("c", "bad"), ("d", "3")] {
+        kafka.send(&source, None, Some(k), v, &[]).await;
+    }
+
+    let replies = kafka.read(&reply, 3, WAIT).await;
+    assert_eq!(kafka.read(&dlq, 1, WAIT).await.len(), 1);
+    // A loop shows at once: the service answers in microseconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(service.requests().len(), 4, "each record is called once");
+    assert_eq!(kafka.read_all(&reply).await.len(), replies.len());
+    assert_eq!(kafka.read_all(&dlq).await.len(), 1);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.value.as_deref().is_some_and(|v| !v.starts_with("done:done:")))
+    );
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}

@@ -245,6 +245,28 @@ pub fn parse_with_warnings(
                 ));
             }
         }
+        // Not read at run time (see consume::RouteTable), which the SPEC's own sketch of a
+        // pattern route relies on; said here so that it is no surprise.
+        for (i, route) in config.routes.iter().enumerate() {
+            let Some(pattern) = route
+                .from
+                .pattern
+                .as_deref()
+                .and_then(|p| regex::Regex::new(p).ok())
+            else {
+                continue;
+            };
+            for (topic, field) in route.writes().filter(|(t, _)| !route.retry.topics.contains(t)) {
+                if pattern.is_match(topic) {
+                    let path = format!("routes[{i}].from.pattern");
+                    warnings.push(at(
+                        Some(doc.position(&path)),
+                        path,
+                        format!("matches `{topic}` (routes[{i}].{field}), which this route writes to: ferry does not read it, or the route would read its own output forever"),
+                    ));
+                }
+            }
+        }
         Ok(Loaded { config, warnings })
     } else {
         Err(ConfigErrors(

@@ -246,6 +246,20 @@ pub struct Route {
     pub rules: Vec<Rule>,
 }
 
+impl Route {
+    /// The topics this route writes to, each with its field: replies, dead letters and retry
+    /// copies.
+    pub fn writes(&self) -> impl Iterator<Item = (&String, &'static str)> {
+        self.reply
+            .to
+            .iter()
+            .map(|t| (t, "reply.to"))
+            .chain(self.reply.topics.iter().map(|t| (t, "reply.topics")))
+            .chain(std::iter::once((&self.dead_letter.to, "dead_letter.to")))
+            .chain(self.retry.topics.iter().map(|t| (t, "retry.topics")))
+    }
+}
+
 /// SPEC §1 ordering modes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
