@@ -555,6 +555,26 @@ shutdown:
     }
 
     #[test]
+    fn a_pattern_that_matches_its_own_route_s_output_is_warned_about() {
+        let text = VALID
+            .replace("      topics: [in]\n", "      pattern: '^pay\\..*'\n")
+            .replace("      to: out\n", "      to: pay.out\n")
+            .replace("      to: dlq\n", "      to: pay.dlq\n");
+        let loaded = load_with(&text, &[]).unwrap();
+        let shown: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert!(shown[0].contains("routes[0].from.pattern: matches `pay.out` (routes[0].reply.to), which this route writes to: ferry does not read it"), "{shown:?}");
+        assert!(
+            shown[1].contains("`pay.dlq` (routes[0].dead_letter.to)"),
+            "{shown:?}"
+        );
+        let apart = text
+            .replace("      to: pay.out\n", "      to: out\n")
+            .replace("      to: pay.dlq\n", "      to: dlq\n");
+        assert!(load_with(&apart, &[]).unwrap().warnings.is_empty());
+    }
+
+    #[test]
     fn credentials_written_as_literals_are_warned_about() {
         let text = VALID
             .replace("  commit_interval: 1s\n", "  commit_interval: 1s\n  properties:\n    sasl.username: ferry\n    sasl.password: hunter2\n    ssl.key.password: \"${KEY_PW}\"\n")
