@@ -285,13 +285,20 @@ fn answer_headers(status: u16, headers: &HeaderMap) -> Answer {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
+    // What the service says about the outcome is never dropped for its bytes: a value that is
+    // not UTF-8 names no action and no topic, so it is a contract error, not ignored.
+    let said = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
     let mut answer = Answer {
         status: Status::Http(status),
-        action: text("ferry-action").map(|raw| {
+        action: said("ferry-action").map(|raw| {
             Action::from_header(&raw)
                 .ok_or_else(|| format!("ferry-action `{raw}` is not one of reply, retry, dead-letter, drop"))
         }),
-        reply_topic: text("ferry-reply-topic"),
+        reply_topic: said("ferry-reply-topic"),
         reply_key: headers
             .get("ferry-reply-key")
             .map(|v| Bytes::copy_from_slice(v.as_bytes())),
@@ -334,6 +341,26 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_action_or_reply_topic_that_is_not_utf8_is_a_contract_error_not_ignored() {
+        let mut headers = HeaderMap::new();
+        headers.insert("ferry-action", HeaderValue::from_bytes(b"dr\xffop").unwrap());
+        headers.insert("ferry-reply-topic", HeaderValue::from_bytes(b"out\xff").unwrap());
+        let answer = answer_headers(200, &headers);
+        let refused = answer.action.expect("the action is seen").unwrap_err();
+        assert!(
+            refused.contains("is not one of reply, retry, dead-letter, drop"),
+            "{refused}"
+        );
+        assert_eq!(answer.reply_topic.as_deref(), Some("out\u{fffd}"));
+
+        headers.insert("ferry-action", HeaderValue::from_static("drop"));
+        assert!(matches!(
+            answer_headers(200, &headers).action,
+            Some(Ok(Action::Drop))
+        ));
+    }
 
     #[test]
     fn the_host_header_is_made_as_hyper_makes_it() {
