@@ -158,7 +158,7 @@ pub fn decide(result: &Result<Answer, CallError>, policy: &Policy<'_>) -> Decisi
         return Decision::DeadLetter(failure(
             Reason::TooLarge,
             Some(answer.status),
-            format!("the answer is larger than {} bytes", crate::call::http::MAX_BODY),
+            format!("the answer is larger than {} bytes", crate::call::MAX_BODY),
         ));
     }
     // 1. The service's own word.

@@ -343,6 +343,47 @@ async fn grpc_status_codes_decide_retry_or_dead_letter() {
     sidecar.wait().await.unwrap();
 }
 
+/// A reply message over 16 MiB is the answer's size, as over HTTP: `too_large`, not a status
+/// the service never sent (tonic's own limit was 4 MiB, refused as OUT_OF_RANGE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_message_too_large_to_read_is_too_large_not_a_service_status() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    let (handler, addr, _) = native(
+        |e| {
+            let size = if e.value == b"huge" { 17 << 20 } else { 5 << 20 };
+            Ok(Reply {
+                payload: Some(vec![b'x'; size]),
+                ..action(Action::Reply)
+            })
+        },
+        None,
+    )
+    .await;
+    let text = grpc_config(&kafka, &t, &format!("        endpoint: http://{addr}"), 3);
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    kafka.send(&t.source, None, Some("k"), "huge", &[]).await;
+    kafka.send(&t.source, None, Some("k"), "big", &[]).await;
+
+    let dead = kafka.read(&t.dlq, 2, WAIT).await;
+    assert_eq!(dead.len(), 2);
+    for d in &dead {
+        assert_eq!(d.header("ferry.error.reason"), Some("too_large"), "{d:?}");
+        assert_ne!(d.header("ferry.error.status"), Some("OUT_OF_RANGE"), "{d:?}");
+        assert_eq!(d.header("ferry.attempts"), Some("1"), "not retried: {d:?}");
+    }
+    let huge = dead.iter().find(|d| d.value.as_deref() == Some("huge")).unwrap();
+    let message = huge.header("ferry.error.message").unwrap();
+    assert!(message.contains("larger than 16777216 bytes"), "{message}");
+    // 5 MiB is read (tonic's default would refuse it), then too large for the broker.
+    let big = dead.iter().find(|d| d.value.as_deref() == Some("big")).unwrap();
+    let message = big.header("ferry.error.message").unwrap();
+    assert!(message.contains("could not be published"), "{message}");
+    assert_eq!(handler.seen.lock().unwrap().len(), 2);
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_past_its_deadline_is_retried() {
     let kafka = Kafka::start();

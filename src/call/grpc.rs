@@ -129,7 +129,8 @@ impl Grpc {
         request.set_timeout(self.timeout + self.timeout / 10 + Duration::from_millis(20));
         let started = std::time::Instant::now();
         let call = async {
-            let mut client = tonic::client::Grpc::new(self.channel.clone());
+            let mut client =
+                tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(super::MAX_BODY);
             client
                 .ready()
                 .await
@@ -147,6 +148,13 @@ impl Grpc {
                     && started.elapsed() >= self.timeout =>
             {
                 return Err(CallError::Timeout(self.timeout));
+            }
+            Ok(Err(status)) if too_large(&status) => {
+                return Ok(Answer {
+                    status: Status::Grpc(Code::Ok as i32),
+                    body_too_large: true,
+                    ..Answer::default()
+                });
             }
             Ok(Err(status)) => return failed(status),
         };
@@ -215,6 +223,15 @@ fn metadata(record: &Record, attempt: &Attempt) -> MetadataMap {
         }
     });
     m
+}
+
+/// Whether tonic refused the reply message for its size, on this side: the service answered,
+/// and OUT_OF_RANGE is not its verdict on the record.
+fn too_large(status: &tonic::Status) -> bool {
+    status.code() == Code::OutOfRange
+        && status
+            .message()
+            .starts_with("Error, decoded message length too large")
 }
 
 /// A failed call: a transport failure is a connection error, anything else is the service's

@@ -12,12 +12,9 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::template::Template;
-use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
+use super::{Answer, Attempt, Call, CallError, CallFuture, MAX_BODY, Status};
 use crate::config::{Action, Format, HttpCall};
 use crate::record::Record;
-
-/// Bodies above this are not read further; the record is dead-lettered as `too_large`.
-pub const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// The HTTP transport of one route.
 pub struct Http {

@@ -3,6 +3,10 @@
 //! Fed by the route handler with a record and its attempt number; returns the service's
 //! [`Answer`] or a [`CallError`], which [`crate::outcome`] turns into a decision.
 
+/// Answers above this (an HTTP body, a gRPC reply message) are not read further; the record is
+/// dead-lettered as `too_large`.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+
 pub mod grpc;
 pub mod http;
 pub mod template;
