@@ -261,6 +261,7 @@ impl RouteHandler {
             };
             // Time the service was known to be down is not the record's age.
             outage += waiting.elapsed();
+            let before = attempts;
             attempts.count += 1;
             let now = epoch_ms();
             attempts.first_at_ms.get_or_insert(now);
@@ -276,6 +277,12 @@ impl RouteHandler {
             };
             let started = Instant::now();
             let result = self.call.call(record, &attempt).await;
+            if matches!(&result, Err(CallError::Encode(_))) {
+                // The record cannot be made into a request (its value does not fit the gRPC
+                // method's message, its key makes no valid URL): the service was never called,
+                // as with a record refused by its schema. Never retried.
+                attempts = before;
+            }
             self.metrics.call(&result, started.elapsed());
             let decision = outcome::decide(&result, &policy);
             let retryable = matches!(&decision, Decision::Retry(f) if f.reason != Reason::ServiceSaid);

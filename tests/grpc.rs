@@ -542,6 +542,7 @@ async fn dynamic(reflection: bool) {
     assert_eq!(dead.len(), 3);
     for d in &dead {
         assert_eq!(d.header("ferry.error.reason"), Some("schema"), "{d:?}");
+        assert_eq!(d.header("ferry.attempts"), Some("0"), "never called: {d:?}");
     }
     let message = |i: usize| dead[i].header("ferry.error.message").unwrap().to_string();
     assert!(message(0).contains("quantity"), "names the field: {}", message(0));
