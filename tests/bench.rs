@@ -142,6 +142,17 @@ async fn send_writes_values_files_stdin_counts_and_json_lines_and_tail_shows_the
     .await;
     assert_eq!(code, 1);
     assert!(err.contains("line 2: not JSON"), "{err}");
+    // A file named without `@` is its name as data: said so.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("batch.jsonl");
+    std::fs::write(&file, "{\"key\":\"a\"}\n").unwrap();
+    let name = file.to_str().unwrap();
+    let (code, _, err) = ferry(args(&["send", "-b", b, "-t", &topic, "--json-lines", name]), "").await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("to read the file `{name}`, write @{name}")),
+        "{err}"
+    );
     let (code, _, err) = ferry(args(&["send", "-t", &topic, "x"]), "").await;
     assert_eq!(code, 2);
     assert!(err.contains("-b HOST:PORT"), "{err}");

@@ -170,7 +170,16 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
     }
     let headers = parse_headers(&args.headers)?;
     let records: Box<dyn Iterator<Item = Outgoing>> = if args.json_lines {
-        let lines = json_lines(&read_source(args.value.as_deref())?)?;
+        let lines = json_lines(&read_source(args.value.as_deref())?).map_err(|e| {
+            // `--json-lines batch.jsonl` sends the name itself, as any value without `@` is.
+            match args.value.as_deref() {
+                Some(v) if !v.starts_with('@') && v != "-" && std::path::Path::new(v).is_file() => refused(
+                    e.code,
+                    format!("{}; to read the file `{v}`, write @{v}", e.message),
+                ),
+                _ => e,
+            }
+        })?;
         Box::new(lines.into_iter().map(move |mut r| {
             r.headers.extend(headers.clone());
             r.partition = r.partition.or(args.partition);
