@@ -156,9 +156,11 @@ pub fn table(s: &Status, only: Option<&str>) -> String {
     ]];
     let mut parts = Vec::new();
     for r in s.routes.iter().filter(|r| only.is_none_or(|o| o == r.name)) {
-        let state = match (r.draining, r.paused) {
+        let state = match (r.draining || s.draining, r.paused) {
             (true, _) => "draining",
             (false, true) => "paused",
+            // Nothing is taken while ferry is not ready (see `ready::Gate`).
+            _ if !s.ready => "waiting",
             _ => "running",
         };
         let outcomes: Vec<String> = r
@@ -241,4 +243,42 @@ fn align(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(ready: bool, draining: bool, paused: bool) -> Status {
+        serde_json::from_value(serde_json::json!({
+            "version": "0", "live": true, "ready": ready, "not_ready": (!ready).then_some("topic `out` is missing"),
+            "draining": draining, "service_ready": true,
+            "routes": [{"name": "r", "paused": paused, "draining": false, "circuit": "closed", "in_flight": 0,
+                "oldest_in_flight_seconds": null, "lag": 0, "received": 0, "outcomes": {}, "dead_letters": {},
+                "retries": 0, "abandoned": 0, "partitions": []}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_route_s_state_says_whether_it_takes_records() {
+        let state = |s: &Status| {
+            table(s, None)
+                .lines()
+                .nth(3)
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(state(&status(true, false, false)), "running");
+        assert_eq!(
+            state(&status(false, false, false)),
+            "waiting",
+            "not ready: nothing is taken"
+        );
+        assert_eq!(state(&status(true, false, true)), "paused");
+        assert_eq!(state(&status(true, true, false)), "draining", "ferry is stopping");
+    }
 }
