@@ -153,6 +153,28 @@ async fn send_writes_values_files_stdin_counts_and_json_lines_and_tail_shows_the
         err.contains(&format!("to read the file `{name}`, write @{name}")),
         "{err}"
     );
+    // A record above the producer's own limit says which limit, and how to raise it.
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![b'x'; 1_100_000]).unwrap();
+    let big = format!("@{}", big.to_str().unwrap());
+    let (code, _, err) = ferry(args(&["send", "-b", b, "-t", &topic, &big]), "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("add -X message.max.bytes=1101024"), "{err}");
+    let (code, _, err) = ferry(
+        args(&[
+            "send",
+            "-b",
+            b,
+            "-t",
+            &topic,
+            "-X",
+            "message.max.bytes=1101024",
+            &big,
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
     let (code, _, err) = ferry(args(&["send", "-t", &topic, "x"]), "").await;
     assert_eq!(code, 2);
     assert!(err.contains("-b HOST:PORT"), "{err}");

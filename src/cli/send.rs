@@ -245,10 +245,11 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
             if let Some(p) = r.partition {
                 record = record.partition(p);
             }
+            let size = r.key.as_ref().map_or(0, String::len) + r.value.as_ref().map_or(0, Vec::len);
             producer
                 .send(record, Duration::from_secs(30))
                 .await
-                .map_err(|(e, _)| e.to_string())
+                .map_err(|(e, _)| too_large_hint(e, size))
         });
         // Keep a bounded number of sends outstanding.
         while in_flight.len() >= 1000 {
@@ -293,6 +294,19 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// The error of one send; a record too large says which limit and how to raise it, since
+/// librdkafka's text blames the broker for its own `message.max.bytes` (1 000 000 by default).
+fn too_large_hint(e: rdkafka::error::KafkaError, size: usize) -> String {
+    if e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::MessageSizeTooLarge) {
+        format!(
+            "{e}: the record is {size} bytes; the producer's limit is message.max.bytes (1000000 unless -X sets it), the broker's and the topic's are their own (max.message.bytes); to raise ferry's, add -X message.max.bytes={}",
+            size + 1024
+        )
+    } else {
+        e.to_string()
+    }
 }
 
 fn settle(
