@@ -146,9 +146,13 @@ mod tests {
     }
 
     fn join(conn: &mut TcpStream, group: &str, member: &str) {
+        join_for(conn, group, member, 6000);
+    }
+
+    fn join_for(conn: &mut TcpStream, group: &str, member: &str, session_timeout_ms: i32) {
         let mut body = Vec::new();
         string(&mut body, group);
-        body.extend_from_slice(&6000i32.to_be_bytes());
+        body.extend_from_slice(&session_timeout_ms.to_be_bytes());
         string(&mut body, member);
         string(&mut body, "consumer");
         body.extend_from_slice(&1i32.to_be_bytes());
@@ -242,5 +246,26 @@ mod tests {
         assert!(next > generation, "a new generation: {next} after {generation}");
         let (_, _, me_b) = joined(&mut b);
         assert_ne!(me_b, me_a);
+    }
+
+    /// A group formed before rebalances as soon as every member has joined again, as on a
+    /// broker: the mock waited for the session timeout less a second, 44 s with librdkafka's
+    /// default, at every rebalance (a restart's, a second instance's).
+    #[test]
+    fn a_rebalance_ends_when_every_member_has_joined_again() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        let group = "rejoined";
+        let (mut a, mut b) = (connect(&broker), connect(&broker));
+        join_for(&mut a, group, "", 45_000);
+        let (generation, _, me_a) = joined(&mut a);
+        join_for(&mut b, group, "", 45_000);
+        join_for(&mut a, group, &me_a, 45_000);
+        for conn in [&mut a, &mut b] {
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        let (next, leader, _) = joined(&mut a);
+        assert!(next > generation);
+        assert_eq!(leader, me_a, "the member that was there first leads");
+        joined(&mut b);
     }
 }
