@@ -8,13 +8,19 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 COPY . .
 # librdkafka, OpenSSL and zlib are compiled here from source (rdkafka's ssl-vendored and
 # libz-static features) and linked statically: the final image needs glibc and libgcc only.
+# rdkafka-sys builds a copy of vendor/'s librdkafka made once per target directory: when vendor/
+# changed since the cached one was built, it is built again.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin ferry \
+    vendored=$(find vendor -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum) \
+ && if [ "$vendored" != "$(cat target/vendored.sha256 2>/dev/null)" ]; then cargo clean --release -p rdkafka-sys; fi \
+ && cargo build --release --locked --bin ferry \
+ && echo "$vendored" > target/vendored.sha256 \
  && ./target/release/ferry --version \
  && cp target/release/ferry /usr/local/bin/ferry
 

@@ -28,7 +28,7 @@ pub enum Admission {
 /// What a call's result says about the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// It answered (whatever the answer), or the record itself was the problem.
+    /// It answered, whatever the answer.
     Fine,
     /// It failed for a retryable reason (a timeout, a 5xx, a broken connection): perhaps the
     /// service, perhaps this record; the window of recent calls decides.
@@ -211,6 +211,17 @@ impl Breaker {
         }
     }
 
+    /// An admitted call that was never made (the record could not be made into a request):
+    /// it says nothing about the service. A probe's turn passes to the next record at once.
+    pub fn not_called(&self, admission: Admission) {
+        let mut inner = self.lock();
+        if let (Admission::Probe, State::Open { probing, .. }) = (admission, &mut inner.state) {
+            *probing = false;
+            drop(inner);
+            self.changed.notify_waiters();
+        }
+    }
+
     /// Records the result of a call admitted as `admission`, and says whether the attempt
     /// counts towards the record's `max_attempts`. It does not when the service, not the
     /// record, failed it: the call that opened the circuit, a call that ended while it was
@@ -314,6 +325,27 @@ mod tests {
             w.record(at(ms), false);
         }
         assert!(w.slices.len() <= SLICES as usize + 2, "{} slices", w.slices.len());
+    }
+
+    #[tokio::test]
+    async fn a_call_never_made_neither_closes_nor_counts_and_passes_the_probe_on() {
+        let b = Breaker::new(config());
+        assert_eq!(b.admit().await, Admission::Call);
+        b.record(Admission::Call, Verdict::Unreachable);
+        let probe = b.admit().await;
+        assert_eq!(probe, Admission::Probe);
+        b.not_called(probe);
+        assert_eq!(b.state_name(), "open", "the service was not reached: still open");
+        let next = tokio::time::timeout(Duration::from_millis(20), b.admit()).await;
+        assert_eq!(
+            next.ok(),
+            Some(Admission::Probe),
+            "the next record probes at once"
+        );
+        b.record(Admission::Probe, Verdict::Fine);
+        assert!(b.is_closed());
+        b.not_called(Admission::Call);
+        assert!(b.is_closed());
     }
 
     #[tokio::test]

@@ -209,14 +209,18 @@ impl ConsumerContext for Context {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.choose_start_offsets(c, tpl);
-                let with_routes: Vec<(Tp, usize)> = tps
-                    .iter()
-                    .filter_map(|tp| self.routes.route_for(&tp.0).map(|r| (tp.clone(), r)))
-                    .collect();
+                let (mut with_routes, mut unread) = (Vec::new(), Vec::new());
+                for tp in &tps {
+                    match self.routes.route_for(&tp.0) {
+                        Some(route) => with_routes.push((tp.clone(), route)),
+                        None => unread.push(tp.clone()),
+                    }
+                }
                 {
                     let mut intake = lock(&self.intake);
                     self.tracker.assign(&with_routes);
-                    self.split_queues(&tps, &mut intake);
+                    let routed: Vec<Tp> = with_routes.iter().map(|(tp, _)| tp.clone()).collect();
+                    self.split_queues(&routed, &mut intake);
                 }
                 tracing::info!(partitions = %describe(&tps), "Partitions assigned");
                 let assigned = if cooperative {
@@ -224,7 +228,7 @@ impl ConsumerContext for Context {
                 } else {
                     c.assign(tpl)
                 };
-                self.pause_unread(c, &tps, &with_routes);
+                pause_unread(c, &unread);
                 assigned
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -360,34 +364,9 @@ impl Context {
         }
     }
 
-    /// Pauses the assigned partitions no route reads: a route's pattern matched a topic that
-    /// route writes to. The group gives them to a member all the same; they stay unread and
-    /// uncommitted, here and on every other instance with this config.
-    fn pause_unread(&self, c: &BaseConsumer<Self>, tps: &[Tp], with_routes: &[(Tp, usize)]) {
-        let unread: Vec<&Tp> = tps
-            .iter()
-            .filter(|tp| !with_routes.iter().any(|(routed, _)| routed == *tp))
-            .collect();
-        if unread.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition) in &unread {
-            tpl.add_partition(topic, *partition);
-        }
-        if let Err(e) = c.pause(&tpl) {
-            tracing::error!(error = %e, "Cannot pause the partitions no route reads");
-        }
-        let names: BTreeSet<&str> = unread.iter().map(|(t, _)| &**t).collect();
-        tracing::info!(
-            topics = %names.into_iter().collect::<Vec<_>>().join(","),
-            "Not read: a route's pattern matches these topics, but that route writes to them (its replies would come back to it forever)"
-        );
-    }
-
     fn count_abandoned(&self, tps: &[Tp], live: usize) {
         // Attributed to the first revoked partition's route: the totals are what reconcile.
-        if let Some(route) = tps.first().and_then(|(t, _)| self.routes.route_for(t)) {
+        if let Some(route) = tps.iter().find_map(|(t, _)| self.routes.route_for(t)) {
             self.route_metrics[route].abandoned(live as u64);
         }
     }
@@ -958,6 +937,27 @@ fn read_committed_offsets(consumer: &BaseConsumer<Context>, tracker: &Tracker, l
         looked_up.insert(tp);
     }
     tracker.committed(&committed);
+}
+
+/// Pauses the assigned partitions no route reads: a route's pattern matched a topic that route
+/// writes to. The group gives them to a member all the same; they stay unread and uncommitted,
+/// here and on every other instance with this config.
+fn pause_unread(c: &BaseConsumer<Context>, unread: &[Tp]) {
+    if unread.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in unread {
+        tpl.add_partition(topic, *partition);
+    }
+    if let Err(e) = c.pause(&tpl) {
+        tracing::error!(error = %e, "Cannot pause the partitions no route reads");
+    }
+    let names: BTreeSet<&str> = unread.iter().map(|(t, _)| &**t).collect();
+    tracing::info!(
+        topics = %names.into_iter().collect::<Vec<_>>().join(","),
+        "Not read: a route's pattern matches these topics, but that route writes to them (its replies would come back to it forever)"
+    );
 }
 
 /// Whether `tp` may take another record: only when no pause reason holds. The reasons are

@@ -301,7 +301,12 @@ impl RouteHandler {
             // so that a record that crashes the service each time it is called is
             // dead-lettered after its attempts rather than called for ever while the service
             // restarts between the probes.
-            let counts = self.circuit.record(admission, verdict);
+            let counts = if matches!(&result, Err(CallError::Encode(_))) {
+                self.circuit.not_called(admission);
+                false
+            } else {
+                self.circuit.record(admission, verdict)
+            };
             if counts || matches!(&result, Err(CallError::Connect(_))) {
                 counted += 1;
             }

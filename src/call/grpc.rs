@@ -226,12 +226,13 @@ fn metadata(record: &Record, attempt: &Attempt) -> MetadataMap {
 }
 
 /// Whether tonic refused the reply message for its size, on this side: the service answered,
-/// and OUT_OF_RANGE is not its verdict on the record.
+/// and OUT_OF_RANGE is not its verdict on the record. (A tonic server refuses a request over
+/// its own limit with the same words, but with its limit, not ferry's.)
 fn too_large(status: &tonic::Status) -> bool {
+    let message = status.message();
     status.code() == Code::OutOfRange
-        && status
-            .message()
-            .starts_with("Error, decoded message length too large")
+        && message.starts_with("Error, decoded message length too large")
+        && message.ends_with(&format!("the limit is: {} bytes", super::MAX_BODY))
 }
 
 /// A failed call: a transport failure is a connection error, anything else is the service's
@@ -480,6 +481,21 @@ impl Decoder for RawCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ferry_s_own_size_limit_is_too_large_not_a_server_refusing_the_request() {
+        let refused = |limit: usize| {
+            tonic::Status::out_of_range(format!(
+                "Error, decoded message length too large: found 17825792 bytes, the limit is: {limit} bytes"
+            ))
+        };
+        assert!(too_large(&refused(crate::call::MAX_BODY)));
+        assert!(
+            !too_large(&refused(4 << 20)),
+            "the service's limit, for ferry's request"
+        );
+        assert!(!too_large(&tonic::Status::out_of_range("as asked")));
+    }
 
     #[test]
     fn code_names_round_trip() {

@@ -159,8 +159,16 @@ pub fn table(s: &Status, only: Option<&str>) -> String {
         let state = match (r.draining || s.draining, r.paused) {
             (true, _) => "draining",
             (false, true) => "paused",
-            // Nothing is taken while ferry is not ready (see `ready::Gate`).
-            _ if !s.ready => "waiting",
+            // Nothing is taken while ferry's gate is shut (see `ready::Gate`): its partitions
+            // say `unready`, or it has none yet. (Not ready for a broker refusing ferry's writes
+            // does not stop the intake.)
+            _ if !s.ready
+                && r.partitions
+                    .iter()
+                    .all(|p| p.paused.iter().any(|why| why == "unready")) =>
+            {
+                "waiting"
+            }
             _ => "running",
         };
         let outcomes: Vec<String> = r
@@ -250,12 +258,23 @@ mod tests {
     use super::*;
 
     fn status(ready: bool, draining: bool, paused: bool) -> Status {
+        status_with(ready, draining, paused, &[])
+    }
+
+    /// One route with one partition per list of pause reasons.
+    fn status_with(ready: bool, draining: bool, paused: bool, partitions: &[&[&str]]) -> Status {
+        let partitions: Vec<serde_json::Value> = partitions
+            .iter()
+            .enumerate()
+            .map(|(i, why)| serde_json::json!({"topic": "in", "partition": i, "committed": null,
+                "high_watermark": null, "lag": null, "in_flight": 0, "oldest_in_flight_seconds": null, "paused": why}))
+            .collect();
         serde_json::from_value(serde_json::json!({
             "version": "0", "live": true, "ready": ready, "not_ready": (!ready).then_some("topic `out` is missing"),
             "draining": draining, "service_ready": true,
             "routes": [{"name": "r", "paused": paused, "draining": false, "circuit": "closed", "in_flight": 0,
                 "oldest_in_flight_seconds": null, "lag": 0, "received": 0, "outcomes": {}, "dead_letters": {},
-                "retries": 0, "abandoned": 0, "partitions": []}]
+                "retries": 0, "abandoned": 0, "partitions": partitions}]
         }))
         .unwrap()
     }
@@ -276,7 +295,16 @@ mod tests {
         assert_eq!(
             state(&status(false, false, false)),
             "waiting",
-            "not ready: nothing is taken"
+            "not ready, nothing assigned"
+        );
+        assert_eq!(
+            state(&status_with(false, false, false, &[&["unready"]])),
+            "waiting"
+        );
+        assert_eq!(
+            state(&status_with(false, false, false, &[&[]])),
+            "running",
+            "not ready for a broker refusing writes: records are still taken"
         );
         assert_eq!(state(&status(true, false, true)), "paused");
         assert_eq!(state(&status(true, true, false)), "draining", "ferry is stopping");

@@ -262,7 +262,7 @@ pub fn parse_with_warnings(
                     warnings.push(at(
                         Some(doc.position(&path)),
                         path,
-                        format!("matches `{topic}` (routes[{i}].{field}), which this route writes to: ferry does not read it, or the route would read its own output forever"),
+                        format!("matches `{topic}` (routes[{i}].{field}), which this route writes to: this route does not read it, or it would read its own output forever"),
                     ));
                 }
             }
@@ -563,7 +563,7 @@ shutdown:
         let loaded = load_with(&text, &[]).unwrap();
         let shown: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
         assert_eq!(shown.len(), 2, "{shown:?}");
-        assert!(shown[0].contains("routes[0].from.pattern: matches `pay.out` (routes[0].reply.to), which this route writes to: ferry does not read it"), "{shown:?}");
+        assert!(shown[0].contains("routes[0].from.pattern: matches `pay.out` (routes[0].reply.to), which this route writes to: this route does not read it"), "{shown:?}");
         assert!(
             shown[1].contains("`pay.dlq` (routes[0].dead_letter.to)"),
             "{shown:?}"

@@ -225,6 +225,25 @@ rd_kafka_mock_cgrp_classic_sync_check(rd_kafka_mock_cgrp_classic_t *mcgrp) {
 
 
 /**
+ * @brief ferry: a member sends JoinGroup or SyncGroup again while its first one still waits
+ *        when its client gave up on the connection that one came on (a request on it timed
+ *        out, say) and retried on a new one. The old connection is blocked, so its close is
+ *        not seen yet. Only the newest request is answered, and the old connection is read
+ *        again so that its close is seen. (Upstream asserted !member->resp in both places,
+ *        which took the whole process down.)
+ */
+static void rd_kafka_mock_cgrp_classic_member_asks_again(
+    rd_kafka_mock_cgrp_classic_member_t *member,
+    rd_kafka_mock_connection_t *mconn) {
+        if (!member->resp)
+                return;
+        rd_kafka_buf_destroy(member->resp);
+        member->resp = NULL;
+        if (member->conn && member->conn != mconn)
+                rd_kafka_mock_connection_set_blocking(member->conn, rd_false);
+}
+
+/**
  * @brief Member has sent SyncGroupRequest and is waiting for a response,
  *        which will be sent when the all group member SyncGroupRequest are
  *        received.
@@ -240,18 +259,7 @@ rd_kafka_resp_err_t rd_kafka_mock_cgrp_classic_member_sync_set(
 
         rd_kafka_mock_cgrp_classic_member_active(mcgrp, member);
 
-        /* ferry: a member sends SyncGroup again while its first one waits when its client
-         * gave up on the connection that one came on (a request timed out, say) and retried on a
-         * new one; the old connection is blocked, so its close is not seen yet. Only the newest
-         * request is answered, and the old connection is read again so that its close is seen.
-         * (Upstream asserted !member->resp here and took the whole process down.) */
-        if (member->resp) {
-                rd_kafka_buf_destroy(member->resp);
-                member->resp = NULL;
-                if (member->conn && member->conn != mconn)
-                        rd_kafka_mock_connection_set_blocking(member->conn,
-                                                              rd_false);
-        }
+        rd_kafka_mock_cgrp_classic_member_asks_again(member, mconn);
 
         member->resp = resp;
         member->conn = mconn;
@@ -465,10 +473,14 @@ rd_kafka_mock_cgrp_classic_fsm_timeout(rd_kafka_mock_cgrp_classic_t *mcgrp) {
                 /* Timed out waiting for more members, elect a leader */
                 if (mcgrp->member_cnt > 0)
                         rd_kafka_mock_cgrp_classic_elect_leader(mcgrp);
-                else
+                else {
+                        /* ferry: formed anew, it waits the initial
+                         * rebalance delay again (see member_add). */
+                        mcgrp->last_member_cnt = 0;
                         rd_kafka_mock_cgrp_classic_set_state(
                             mcgrp, RD_KAFKA_MOCK_CGRP_STATE_EMPTY,
                             "no members joined");
+                }
                 break;
 
         case RD_KAFKA_MOCK_CGRP_STATE_SYNCING:
@@ -611,13 +623,7 @@ rd_kafka_resp_err_t rd_kafka_mock_cgrp_classic_member_add(
         member->protos    = protos;
         member->proto_cnt = proto_cnt;
 
-        /* ferry: a member sends JoinGroup again while its first one waits when its client
-         * retried on a new connection; only the newest request is answered. (Upstream asserted
-         * !member->resp here.) */
-        if (member->resp) {
-                rd_kafka_buf_destroy(member->resp);
-                member->resp = NULL;
-        }
+        rd_kafka_mock_cgrp_classic_member_asks_again(member, mconn);
         member->resp = resp;
         member->conn = mconn;
         rd_kafka_mock_cgrp_classic_member_active(mcgrp, member);
