@@ -270,25 +270,4 @@ mod tests {
         send(&mut a, API_VERSIONS, &[]);
         assert_eq!(Reader(&answer(&mut a)).i16(), 0, "the old connection is answered");
     }
-
-    /// A group formed before rebalances as soon as every member has joined again, as on a
-    /// broker: the mock waited for the session timeout less a second, 44 s with librdkafka's
-    /// default, at every rebalance (a restart's, a second instance's).
-    #[test]
-    fn a_rebalance_ends_when_every_member_has_joined_again() {
-        let broker = EmbeddedBroker::start(1).unwrap();
-        let group = "rejoined";
-        let (mut a, mut b) = (connect(&broker), connect(&broker));
-        join_for(&mut a, group, "", 45_000);
-        let (generation, _, me_a) = joined(&mut a);
-        join_for(&mut b, group, "", 45_000);
-        join_for(&mut a, group, &me_a, 45_000);
-        for conn in [&mut a, &mut b] {
-            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        }
-        let (next, leader, _) = joined(&mut a);
-        assert!(next > generation);
-        assert_eq!(leader, me_a, "the member that was there first leads");
-        joined(&mut b);
-    }
 }

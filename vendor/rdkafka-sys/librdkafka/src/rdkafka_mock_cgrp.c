@@ -473,14 +473,10 @@ rd_kafka_mock_cgrp_classic_fsm_timeout(rd_kafka_mock_cgrp_classic_t *mcgrp) {
                 /* Timed out waiting for more members, elect a leader */
                 if (mcgrp->member_cnt > 0)
                         rd_kafka_mock_cgrp_classic_elect_leader(mcgrp);
-                else {
-                        /* ferry: formed anew, it waits the initial
-                         * rebalance delay again (see member_add). */
-                        mcgrp->last_member_cnt = 0;
+                else
                         rd_kafka_mock_cgrp_classic_set_state(
                             mcgrp, RD_KAFKA_MOCK_CGRP_STATE_EMPTY,
                             "no members joined");
-                }
                 break;
 
         case RD_KAFKA_MOCK_CGRP_STATE_SYNCING:
@@ -627,26 +623,6 @@ rd_kafka_resp_err_t rd_kafka_mock_cgrp_classic_member_add(
         member->resp = resp;
         member->conn = mconn;
         rd_kafka_mock_cgrp_classic_member_active(mcgrp, member);
-
-        /* ferry: as a broker does, the join phase of a group that has been formed before ends
-         * as soon as every member has joined again, not at the rebalance timer (the session
-         * timeout less a second: 44 s with librdkafka's default session.timeout.ms), which held
-         * every rebalance of `ferry dev broker`'s groups that long, a restart's included. A
-         * member that does not join again still holds it until the timer. */
-        if (mcgrp->state == RD_KAFKA_MOCK_CGRP_STATE_JOINING &&
-            mcgrp->last_member_cnt > 0) {
-                rd_kafka_mock_cgrp_classic_member_t *other;
-                rd_bool_t all_joined = rd_true;
-                TAILQ_FOREACH(other, &mcgrp->members, link) {
-                        if (!other->resp) {
-                                all_joined = rd_false;
-                                break;
-                        }
-                }
-                if (all_joined)
-                        rd_kafka_mock_cgrp_classic_rebalance_timer_restart(
-                            mcgrp, 1);
-        }
 
         return RD_KAFKA_RESP_ERR_NO_ERROR;
 }
