@@ -277,10 +277,12 @@ impl RouteHandler {
             };
             let started = Instant::now();
             let result = self.call.call(record, &attempt).await;
-            if matches!(&result, Err(CallError::Encode(_))) {
-                // The record cannot be made into a request (its value does not fit the gRPC
-                // method's message, its key makes no valid URL): the service was never called,
-                // as with a record refused by its schema. Never retried.
+            // Not when the record cannot be made into a request (its value does not fit the
+            // gRPC method's message, its key makes no valid URL): as with a record refused by
+            // its schema, the service was never called; it is not an attempt, says nothing to
+            // the circuit, and is never retried.
+            let called = !matches!(&result, Err(CallError::Encode(_)));
+            if !called {
                 attempts = before;
             }
             self.metrics.call(&result, started.elapsed());
@@ -301,11 +303,11 @@ impl RouteHandler {
             // so that a record that crashes the service each time it is called is
             // dead-lettered after its attempts rather than called for ever while the service
             // restarts between the probes.
-            let counts = if matches!(&result, Err(CallError::Encode(_))) {
+            let counts = if called {
+                self.circuit.record(admission, verdict)
+            } else {
                 self.circuit.not_called(admission);
                 false
-            } else {
-                self.circuit.record(admission, verdict)
             };
             if counts || matches!(&result, Err(CallError::Connect(_))) {
                 counted += 1;
