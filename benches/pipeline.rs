@@ -588,13 +588,7 @@ impl Ferry {
 
     /// User plus system CPU time so far, in seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-        (ticks(11) + ticks(12)) / clock_ticks()
+        process_cpu_seconds(self.child.id())
     }
 
     /// Context switches of all its threads so far: each is a thread going to sleep or being
@@ -689,6 +683,17 @@ impl Drop for Ferry {
     }
 }
 
+/// User plus system CPU time of process `pid` so far, in seconds.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -713,6 +718,10 @@ struct Throughput {
     rate: f64,
     cpu_per_10k: f64,
     peak_rss: f64,
+    /// CPU µs per record of the rest of the machine's work meanwhile: the embedded broker's
+    /// process (none for an external broker) and this process (the echo service and the reader).
+    broker_us: Option<f64>,
+    bench_us: f64,
 }
 
 /// ferry end to end over `n` preloaded records: replies per second from the first reply to the
@@ -720,10 +729,20 @@ struct Throughput {
 fn b3(broker: &Broker, dir: &Path, call: &str, ordering: &str, size: usize, n: usize) -> Throughput {
     let (source, reply, dlq) = broker.topics();
     preload(&broker.brokers, &source, n, size);
+    let broker_pid = broker.embedded.as_ref().map(|e| e.child.id());
+    let others_before = (
+        broker_pid.map(process_cpu_seconds),
+        process_cpu_seconds(std::process::id()),
+    );
     let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, ordering, true);
     let stop = AtomicBool::new(false);
     let got = read_replies(&broker.brokers, &reply, n, Duration::from_secs(600), &stop);
     let cpu = ferry.cpu_seconds();
+    let per_record_us = |before: f64, now: f64| (now - before) / n as f64 * 1e6;
+    let broker_us = broker_pid
+        .zip(others_before.0)
+        .map(|(pid, before)| per_record_us(before, process_cpu_seconds(pid)));
+    let bench_us = per_record_us(others_before.1, process_cpu_seconds(std::process::id()));
     let (_, peak) = ferry.rss_mib();
     ferry.stop();
     assert_eq!(got.len(), n, "every record replied within the time limit");
@@ -733,6 +752,8 @@ fn b3(broker: &Broker, dir: &Path, call: &str, ordering: &str, size: usize, n: u
         rate: (n - 1) as f64 / ((last - first).max(1) as f64 / 1e6),
         cpu_per_10k: cpu / n as f64 * 10_000.0,
         peak_rss: peak,
+        broker_us,
+        bench_us,
     }
 }
 
@@ -1418,6 +1439,7 @@ fn main() {
         }
     }
     let mut chart = Vec::new();
+    let mut others = Vec::new();
     if run("b3") {
         println!();
         println!("| B3: ferry | value | records/s | B3 / min(B0, B1) | CPU s per 10 000 | peak RSS MiB |");
@@ -1443,9 +1465,33 @@ fn main() {
                         t.rate, t.cpu_per_10k, t.peak_rss
                     );
                     chart.push((format!("{transport} {mode} {size}B"), t.rate, ceiling));
-                    rows.push(json!({"bench": "B3", "transport": transport, "ordering": mode, "size": size, "rate": t.rate, "ceiling": ceiling, "ratio": ratio, "cpu_seconds_per_10k": t.cpu_per_10k, "peak_rss_mib": t.peak_rss}));
+                    // What the cores would allow if ferry took no CPU at all: the rest of the
+                    // run's work (the broker, the echo service, the reader) alone fills them.
+                    let others_us = t.broker_us.unwrap_or(0.0) + t.bench_us;
+                    let bound = cores as f64 * 1e6 / others_us.max(f64::MIN_POSITIVE);
+                    others.push(format!(
+                        "| {transport} {mode} | {size} B | {} | {:.1} | {:.1} | {bound:.0} | {:.2} |",
+                        t.broker_us.map_or("not counted".into(), |us| format!("{us:.1}")),
+                        t.bench_us,
+                        t.cpu_per_10k * 100.0,
+                        bound / ceiling
+                    ));
+                    rows.push(json!({"bench": "B3", "transport": transport, "ordering": mode, "size": size, "rate": t.rate, "ceiling": ceiling, "ratio": ratio, "cpu_seconds_per_10k": t.cpu_per_10k, "peak_rss_mib": t.peak_rss,
+                        "others_cpu_us_per_record": {"broker": t.broker_us, "echo_service_and_reader": t.bench_us}, "rate_bound_with_ferry_at_no_cpu": bound}));
                 }
             }
+        }
+        println!();
+        println!(
+            "What the rest of each B3 run took, and the rate the {cores} cores would allow if ferry took no CPU at all:"
+        );
+        println!();
+        println!(
+            "| B3: ferry | value | broker µs per record | echo service and reader µs | ferry µs | records/s bound | bound / min(B0, B1) |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for line in &others {
+            println!("{line}");
         }
     }
     if run("steady") {
