@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::call::{Attempt, Call, CallError};
+use crate::call::{Attempt, Call, CallError, Status};
 use crate::circuit::{Breaker, Verdict};
 use crate::config::Route;
 use crate::contract;
@@ -319,6 +319,9 @@ impl RouteHandler {
                     headers,
                     value,
                 } => {
+                    // The service answered, well: its status goes on a dead letter that takes
+                    // the reply's place.
+                    let status = result.as_ref().ok().map(|a| a.status);
                     if let Some(schema) = self
                         .config
                         .reply
@@ -329,7 +332,7 @@ impl RouteHandler {
                         if let Err(message) = contract::check(schema, Some(&value), "the service's reply") {
                             let f = Failure {
                                 reason: Reason::ReplySchema,
-                                status: None,
+                                status: status.map(Status::name),
                                 message,
                                 retry_after: None,
                             };
@@ -340,7 +343,7 @@ impl RouteHandler {
                     }
                     let out = produce::reply(record, topic, key, headers, value);
                     return self
-                        .publish_reply(record, trace, out, attempts, Acknowledge::Later)
+                        .publish_reply(record, trace, out, attempts, status, Acknowledge::Later)
                         .await;
                 }
                 Decision::Done => return End::Final(Outcome::Done, None),
@@ -433,9 +436,10 @@ impl RouteHandler {
         self.metrics.retry(failure.reason);
         let mut out = produce::deferred(record, &self.config.name, topic, attempts, hop + 1, not_before);
         let instead = |_: &Outgoing| {
-            let f = too_large(format!(
-                "the record could not be moved to {topic}: too large for the broker"
-            ));
+            let f = too_large(
+                format!("the record could not be moved to {topic}: too large for the broker"),
+                None,
+            );
             Some(self.dead_letter_record(record, &f, attempts))
         };
         let published = self.publish(record, trace, &mut out, instead, ack).await;
@@ -449,17 +453,21 @@ impl RouteHandler {
         trace: &RecordTrace,
         mut out: Outgoing,
         attempts: Attempts,
+        status: Option<Status>,
         ack: Acknowledge,
     ) -> End {
         let instead = |out: &Outgoing| {
-            let f = too_large(format!(
-                "the reply to {} could not be published: too large for the broker",
-                out.topic
-            ));
+            let f = too_large(
+                format!(
+                    "the reply to {} could not be published: too large for the broker",
+                    out.topic
+                ),
+                status,
+            );
             Some(self.dead_letter_record(record, &f, attempts))
         };
         let published = self.publish(record, trace, &mut out, instead, ack).await;
-        self.handed(record, trace, out, Output::Reply(attempts), published)
+        self.handed(record, trace, out, Output::Reply(attempts, status), published)
             .await
     }
 
@@ -486,7 +494,7 @@ impl RouteHandler {
             }),
             Ok(Published::GaveUp) => End::Abandoned,
             Err(e) => {
-                let f = too_large(what.refused(&out.topic, &e));
+                let f = too_large(what.refused(&out.topic, &e), what.status());
                 self.dead_letter(record, trace, f, what.attempts(), Acknowledge::Now)
                     .await
             }
@@ -711,7 +719,8 @@ struct Write {
 
 /// What an output is, and so what its record's outcome becomes once it is acknowledged.
 enum Output {
-    Reply(Attempts),
+    /// With the status of the answer it is the body of.
+    Reply(Attempts, Option<Status>),
     Deferred(Attempts),
     DeadLetter(Failure, Attempts),
 }
@@ -719,7 +728,7 @@ enum Output {
 impl Output {
     fn outcome(&self) -> (Outcome, Option<Reason>) {
         match self {
-            Output::Reply(_) => (Outcome::Replied, None),
+            Output::Reply(..) => (Outcome::Replied, None),
             Output::Deferred(_) => (Outcome::Deferred, None),
             Output::DeadLetter(f, _) => (Outcome::DeadLettered, Some(f.reason)),
         }
@@ -727,14 +736,22 @@ impl Output {
 
     fn attempts(&self) -> Attempts {
         match self {
-            Output::Reply(a) | Output::Deferred(a) | Output::DeadLetter(_, a) => *a,
+            Output::Reply(a, _) | Output::Deferred(a) | Output::DeadLetter(_, a) => *a,
+        }
+    }
+
+    /// The service's status, for the dead letter that takes the output's place.
+    fn status(&self) -> Option<Status> {
+        match self {
+            Output::Reply(_, status) => *status,
+            Output::Deferred(_) | Output::DeadLetter(..) => None,
         }
     }
 
     /// Why the output could not be written, for the dead letter that takes its place.
     fn refused(&self, topic: &str, e: &ProduceError) -> String {
         match self {
-            Output::Reply(_) => format!("the reply to {topic} could not be published: {e}"),
+            Output::Reply(..) => format!("the reply to {topic} could not be published: {e}"),
             Output::Deferred(_) => format!("the record could not be moved to {topic}: {e}"),
             Output::DeadLetter(..) => format!("the dead letter to {topic} could not be published: {e}"),
         }
@@ -787,10 +804,11 @@ impl Pending {
     }
 }
 
-fn too_large(message: String) -> Failure {
+/// `status`: the service's, when it answered and what it answered was too large.
+fn too_large(message: String, status: Option<Status>) -> Failure {
     Failure {
         reason: Reason::TooLarge,
-        status: None,
+        status: status.map(Status::name),
         message,
         retry_after: None,
     }

@@ -98,6 +98,11 @@ async fn awkward_records_each_get_their_defined_outcome() {
     let dead = kafka.read(&t.dlq, 1, WAIT).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].header("ferry.error.reason"), Some("too_large"));
+    assert_eq!(
+        dead[0].header("ferry.error.status"),
+        Some("200"),
+        "the service's answer"
+    );
     assert!(
         dead[0]
             .header("ferry.error.message")

@@ -106,6 +106,11 @@ async fn records_and_replies_that_break_their_schema_are_dead_lettered_with_the_
     );
     let off_contract = by_key("4");
     assert_eq!(off_contract.header("ferry.error.reason"), Some("reply_schema"));
+    assert_eq!(
+        off_contract.header("ferry.error.status"),
+        Some("200"),
+        "the service's answer"
+    );
     let message = off_contract.header("ferry.error.message").unwrap();
     assert!(
         message.starts_with("the service's reply does not match its schema: at /status:"),

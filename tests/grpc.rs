@@ -379,6 +379,11 @@ async fn a_reply_message_too_large_to_read_is_too_large_not_a_service_status() {
     let big = dead.iter().find(|d| d.value.as_deref() == Some("big")).unwrap();
     let message = big.header("ferry.error.message").unwrap();
     assert!(message.contains("could not be published"), "{message}");
+    assert_eq!(
+        big.header("ferry.error.status"),
+        Some("OK"),
+        "the service's answer"
+    );
     assert_eq!(handler.seen.lock().unwrap().len(), 2);
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
