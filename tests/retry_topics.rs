@@ -142,7 +142,7 @@ async fn a_failing_record_moves_through_retry_topics_without_holding_up_its_part
     }
     assert_eq!(first.header("ferry.attempts"), Some("1"));
     assert_eq!(second.header("ferry.attempts"), Some("2"));
-    let calls: Vec<(String, String)> = b
+    let calls: Vec<(String, String, String, Option<String>)> = b
         .service
         .requests()
         .iter()
@@ -151,15 +151,19 @@ async fn a_failing_record_moves_through_retry_topics_without_holding_up_its_part
             (
                 r.header("ferry-attempt").unwrap().to_string(),
                 r.header("idempotency-key").unwrap().to_string(),
+                r.header("ferry-topic").unwrap().to_string(),
+                r.header("ferry-header-ferry.source.topic").map(str::to_string),
             )
         })
         .collect();
+    // A retry topic's copy is called as that topic's record, its lineage among its headers.
+    let origin = Some(b.t.source.clone());
     assert_eq!(
         calls,
         vec![
-            ("1".into(), key.clone()),
-            ("2".into(), key.clone()),
-            ("3".into(), key.clone())
+            ("1".into(), key.clone(), b.t.source.clone(), None),
+            ("2".into(), key.clone(), b.retries[0].clone(), origin.clone()),
+            ("3".into(), key.clone(), b.retries[1].clone(), origin)
         ]
     );
     eventually(WAIT, "the retry topics committed too", || async {
