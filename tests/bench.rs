@@ -465,6 +465,68 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
     assert_eq!(kafka.read_all(&t.dlq).await.len(), 3, "nothing failed again");
 }
 
+/// Two runs of one route's redrive at once (a Job run again, two operators, one with `--reason`)
+/// send each dead letter once between them: one run holds the route's lock, and the other
+/// refuses, or stops where it was when the other took over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_runs_at_the_same_time_send_each_dead_letter_once() {
+    const DEAD: usize = 3000;
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(&config, route_config(&kafka, &t, "http://127.0.0.1:9/unused", "")).unwrap();
+    let c = config.to_str().unwrap().to_string();
+    let count = DEAD.to_string();
+    let (code, _, err) = ferry(
+        args(&[
+            "send",
+            "-b",
+            &kafka.brokers,
+            "-t",
+            &t.dlq,
+            "--count",
+            &count,
+            "-H",
+            "ferry.route=test",
+            "-H",
+            "ferry.error.reason=status",
+            "dead",
+        ]),
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+
+    let all = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "");
+    let status = ferry(
+        args(&["redrive", "-c", &c, "--route", "test", "--reason", "status"]),
+        "",
+    );
+    let ((a, a_out, a_err), (b, b_out, b_err)) = tokio::join!(all, status);
+    let runs = format!("unfiltered: {a} {a_out} {a_err}\nstatus: {b} {b_out} {b_err}");
+    for (code, err) in [(a, &a_err), (b, &b_err)] {
+        assert!(
+            code == 0 || err.contains("another `ferry redrive` of route `test`"),
+            "{runs}"
+        );
+    }
+    assert!(a == 0 || b == 0, "{runs}");
+    // Whatever one run left, a run after both sends, and nothing is sent twice.
+    let (code, _, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
+    assert_eq!(code, 0, "{err}");
+    let back = kafka.read(&t.source, DEAD, WAIT).await;
+    let mut from: Vec<&str> = back
+        .iter()
+        .filter_map(|r| r.header("ferry.redriven_from"))
+        .collect();
+    from.sort_unstable();
+    from.dedup();
+    assert_eq!((back.len(), from.len()), (DEAD, DEAD), "{runs}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(kafka.read_all(&t.source).await.len(), DEAD, "{runs}");
+}
+
 /// `ferry tail … | head -1`: once the reader is gone, tail ends as Unix tools do (SIGPIPE),
 /// rather than panicking at the next record it prints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

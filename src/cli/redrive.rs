@@ -10,14 +10,18 @@
 //! `--reason R` in `….<route>.<R>`. Each group's position only moves past what its runs
 //! examined, so a dead letter of reason R at offset o has been sent iff o is below the position
 //! of the unfiltered group or of R's group; every run reads both before it sends anything.
+//!
+//! And one run at a time per route, whatever its `--reason`: two runs at once would read the same
+//! positions and send the same dead letters. See [`Lock`].
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::client::{KafkaArgs, Refused, progress};
 use crate::consume::RouteTable;
@@ -143,7 +147,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         c.create()
             .map_err(|e| refused(1, format!("cannot create the consumer: {e}")))
     };
-    let consumer = consumer_for(&group_of(args.reason.as_deref()))?;
+    let consumer = Arc::new(consumer_for(&group_of(args.reason.as_deref()))?);
     // The positions of the groups whose runs may have sent what this run reads: the unfiltered
     // group's for a filtered run, every reason's group for an unfiltered one.
     let mut others: Vec<(Option<String>, BaseConsumer)> = Vec::new();
@@ -166,14 +170,45 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         .create()
         .map_err(|e| refused(1, format!("cannot create the producer: {e}")))?;
 
-    let topic = dead_letters.clone();
-    let (consumer, starts, ends, sent_before) = tokio::task::spawn_blocking(move || {
-        let (consumer, starts, ends) = plan(consumer, &topic)?;
+    // What this run has examined, per partition: committed as it goes, and by the lock's
+    // revoke before another run may read it.
+    let examined: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
+    // A dry run sends nothing, so it neither needs the lock nor disturbs the run that holds it.
+    let lock = if args.dry_run {
+        None
+    } else {
+        let (consumer, examined, topic) = (consumer.clone(), examined.clone(), dead_letters.clone());
+        let on_revoke = move || {
+            let next = examined.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if next.is_empty() {
+                return;
+            }
+            if let Err(r) = commit(&consumer, &topic, &next) {
+                eprintln!("warning: {}", r.message);
+            }
+        };
+        let (client, group, topic, route) = (
+            client.clone(),
+            format!("{base}.lock"),
+            dead_letters.clone(),
+            route.name.clone(),
+        );
+        Some(
+            tokio::task::spawn_blocking(move || Lock::take(&client, group, &topic, &route, on_revoke))
+                .await
+                .map_err(|e| refused(1, e.to_string()))??,
+        )
+    };
+
+    let (c, topic) = (consumer.clone(), dead_letters.clone());
+    let (starts, ends, sent_before) = tokio::task::spawn_blocking(move || {
+        let consumer = c;
+        let (starts, ends) = plan(&consumer, &topic)?;
         let mut sent_before: HashMap<Option<String>, HashMap<i32, i64>> = HashMap::new();
         for (reason, c) in &others {
             sent_before.insert(reason.clone(), positions(c, &topic, &ends)?);
         }
-        Ok::<_, Refused>((consumer, starts, ends, sent_before))
+        Ok::<_, Refused>((starts, ends, sent_before))
     })
     .await
     .map_err(|e| refused(1, e.to_string()))??;
@@ -192,14 +227,41 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
     let bar = progress(total.max(0) as u64, "dead letters");
     let mut tally = Tally::default();
     // Per partition: the offset after the last one examined, which this run commits.
-    let mut next = starts.clone();
+    *examined.lock().unwrap_or_else(PoisonError::into_inner) = starts.clone();
+    let examine = |p: i32, o: i64| {
+        examined
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(p, o);
+    };
+    let record_progress = || {
+        let next = examined.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        commit(&consumer, &dead_letters, &next)
+    };
     let mut remaining: HashMap<i32, i64> = ends
         .iter()
         .filter(|(p, end)| starts[*p] < **end)
         .map(|(p, e)| (*p, *e))
         .collect();
-    let consumer = std::sync::Arc::new(consumer);
     while !remaining.is_empty() && args.limit.is_none_or(|l| tally.sent < l) {
+        // Everything examined so far is sent: a revoke the lock sees now commits it.
+        if let Some(lock) = &lock {
+            let l = lock.clone();
+            let held = tokio::task::spawn_blocking(move || l.held())
+                .await
+                .map_err(|e| refused(1, e.to_string()))?;
+            if !held {
+                bar.finish_and_clear();
+                record_progress()?;
+                return Err(refused(
+                    1,
+                    format!(
+                        "another `ferry redrive` of route `{}` started and took over from this one, which stopped after sending {} (what it sent is recorded; the other run goes on from there)",
+                        route.name, tally.sent
+                    ),
+                ));
+            }
+        }
         let c = consumer.clone();
         let polled = tokio::task::spawn_blocking(move || {
             c.poll(Duration::from_millis(500)).map(|m| m.map(|m| m.detach()))
@@ -224,19 +286,21 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             remaining.remove(&p);
         }
         bar.inc(1);
-        next.insert(p, o + 1);
+        examine(p, o + 1);
         let header = |name: &str| header_of(&m, name);
         if header("ferry.route").as_deref().is_some_and(|r| r != route.name) {
             tally.other_route += 1;
             continue;
         }
+        // Sent before comes first: a dead letter of another reason already sent is not left
+        // for later.
         let reason = header("ferry.error.reason").unwrap_or_default();
-        if args.reason.as_ref().is_some_and(|r| *r != reason) {
-            tally.other_reason += 1;
-            continue;
-        }
         if already(p, o, &reason) {
             tally.already += 1;
+            continue;
+        }
+        if args.reason.as_ref().is_some_and(|r| *r != reason) {
+            tally.other_reason += 1;
             continue;
         }
         if m.payload().is_none() || header("ferry.error.payload_omitted").is_some() {
@@ -277,8 +341,8 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         }
         if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
             // What was sent before this one is recorded; this one and the rest are not.
-            next.insert(p, o);
-            commit(&consumer, &dead_letters, &next)?;
+            examine(p, o);
+            record_progress()?;
             return Err(refused(
                 1,
                 format!("cannot write to {target}: {e}; {from} and what follows were not sent"),
@@ -287,13 +351,15 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         tally.sent += 1;
         // Record progress as we go, so an interrupted run repeats little.
         if tally.sent % 100 == 0 {
-            commit(&consumer, &dead_letters, &next)?;
+            record_progress()?;
         }
     }
     bar.finish_and_clear();
     if !args.dry_run {
-        commit(&consumer, &dead_letters, &next)?;
+        record_progress()?;
     }
+    // Released only now that everything sent is recorded.
+    drop(lock);
     let verb = if args.dry_run { "would send" } else { "sent" };
     println!(
         "{verb} {} dead letters from {dead_letters} back to {target}{}",
@@ -325,11 +391,11 @@ fn header_of(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-type Plan = (BaseConsumer, HashMap<i32, i64>, HashMap<i32, i64>);
+type Plan = (HashMap<i32, i64>, HashMap<i32, i64>);
 
 /// Reads where this group's last run stopped and the partitions' ends, and assigns the
 /// partitions from there.
-fn plan(consumer: BaseConsumer, topic: &str) -> Result<Plan, Refused> {
+fn plan(consumer: &BaseConsumer, topic: &str) -> Result<Plan, Refused> {
     let timeout = Duration::from_secs(10);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -355,7 +421,7 @@ fn plan(consumer: BaseConsumer, topic: &str) -> Result<Plan, Refused> {
         ends.insert(*p, high);
         lows.insert(*p, low);
     }
-    let committed = positions(&consumer, topic, &ends)?;
+    let committed = positions(consumer, topic, &ends)?;
     let mut starts = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
@@ -366,7 +432,7 @@ fn plan(consumer: BaseConsumer, topic: &str) -> Result<Plan, Refused> {
     consumer
         .assign(&assignment)
         .map_err(|e| refused(1, format!("cannot read `{topic}`: {e}")))?;
-    Ok((consumer, starts, ends))
+    Ok((starts, ends))
 }
 
 /// The committed position of `consumer`'s group in each partition of `ends` (0 when none).
@@ -407,4 +473,121 @@ fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) -> Res
             format!("sent, but cannot record it (a rerun may send these again): {e}"),
         )
     })
+}
+
+/// The route's redrive lock. A run holds it while the consumer group
+/// `ferry-redrive.<group_id>.<route>.lock`, which every run of the route joins subscribed to the
+/// dead-letter topic, assigns it partition 0 of that topic: the group gives each partition to one
+/// member at a time, on any broker, with nothing to clean up after a crash (a dead run's
+/// membership ends with its session). The group assigns with the eager `range` strategy, so a run
+/// that joins takes every partition away from the holder first; the holder commits what it sent
+/// in that revoke, before the group can give partition 0 to anyone, and goes on only if it gets
+/// partition 0 back.
+#[derive(Clone)]
+struct Lock {
+    consumer: Arc<BaseConsumer<LockContext>>,
+}
+
+struct LockContext {
+    /// Whether the current assignment holds partition 0; `None` between a revoke and the next
+    /// assignment.
+    holds: Mutex<Option<bool>>,
+    on_revoke: Box<dyn Fn() + Send + Sync>,
+}
+
+impl ClientContext for LockContext {}
+
+impl ConsumerContext for LockContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            *self.holds.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            (self.on_revoke)();
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            let holds = partitions.elements().iter().any(|e| e.partition() == 0);
+            *self.holds.lock().unwrap_or_else(PoisonError::into_inner) = Some(holds);
+            // The lock's consumer reads nothing.
+            let _ = consumer.pause(partitions);
+        }
+    }
+}
+
+/// How long a run waits for the lock's group to assign it: a rebalance waits for every member,
+/// up to their session timeout.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+impl Lock {
+    /// Joins the lock's group and waits for its assignment: the lock, or the refusal that names
+    /// the run holding it. Calls `on_revoke` whenever the group takes the partitions back.
+    fn take(
+        client: &rdkafka::ClientConfig,
+        group: String,
+        topic: &str,
+        route: &str,
+        on_revoke: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Lock, Refused> {
+        let mut c = client.clone();
+        c.set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest")
+            .set("partition.assignment.strategy", "range");
+        let context = LockContext {
+            holds: Mutex::new(None),
+            on_revoke: Box::new(on_revoke),
+        };
+        let consumer: BaseConsumer<LockContext> = c
+            .create_with_context(context)
+            .map_err(|e| refused(1, format!("cannot create the consumer: {e}")))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| refused(1, format!("cannot join the consumer group `{group}`: {e}")))?;
+        let lock = Lock {
+            consumer: Arc::new(consumer),
+        };
+        match lock.assignment() {
+            Some(true) => Ok(lock),
+            Some(false) => Err(refused(
+                1,
+                format!(
+                    "another `ferry redrive` of route `{route}` is running (it holds partition 0 of `{topic}` in the consumer group `{group}`); run this again once it has finished"
+                ),
+            )),
+            None => Err(refused(
+                1,
+                format!(
+                    "the consumer group `{group}` assigned nothing within {} s; another `ferry redrive` of route `{route}` may be stuck: run this again once its session has timed out",
+                    LOCK_WAIT.as_secs()
+                ),
+            )),
+        }
+    }
+
+    /// Whether this run still holds the lock, after serving what the group has said meanwhile
+    /// (waiting for the next assignment after a revoke).
+    fn held(&self) -> bool {
+        self.assignment() == Some(true)
+    }
+
+    /// Serves the group's events until the current assignment is known.
+    fn assignment(&self) -> Option<bool> {
+        let started = Instant::now();
+        let mut wait = Duration::ZERO;
+        loop {
+            // Messages are not wanted (the partitions are paused); the poll serves the rebalances.
+            let _ = self.consumer.poll(wait);
+            let holds = *self
+                .consumer
+                .context()
+                .holds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if holds.is_some() || started.elapsed() > LOCK_WAIT {
+                return holds;
+            }
+            wait = Duration::from_millis(100);
+        }
+    }
 }
