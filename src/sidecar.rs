@@ -31,8 +31,9 @@ use crate::transaction;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    // Not a `source`, as for `Admin`: the message says it, and a source is printed again after it.
     #[error("cannot set up the Kafka client: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     // `error`, not `source`: the message already says it, and a source is printed again after it.
     #[error("cannot listen for the admin endpoint on {addr}: {error} (change admin.listen)")]
     Admin { addr: SocketAddr, error: std::io::Error },
@@ -51,6 +52,12 @@ pub enum RunError {
         after = STOP_AFTER_DRAIN
     )]
     StopCutShort(Duration),
+}
+
+impl From<KafkaError> for RunError {
+    fn from(e: KafkaError) -> Self {
+        RunError::Kafka(e)
+    }
 }
 
 /// How long a stop may go on past `shutdown.drain_timeout` (the final commit, leaving the group,

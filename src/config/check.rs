@@ -162,9 +162,12 @@ fn check_properties(
     placeholders: &HashSet<String>,
     say: &mut impl FnMut(String, String),
 ) {
+    // Whether every property is known and valid on its own, so that the set can be judged.
+    let mut each_fine = true;
     for (key, value) in &kafka.properties {
         let at = format!("kafka.properties.{key}");
         if placeholders.contains(&at) {
+            each_fine = false;
             continue;
         }
         let mut one = rdkafka::ClientConfig::new();
@@ -179,10 +182,13 @@ fn check_properties(
                 description
             };
             say(at.clone(), format!("librdkafka: {description}"));
+            each_fine = false;
             continue;
         }
         if FILE_PROPERTIES.contains(&key.as_str()) && !(key == "ssl.ca.location" && value.0 == "probe") {
             let path = std::path::Path::new(&value.0);
+            // librdkafka reads it when it makes a client: not here.
+            each_fine &= path.exists();
             if !path.exists() && !absent_ok {
                 say(
                     at,
@@ -192,6 +198,11 @@ fn check_properties(
                     ),
                 );
             }
+        }
+    }
+    if each_fine {
+        if let Some(why) = refused_together(kafka) {
+            say("kafka.properties".into(), why);
         }
     }
     let has = |k: &str| kafka.properties.contains_key(k);
@@ -224,6 +235,38 @@ fn check_properties(
             format!("a client certificate needs its certificate and its key: give `{missing}` too"),
         );
     }
+}
+
+/// What librdkafka says of the properties together when it makes ferry's consumer and producer
+/// (`max.poll.interval.ms` below `session.timeout.ms`, a SASL mechanism this build cannot do,
+/// `acks` other than `all` with ferry's idempotent producer): otherwise a failure to start that
+/// `ferry validate` passed. The clients are made and dropped at once: neither has a group or
+/// anything to send, and librdkafka connects to a broker only when something needs it.
+fn refused_together(kafka: &Kafka) -> Option<String> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+    let mut c = rdkafka::ClientConfig::new();
+    // Nothing listens on the discard port; nothing is sent there either.
+    c.set("bootstrap.servers", "127.0.0.1:9");
+    for (k, v) in &kafka.properties {
+        c.set(k, &v.0);
+    }
+    let mut producer = c.clone();
+    producer.set("enable.idempotence", "true").set("acks", "all");
+    let refused = |client: &str, e: rdkafka::error::KafkaError| {
+        let why = match e {
+            rdkafka::error::KafkaError::ClientCreation(why) => why,
+            e => e.to_string(),
+        };
+        format!("librdkafka refuses these properties together for ferry's {client}: {why}")
+    };
+    if let Err(e) = c.create::<BaseConsumer>() {
+        return Some(refused("consumer", e));
+    }
+    producer
+        .create::<BaseProducer>()
+        .err()
+        .map(|e| refused("producer", e))
 }
 
 /// Every problem found, as a path and a message. `absent_ok`: TLS files that do not exist here

@@ -692,6 +692,34 @@ shutdown:
     }
 
     #[test]
+    fn librdkafka_judges_the_properties_together_as_ferry_makes_its_clients() {
+        let with = |props: &str| {
+            let text = VALID.replace(
+                "  commit_interval: 1s\n",
+                &format!("  commit_interval: 1s\n  properties:\n{props}"),
+            );
+            parse(&text, Path::new("ferry.yaml"), &Interpolator::from_pairs(&[]))
+                .err()
+                .map(|e| e.to_string())
+        };
+        // Each is valid on its own; librdkafka refuses them only when it makes the client.
+        let short = with("    max.poll.interval.ms: 30000\n").expect("refused");
+        assert!(
+            short.contains("kafka.properties: librdkafka refuses these properties together for ferry's consumer: `max.poll.interval.ms`must be >= `session.timeout.ms`"),
+            "{short}"
+        );
+        let gssapi =
+            with("    security.protocol: SASL_PLAINTEXT\n    sasl.mechanism: GSSAPI\n").expect("refused");
+        assert!(
+            gssapi.contains("No provider for SASL mechanism GSSAPI"),
+            "{gssapi}"
+        );
+        let in_flight = with("    max.in.flight.requests.per.connection: 10\n").expect("refused");
+        assert!(in_flight.contains("for ferry's producer"), "{in_flight}");
+        assert_eq!(with("    max.poll.interval.ms: 60000\n    linger.ms: 1\n"), None);
+    }
+
+    #[test]
     fn oauthbearer_needs_a_token_source_librdkafka_runs_itself() {
         let with = |props: &str| {
             load(&VALID.replace(
