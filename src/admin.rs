@@ -96,7 +96,12 @@ impl Health {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed) || self.drained_by_operator.load(Ordering::Relaxed)
+        self.is_stopping() || self.drained_by_operator.load(Ordering::Relaxed)
+    }
+
+    /// Whether ferry is stopping (SIGTERM), which no operator's resume undoes.
+    pub fn is_stopping(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Whether the service's readiness probe passes (`true` when none is configured).
@@ -280,8 +285,17 @@ async fn metrics(State(a): State<Arc<Admin>>) -> Response {
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
 }
 
-async fn status(State(a): State<Arc<Admin>>) -> Response {
-    axum::Json(a.status()).into_response()
+async fn status(State(a): State<Arc<Admin>>, Query(t): Query<Target>) -> Response {
+    match a.targets(t.route.as_deref()) {
+        Ok(routes) => {
+            let mut status = a.status();
+            status.routes = (status.routes.into_iter().enumerate())
+                .filter_map(|(i, r)| routes.contains(&i).then_some(r))
+                .collect();
+            axum::Json(status).into_response()
+        }
+        Err(refusal) => refusal.into_response(),
+    }
 }
 
 /// `GET /status`.
@@ -460,9 +474,12 @@ impl Admin {
             Access::Loopback => Ok(()),
             Access::Disabled => Err(Refusal::Disabled),
             Access::Token(token) => {
+                // The scheme's name is case-insensitive (RFC 9110, 11.1).
                 let given = headers
                     .get(header::AUTHORIZATION)
-                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+                    .and_then(|v| v.as_bytes().split_at_checked(7))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"Bearer "))
+                    .map(|(_, token)| token);
                 if given.is_some_and(|g| token.matches(g)) {
                     return Ok(());
                 }
@@ -485,6 +502,10 @@ enum Refusal {
     Disabled,
     #[error("no route named `{name}`; routes are: {}", known.join(", "))]
     NoSuchRoute { name: String, known: Vec<String> },
+    #[error(
+        "ferry is stopping (SIGTERM): it finishes what is in flight and takes nothing new, whatever an operator asks"
+    )]
+    Stopping,
 }
 
 impl IntoResponse for Refusal {
@@ -493,6 +514,7 @@ impl IntoResponse for Refusal {
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
             Refusal::Disabled => StatusCode::FORBIDDEN,
             Refusal::NoSuchRoute { .. } => StatusCode::NOT_FOUND,
+            Refusal::Stopping => StatusCode::CONFLICT,
         };
         let mut r = problem(code, self.to_string());
         if code == StatusCode::UNAUTHORIZED {
@@ -560,18 +582,25 @@ async fn pause(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<
             a.control.set(i, true, a.control.is_draining(i));
         }
         tracing::info!(routes = ?names(a, routes), "Paused by an operator");
+        Ok(())
     })
 }
 
 async fn resume(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
     control(&a, &headers, t.route.as_deref(), "resume", |a, routes| {
+        if a.health.is_stopping() {
+            return Err(Refusal::Stopping);
+        }
         for &i in routes {
             a.control.set(i, false, false);
         }
-        if routes.len() == a.routes.len() {
+        // A whole drain holds readiness until no route is drained any more, however the
+        // routes were resumed.
+        if (0..a.routes.len()).all(|i| !a.control.is_draining(i)) {
             a.health.set_drained_by_operator(false);
         }
         tracing::info!(routes = ?names(a, routes), "Resumed by an operator");
+        Ok(())
     })
 }
 
@@ -633,13 +662,14 @@ fn control(
     headers: &HeaderMap,
     route: Option<&str>,
     verb: &str,
-    apply: impl FnOnce(&Admin, &[usize]),
+    apply: impl FnOnce(&Admin, &[usize]) -> Result<(), Refusal>,
 ) -> Response {
-    match a.authorize(headers, verb).and_then(|()| a.targets(route)) {
-        Ok(routes) => {
-            apply(a, &routes);
-            axum::Json(a.done(&routes, None)).into_response()
-        }
+    let applied = a
+        .authorize(headers, verb)
+        .and_then(|()| a.targets(route))
+        .and_then(|routes| apply(a, &routes).map(|()| routes));
+    match applied {
+        Ok(routes) => axum::Json(a.done(&routes, None)).into_response(),
         Err(refusal) => refusal.into_response(),
     }
 }

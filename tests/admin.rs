@@ -391,6 +391,82 @@ async fn unknown_route_is_refused_with_the_known_ones() {
         body.contains("no route named `nope`") && body.contains("test"),
         "{body}"
     );
+    let (code, _, body) = admin_call("GET", &format!("{}/status?route=nope", b.base), None).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, _, body) = admin_call("GET", &format!("{}/status?route=test", b.base), None).await;
+    assert_eq!(code, 200, "{body}");
+    let one: Status = serde_json::from_str(&body).unwrap();
+    assert_eq!(one.routes.len(), 1);
+}
+
+/// A whole drain holds readiness until no route is drained, resumed all at once or one by one.
+#[tokio::test]
+async fn after_a_whole_drain_resuming_each_route_makes_ferry_ready_again() {
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let other = kafka.topic("other", 1).await;
+    let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
+    let second = format!(
+        "  - name: second\n    from: {{ topics: [{other}] }}\n    call: {{ http: {{ url: \"{}\" }} }}\n    dead_letter: {{ to: {} }}\n",
+        service.url("/second"),
+        t.dlq
+    );
+    let sidecar = Sidecar::start(parse(&route_config(&kafka, &t, &service.url("/h"), &second)))
+        .await
+        .expect("sidecar starts");
+    let base = format!("http://{}", sidecar.admin_addr.expect("admin listens"));
+    let readyz = || async { admin_call("GET", &format!("{base}/readyz"), None).await };
+    eventually(WAIT, "ready", || async {
+        (readyz().await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(admin_call("POST", &format!("{base}/drain"), None).await.0, 200);
+    assert_eq!(
+        readyz().await,
+        (
+            503,
+            "text/plain; charset=utf-8".into(),
+            "not ready: draining\n".into()
+        )
+    );
+    assert_eq!(
+        admin_call("POST", &format!("{base}/resume?route=test"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(readyz().await.0, 503, "the other route is still drained");
+    assert_eq!(
+        admin_call("POST", &format!("{base}/resume?route=second"), None)
+            .await
+            .0,
+        200
+    );
+    eventually(WAIT, "ready again", || async {
+        (readyz().await.0 == 200).then_some(())
+    })
+    .await;
+    sidecar.shutdown();
+}
+
+/// While ferry stops (SIGTERM) it takes nothing new, and a resume says so rather than seem to
+/// undo it.
+#[tokio::test]
+async fn a_resume_while_ferry_stops_is_refused() {
+    let b = bench(1, Duration::from_millis(1500)).await;
+    b.send_values(&["slow"]).await;
+    eventually(WAIT, "a call under way", || async {
+        (!b.service.requests().is_empty()).then_some(())
+    })
+    .await;
+    b.sidecar.shutdown();
+    eventually(WAIT, "stopping", || async {
+        (admin_call("GET", &format!("{}/readyz", b.base), None).await.0 == 503).then_some(())
+    })
+    .await;
+    let (code, _, body) = admin_call("POST", &format!("{}/resume", b.base), None).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("ferry is stopping"), "{body}");
 }
 
 /// The sidecar's real admin state served again under another access rule: the verbs' code is
@@ -442,6 +518,16 @@ async fn off_loopback_the_verbs_need_the_token_and_without_one_are_disabled() {
         assert_eq!(code, 401, "{verb} with a wrong token");
         let (code, _, _) = admin_call("POST", &url, Some(token)).await;
         assert_eq!(code, 200, "{verb} with the token");
+        // The scheme's name is case-insensitive.
+        let lower = reqwest::Client::builder().no_proxy().build().unwrap();
+        let code = lower
+            .post(&url)
+            .header("authorization", format!("bearer {token}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(code, 200, "{verb} with `bearer`");
     }
     let text = b.metrics().await;
     assert_eq!(metric_sum(&text, "ferry_admin_unauthorized_total", &[]), 6.0);
