@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Control, Health};
 use crate::config::{Concurrency, Route, Start};
 use crate::dispatch::Lanes;
-use crate::offsets::{Lease, Load, PauseReason, Tp, Tracker};
+use crate::offsets::{Lease, Load, PauseReason, Released, Tp, Tracker};
 use crate::produce::Failed;
 use crate::ready::Gate;
 use crate::record::Record;
@@ -279,9 +279,19 @@ impl Context {
         // nothing and must not wait behind a commit to an unreachable coordinator.
         let _committing = commit_final.then(|| lock(&self.commit_lock));
         let acknowledged = self.tracker.acknowledged(tps);
-        let (mut offsets, live) = self.tracker.release(tps);
+        let Released {
+            commits: mut offsets,
+            live,
+            abandoned,
+        } = self.tracker.release(tps);
         if live > 0 {
             self.count_abandoned(tps, live);
+        }
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "Records given up waiting (for an open circuit or a retry) when their partitions went; the next owner handles them again"
+            );
         }
         // A stop in progress released its partitions from the tracker already; what it could
         // not commit is committed here, while the partitions are still ours.
@@ -714,7 +724,17 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         let _ = consumer.poll(Duration::from_millis(20));
     }
     lock(&consumer.context().intake).queues.clear();
-    let (mut offsets, live) = setup.tracker.release(&assigned);
+    let Released {
+        commits: mut offsets,
+        live,
+        abandoned,
+    } = setup.tracker.release(&assigned);
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "Records given up waiting (for an open circuit or a retry) as ferry stopped; they will be handled again after restart"
+        );
+    }
     if live > 0 {
         let why = if given_up() {
             "Nothing more can be written"

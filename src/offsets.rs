@@ -127,6 +127,11 @@ impl Window {
         self.live
     }
 
+    /// Records given up unfinished, which the next owner handles again.
+    pub fn abandoned(&self) -> usize {
+        self.slots.iter().filter(|e| e.slot == Slot::Abandoned).count()
+    }
+
     pub fn live_bytes(&self) -> usize {
         self.live_bytes
     }
@@ -301,6 +306,15 @@ impl PauseReason {
     }
 }
 
+/// What [`Tracker::release`] leaves: the offsets still to commit for the released partitions,
+/// the records still live (their results will be discarded) and those already given up (waiting
+/// for an open circuit or a retry when their partition went); the next owner handles both again.
+pub struct Released {
+    pub commits: Vec<(Tp, i64)>,
+    pub live: usize,
+    pub abandoned: usize,
+}
+
 /// The shared tracker of every assigned partition.
 pub struct Tracker {
     state: Mutex<State>,
@@ -464,12 +478,12 @@ impl Tracker {
             .collect()
     }
 
-    /// Forgets these partitions. Returns the offsets still to commit for them and how many
-    /// records were live (their results will be discarded).
-    pub fn release(&self, tps: &[Tp]) -> (Vec<(Tp, i64)>, usize) {
+    /// Forgets these partitions: the offsets still to commit for them, and the records that
+    /// will not finish here.
+    pub fn release(&self, tps: &[Tp]) -> Released {
         let mut s = self.lock();
         let mut commits = Vec::new();
-        let mut live = 0;
+        let (mut live, mut abandoned) = (0, 0);
         for tp in tps {
             if let Some(p) = s.partitions.remove(tp) {
                 let load = s.routes.entry(p.route).or_default();
@@ -477,6 +491,7 @@ impl Tracker {
                 load.bytes -= p.window.live_bytes();
                 p.cancel.cancel();
                 live += p.window.live();
+                abandoned += p.window.abandoned();
                 if let Some(c) = p.window.committable() {
                     if p.committed != Some(c) {
                         commits.push((tp.clone(), c));
@@ -484,7 +499,11 @@ impl Tracker {
                 }
             }
         }
-        (commits, live)
+        Released {
+            commits,
+            live,
+            abandoned,
+        }
     }
 
     /// Offsets that advanced since they were last handed out, for the periodic commit.
@@ -676,6 +695,21 @@ mod tests {
         assert_eq!(w.committable(), None);
         assert_eq!(w.live(), 0);
         assert_eq!(w.len(), 2);
+        assert_eq!(w.abandoned(), 1);
+    }
+
+    #[test]
+    fn a_release_counts_the_records_given_up_and_those_still_live() {
+        let t = Tracker::new();
+        let tp: Tp = (Arc::from("t"), 0);
+        t.assign(&[(tp.clone(), 0)]);
+        let waiting = t.track(&tp, 5, 10).unwrap();
+        let done = t.track(&tp, 6, 10).unwrap();
+        let _calling = t.track(&tp, 7, 10).unwrap();
+        assert!(t.abandon(&waiting, 5));
+        assert!(t.finish(&done, 6));
+        let r = t.release(std::slice::from_ref(&tp));
+        assert_eq!((r.commits, r.live, r.abandoned), (vec![], 1, 1));
     }
 
     #[test]
@@ -688,7 +722,7 @@ mod tests {
         assert!(old.draining.is_cancelled(), "draining at the revoke");
         assert!(!old.is_cancelled(), "a draining record goes on to its outcome");
         assert!(t.track(&tp, 6, 10).is_none(), "nothing is taken while draining");
-        let (commits, live) = t.release(std::slice::from_ref(&tp));
+        let Released { commits, live, .. } = t.release(std::slice::from_ref(&tp));
         assert!(old.is_cancelled(), "given up at the release");
         assert!(commits.is_empty());
         assert_eq!(live, 1);
