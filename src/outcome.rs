@@ -241,12 +241,18 @@ fn reply(answer: &Answer, policy: &Policy<'_>) -> Decision {
         return Decision::Done;
     }
     let topic = match &answer.reply_topic {
-        Some(t) if policy.reply.topics.iter().any(|allowed| allowed == t) => t.clone(),
+        // The route's own reply topic is always one the service may name.
+        Some(t)
+            if policy.reply.topics.iter().any(|allowed| allowed == t)
+                || policy.reply.to.as_ref() == Some(t) =>
+        {
+            t.clone()
+        }
         Some(t) => {
             return Decision::DeadLetter(failure(
                 Reason::BadReplyTopic,
                 Some(answer.status),
-                format!("reply topic `{t}` is not one of this route's reply.topics"),
+                format!("reply topic `{t}` is neither this route's reply.to nor one of its reply.topics"),
             ));
         }
         None => match &policy.reply.to {
@@ -453,6 +459,11 @@ mod tests {
                 "chosen reply topic",
                 with(ans(200, "x"), |a| a.reply_topic = Some("alt".into())),
                 "reply:alt",
+            ),
+            (
+                "the route's own reply topic, named",
+                with(ans(200, "x"), |a| a.reply_topic = Some("out".into())),
+                "reply:out",
             ),
             (
                 "reply topic not allowed",
