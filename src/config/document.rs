@@ -100,10 +100,22 @@ impl Document {
         let mut builder = Builder::default();
         let mut parser = Parser::new_from_str(text);
         if let Err(e) = parser.load(&mut builder, false) {
+            let position: Position = (*e.marker()).into();
+            // YAML reads the braces of `${…}` as its own inside `{ … }` and `[ … ]`, and a quoted
+            // reference is a string, not the number it may stand for: block style says it.
+            let line = text
+                .lines()
+                .nth(position.line.saturating_sub(1))
+                .unwrap_or_default();
+            let hint = if line.contains("${") && (line.contains('{') || line.contains('[')) {
+                "; a `${…}` reference inside `{ … }` or `[ … ]` ends it early: write that mapping in block style, one key per line (`max_attempts: ${N:-5}` on a line of its own)"
+            } else {
+                ""
+            };
             return Err(vec![DocumentError {
-                position: (*e.marker()).into(),
+                position,
                 path: String::new(),
-                message: format!("this is not valid YAML: {}", e.info()),
+                message: format!("this is not valid YAML: {}{hint}", e.info()),
             }]);
         }
         let Some(root) = builder.root else {

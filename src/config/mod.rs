@@ -720,6 +720,18 @@ shutdown:
     }
 
     #[test]
+    fn a_reference_inside_a_flow_mapping_gets_the_block_style_hint() {
+        let text = VALID.replace(
+            "    retry:\n      max_attempts: 5\n",
+            "    retry: { max_attempts: ${N:-5} }\n",
+        );
+        let e = parse(&text, Path::new("ferry.yaml"), &Interpolator::from_pairs(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not valid YAML") && e.contains("block style"), "{e}");
+    }
+
+    #[test]
     fn oauthbearer_needs_a_token_source_librdkafka_runs_itself() {
         let with = |props: &str| {
             load(&VALID.replace(
