@@ -424,10 +424,7 @@ fn tidy(message: &str) -> String {
     message
         .replace("invalid type: map", "expected something else than a mapping")
         .replace("unknown variant", "unknown value")
-        .replace(
-            "invalid socket address syntax",
-            "not an address to listen on: write IP:PORT, such as 0.0.0.0:9464 (every interface) or 127.0.0.1:9464 (this pod only); a host name is not taken",
-        )
+        .replace("invalid socket address syntax", schema::NOT_A_LISTEN_ADDRESS)
 }
 
 #[cfg(test)]
@@ -717,6 +714,26 @@ shutdown:
         let in_flight = with("    max.in.flight.requests.per.connection: 10\n").expect("refused");
         assert!(in_flight.contains("for ferry's producer"), "{in_flight}");
         assert_eq!(with("    max.poll.interval.ms: 60000\n    linger.ms: 1\n"), None);
+    }
+
+    #[test]
+    fn statuses_and_addresses_are_judged_with_every_other_error_of_the_form() {
+        let text = VALID.replace("{ status: 409 }", "{ status: 999 }").replace(
+            "  drain_timeout: 25s\n",
+            "  drain_timeout: soon\nadmin:\n  listen: nowhere\n",
+        );
+        let e = load(&text).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].rules[0].when.status",
+                "shutdown.drain_timeout",
+                "admin.listen"
+            ],
+            "{e}"
+        );
+        assert!(e.to_string().contains("a host name is not taken"), "{e}");
     }
 
     #[test]

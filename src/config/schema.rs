@@ -35,19 +35,22 @@ fn parses<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+pub(super) const NOT_A_LISTEN_ADDRESS: &str = "not an address to listen on: write IP:PORT, such as 0.0.0.0:9464 (every interface) or 127.0.0.1:9464 (this pod only); a host name is not taken";
+
 fn format_check(format: &str, value: &Value) -> Result<(), String> {
     match format {
         "duration" => parses::<Dur>(value),
         "byte-size" => parses::<ByteSize>(value),
         "start" => parses::<Start>(value),
         "status" => parses::<StatusMatch>(value),
+        "listen-address" => parses::<std::net::SocketAddr>(value).map_err(|_| NOT_A_LISTEN_ADDRESS.into()),
         _ => Ok(()),
     }
 }
 
 static VALIDATOR: LazyLock<Result<Validator, String>> = LazyLock::new(|| {
     let mut options = jsonschema::options().should_validate_formats(true);
-    for f in ["duration", "byte-size", "start"] {
+    for f in ["duration", "byte-size", "start", "listen-address"] {
         options = options.with_format(f, move |s: &str| {
             format_check(f, &Value::String(s.into())).is_ok()
         });

@@ -96,6 +96,8 @@ text_schema!(Start, "Start", {
 text_schema!(StatusMatch, "StatusMatch", {
     "type": ["integer", "string"],
     "format": "status",
+    "minimum": 100,
+    "maximum": 599,
     "description": "An HTTP status from 100 to 599, or a class such as \"4xx\".",
     "examples": [409, "4xx"]
 });
@@ -864,6 +866,7 @@ impl Action {
 pub struct Admin {
     /// Where the admin endpoint is served; `null` turns the listener off.
     #[serde(default = "default_admin_listen")]
+    #[schemars(extend("format" = "listen-address"))]
     pub listen: Option<SocketAddr>,
     /// Needed by `POST /pause|/resume|/drain` when `listen` is not loopback; without it those
     /// are disabled there. An empty value counts as none (`${FERRY_ADMIN_TOKEN:-}`).
