@@ -222,7 +222,10 @@ impl ConsumerContext for Context {
                     let routed: Vec<Tp> = with_routes.iter().map(|(tp, _)| tp.clone()).collect();
                     self.split_queues(&routed, &mut intake);
                 }
-                tracing::info!(partitions = %describe(&tps), "Partitions assigned");
+                // A cooperative rebalance that moves nothing to this member assigns nothing.
+                if !tps.is_empty() {
+                    tracing::info!(partitions = %describe(&tps), "Partitions assigned");
+                }
                 let assigned = if cooperative {
                     c.incremental_assign(tpl)
                 } else {

@@ -642,6 +642,13 @@ fn ctl(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+#[test]
+fn ctl_with_an_admin_url_that_is_none_is_a_usage_error() {
+    let (code, _, err) = ctl(&["status", "--admin", "notaurl"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--admin `notaurl` is not a URL"), "{err}");
+}
+
 #[tokio::test]
 async fn ctl_shows_a_table_and_steers_the_sidecar() {
     let b = bench(2, Duration::ZERO).await;

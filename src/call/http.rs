@@ -204,16 +204,16 @@ impl Http {
         // The URL may carry a credential (`?key=${KEY}`), and hyper's errors never name it.
         let response = self.client.send(request).await.map_err(|e| {
             if super::never_reached(&e) {
-                CallError::Unreachable(error_chain(&e))
+                CallError::Unreachable(super::error_chain(&e))
             } else {
-                CallError::Connect(error_chain(&e))
+                CallError::Connect(super::error_chain(&e))
             }
         })?;
         let mut answer = answer_headers(response.status().as_u16(), response.headers());
         let mut incoming = response.into_body();
         let mut body = BytesMut::new();
         while let Some(frame) = incoming.frame().await {
-            let frame = frame.map_err(|e| CallError::Connect(error_chain(&e)))?;
+            let frame = frame.map_err(|e| CallError::Connect(super::error_chain(&e)))?;
             let Ok(chunk) = frame.into_data() else {
                 // Trailers: nothing ferry reads.
                 continue;
@@ -321,18 +321,6 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-/// hyper's top-level message is generic ("client error (Connect)"); the cause says what happened.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.dedup();
-    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -162,6 +162,19 @@ pub(crate) fn describe(record: &Record, attempt: &Attempt, mut put: impl FnMut(&
     }
 }
 
+/// An error and its causes: hyper's and reqwest's top-level messages are generic ("client error
+/// (Connect)", "error sending request"); the cause says what happened.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.dedup();
+    parts.join(": ")
+}
+
 pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Answer, CallError>> + Send + 'a>>;
 
 /// One transport to the service.

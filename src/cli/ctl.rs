@@ -20,6 +20,15 @@ pub struct Target<'a> {
     pub json: bool,
 }
 
+/// "1 record", "3 records".
+fn records(n: u64) -> String {
+    if n == 1 {
+        "1 record".into()
+    } else {
+        format!("{n} records")
+    }
+}
+
 pub async fn ctl(verb: Verb, t: Target<'_>) -> i32 {
     crate::sidecar::install_crypto();
     match run(verb, &t).await {
@@ -45,8 +54,17 @@ async fn run(verb: Verb, t: &Target<'_>) -> Result<i32, String> {
         Verb::Resume => "resume",
         Verb::Drain => "drain",
     };
-    let mut url = reqwest::Url::parse(&format!("{base}/{path}"))
-        .map_err(|e| format!("`{}` is not a URL: {e} (e.g. http://127.0.0.1:9464)", t.admin))?;
+    let mut url = match reqwest::Url::parse(&format!("{base}/{path}")) {
+        Ok(url) => url,
+        // A usage error, as any other bad argument.
+        Err(e) => {
+            eprintln!(
+                "error: --admin `{}` is not a URL: {e} (e.g. http://127.0.0.1:9464)",
+                t.admin
+            );
+            return Ok(2);
+        }
+    };
     if let Some(r) = t.route.filter(|_| verb != Verb::Status) {
         url.query_pairs_mut().append_pair("route", r);
     }
@@ -107,8 +125,8 @@ async fn run(verb: Verb, t: &Target<'_>) -> Result<i32, String> {
     match (verb, done.drained) {
         (Verb::Drain, Some(false)) => {
             eprintln!(
-                "drain of {routes} timed out: {} records still in flight; they go on, and the drain stays in force",
-                done.in_flight
+                "drain of {routes} timed out: {} still in flight; they go on, and the drain stays in force",
+                records(done.in_flight)
             );
             Ok(1)
         }
@@ -117,7 +135,7 @@ async fn run(verb: Verb, t: &Target<'_>) -> Result<i32, String> {
             Ok(0)
         }
         (Verb::Pause, _) => {
-            println!("paused {routes} ({} records still finishing)", done.in_flight);
+            println!("paused {routes} ({} still finishing)", records(done.in_flight));
             Ok(0)
         }
         _ => {

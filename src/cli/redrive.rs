@@ -409,7 +409,9 @@ fn plan(consumer: &BaseConsumer, topic: &str) -> Result<Plan, Refused> {
     if partitions.is_empty() {
         return Err(refused(
             1,
-            format!("the dead-letter topic `{topic}` does not exist"),
+            format!(
+                "the dead-letter topic `{topic}` does not exist (is the route's dead_letter.to right, and -c the config of the sidecar that wrote it?)"
+            ),
         ));
     }
     let mut ends = HashMap::new();
