@@ -577,17 +577,10 @@ pub enum ConsumeError {
     Failed(String),
 }
 
-/// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
-pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
-    let routes =
-        Arc::new(RouteTable::new(&setup.routes).map_err(|e| KafkaError::Subscription(e.to_string()))?);
-    let all_latest = setup.routes.iter().all(|r| r.from.start == Start::Latest);
-    let default_start = if all_latest {
-        Start::Latest
-    } else {
-        Start::Earliest
-    };
-    let mut client = setup.client;
+/// ferry's settings of its consumer over `kafka.properties` (in `client`): also what `ferry
+/// validate` gives librdkafka to judge the properties together. `all_latest`: every route starts
+/// at the latest offset.
+pub fn settings(client: &mut ClientConfig, all_latest: bool) {
     client
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -614,6 +607,20 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         // with 1 s, 18 500/s with 20 ms).
         client.set("fetch.queue.backoff.ms", "20");
     }
+}
+
+/// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
+pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
+    let routes =
+        Arc::new(RouteTable::new(&setup.routes).map_err(|e| KafkaError::Subscription(e.to_string()))?);
+    let all_latest = setup.routes.iter().all(|r| r.from.start == Start::Latest);
+    let default_start = if all_latest {
+        Start::Latest
+    } else {
+        Start::Earliest
+    };
+    let mut client = setup.client;
+    settings(&mut client, all_latest);
     let context = Context {
         tracker: setup.tracker.clone(),
         routes: routes.clone(),

@@ -57,6 +57,21 @@ pub enum ProduceError {
 }
 
 /// The idempotent, acks=all producer shared by every route.
+/// ferry's settings of its producer over `kafka.properties` (in `config`): also what `ferry
+/// validate` gives librdkafka to judge the properties together.
+pub fn settings(config: &mut ClientConfig) {
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Sent at once: replies are on the service's latency path. Under load the outbox
+        // hands them over together, so they share requests all the same (see `Outbox`).
+        // Uncompressed, as Kafka's producers are unless told otherwise: librdkafka makes an
+        // lz4 context for every batch and zeroes 80 KiB for it, which a sidecar's batches (a
+        // reply or a few) do not repay (1 % of ferry's CPU at full speed). `compression.type`
+        // in `kafka.properties` turns it on.
+        .set_if_unset("linger.ms", "0");
+}
+
 #[derive(Clone)]
 pub struct Producer {
     inner: Arc<Kafka>,
@@ -67,16 +82,7 @@ pub struct Producer {
 impl Producer {
     /// Must be called on the async runtime, which serves the producer's acknowledgements.
     pub fn new(mut config: ClientConfig) -> Result<Producer, KafkaError> {
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // Sent at once: replies are on the service's latency path. Under load the outbox
-            // hands them over together, so they share requests all the same (see `Outbox`).
-            // Uncompressed, as Kafka's producers are unless told otherwise: librdkafka makes an
-            // lz4 context for every batch and zeroes 80 KiB for it, which a sidecar's batches (a
-            // reply or a few) do not repay (1 % of ferry's CPU at full speed). `compression.type`
-            // in `kafka.properties` turns it on.
-            .set_if_unset("linger.ms", "0");
+        settings(&mut config);
         Ok(Producer {
             inner: Kafka::start(&config)?,
             transactions: None,

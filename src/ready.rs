@@ -73,7 +73,7 @@ impl Probe {
             Probe::Http { client, url } => match client.get(url).send().await {
                 Ok(r) if r.status().is_success() => Ok(()),
                 Ok(r) => Err(format!("{url} answered {}", r.status())),
-                Err(e) => Err(format!("{url}: {}", crate::call::error_chain(&e))),
+                Err(e) => Err(format!("{url}: {}", crate::call::error_chain(&e.without_url()))),
             },
             Probe::Grpc { channel } => {
                 use tonic_health::pb::health_check_response::ServingStatus;

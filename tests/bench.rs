@@ -527,6 +527,37 @@ async fn redrive_runs_at_the_same_time_send_each_dead_letter_once() {
     assert_eq!(kafka.read_all(&t.source).await.len(), DEAD, "{runs}");
 }
 
+/// A dead-letter topic that does not exist is said at once, not after waiting for the lock's group
+/// (which never forms for a topic that is not there).
+#[tokio::test]
+async fn redrive_of_a_dead_letter_topic_that_does_not_exist_says_so_at_once() {
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.yaml");
+    let missing = unique("no-such-dlq");
+    let text = config_text(
+        &kafka,
+        &t.group,
+        &t.source,
+        "http://127.0.0.1:9/",
+        &t.reply,
+        &missing,
+        "",
+    );
+    std::fs::write(&config, text).unwrap();
+    let c = config.to_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let (code, _, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("`{missing}` does not exist")), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// `ferry tail … | head -1`: once the reader is gone, tail ends as Unix tools do (SIGPIPE),
 /// rather than panicking at the next record it prints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

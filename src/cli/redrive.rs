@@ -143,7 +143,8 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         let mut c = client.clone();
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
+            .set("enable.auto.offset.store", "false")
+            .remove("group.instance.id");
         c.create()
             .map_err(|e| refused(1, format!("cannot create the consumer: {e}")))
     };
@@ -170,40 +171,33 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         .create()
         .map_err(|e| refused(1, format!("cannot create the producer: {e}")))?;
 
-    // What this run has examined, per partition: committed as it goes, and by the lock's
-    // revoke before another run may read it.
-    let examined: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
+    // The topic is there before anything waits on it: the lock's group would wait for it for good.
+    let (c, topic) = (consumer.clone(), dead_letters.clone());
+    let partitions = tokio::task::spawn_blocking(move || partitions_of(&c, &topic))
+        .await
+        .map_err(|e| refused(1, e.to_string()))??;
     // A dry run sends nothing, so it neither needs the lock nor disturbs the run that holds it.
     let lock = if args.dry_run {
         None
     } else {
-        let (consumer, examined, topic) = (consumer.clone(), examined.clone(), dead_letters.clone());
-        let on_revoke = move || {
-            let next = examined.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            if next.is_empty() {
-                return;
-            }
-            if let Err(r) = commit(&consumer, &topic, &next) {
-                eprintln!("warning: {}", r.message);
-            }
-        };
         let (client, group, topic, route) = (
             client.clone(),
-            format!("{base}.lock"),
+            format!("ferry-redrive-lock.{}.{}", config.kafka.group_id, route.name),
             dead_letters.clone(),
             route.name.clone(),
         );
         Some(
-            tokio::task::spawn_blocking(move || Lock::take(&client, group, &topic, &route, on_revoke))
+            tokio::task::spawn_blocking(move || Lock::take(&client, group, &topic, &route))
                 .await
                 .map_err(|e| refused(1, e.to_string()))??,
         )
     };
 
+    // Read only now, under the lock: what an earlier holder sent is committed.
     let (c, topic) = (consumer.clone(), dead_letters.clone());
     let (starts, ends, sent_before) = tokio::task::spawn_blocking(move || {
         let consumer = c;
-        let (starts, ends) = plan(&consumer, &topic)?;
+        let (starts, ends) = plan(&consumer, &topic, &partitions)?;
         let mut sent_before: HashMap<Option<String>, HashMap<i32, i64>> = HashMap::new();
         for (reason, c) in &others {
             sent_before.insert(reason.clone(), positions(c, &topic, &ends)?);
@@ -227,39 +221,19 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
     let bar = progress(total.max(0) as u64, "dead letters");
     let mut tally = Tally::default();
     // Per partition: the offset after the last one examined, which this run commits.
-    *examined.lock().unwrap_or_else(PoisonError::into_inner) = starts.clone();
-    let examine = |p: i32, o: i64| {
-        examined
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(p, o);
-    };
-    let record_progress = || {
-        let next = examined.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        commit(&consumer, &dead_letters, &next)
-    };
+    let mut next = starts.clone();
     let mut remaining: HashMap<i32, i64> = ends
         .iter()
         .filter(|(p, end)| starts[*p] < **end)
         .map(|(p, e)| (*p, *e))
         .collect();
     while !remaining.is_empty() && args.limit.is_none_or(|l| tally.sent < l) {
-        // Everything examined so far is sent: a revoke the lock sees now commits it.
+        // Whatever was sent is committed already, so a run that loses the lock here just stops:
+        // a commit now could move the new holder's position back.
         if let Some(lock) = &lock {
-            let l = lock.clone();
-            let held = tokio::task::spawn_blocking(move || l.held())
-                .await
-                .map_err(|e| refused(1, e.to_string()))?;
-            if !held {
+            if let Err(lost) = lock.still_held(&route.name, tally.sent).await {
                 bar.finish_and_clear();
-                record_progress()?;
-                return Err(refused(
-                    1,
-                    format!(
-                        "another `ferry redrive` of route `{}` started and took over from this one, which stopped after sending {} (what it sent is recorded; the other run goes on from there)",
-                        route.name, tally.sent
-                    ),
-                ));
+                return Err(lost);
             }
         }
         let c = consumer.clone();
@@ -286,7 +260,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             remaining.remove(&p);
         }
         bar.inc(1);
-        examine(p, o + 1);
+        next.insert(p, o + 1);
         let header = |name: &str| header_of(&m, name);
         if header("ferry.route").as_deref().is_some_and(|r| r != route.name) {
             tally.other_route += 1;
@@ -341,25 +315,26 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         }
         if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
             // What was sent before this one is recorded; this one and the rest are not.
-            examine(p, o);
-            record_progress()?;
+            next.insert(p, o);
+            commit(&consumer, &dead_letters, &next)?;
             return Err(refused(
                 1,
                 format!("cannot write to {target}: {e}; {from} and what follows were not sent"),
             ));
         }
         tally.sent += 1;
-        // Record progress as we go, so an interrupted run repeats little.
-        if tally.sent % 100 == 0 {
-            record_progress()?;
-        }
+        // Recorded before the next one, so neither an interrupted run nor one that loses the
+        // lock leaves a sent dead letter unrecorded.
+        commit(&consumer, &dead_letters, &next)?;
     }
     bar.finish_and_clear();
-    if !args.dry_run {
-        record_progress()?;
+    // What was examined after the last one sent, recorded only while the lock is still this
+    // run's.
+    if let Some(lock) = &lock {
+        if lock.still_held(&route.name, tally.sent).await.is_ok() {
+            commit(&consumer, &dead_letters, &next)?;
+        }
     }
-    // Released only now that everything sent is recorded.
-    drop(lock);
     let verb = if args.dry_run { "would send" } else { "sent" };
     println!(
         "{verb} {} dead letters from {dead_letters} back to {target}{}",
@@ -393,12 +368,10 @@ fn header_of(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
 
 type Plan = (HashMap<i32, i64>, HashMap<i32, i64>);
 
-/// Reads where this group's last run stopped and the partitions' ends, and assigns the
-/// partitions from there.
-fn plan(consumer: &BaseConsumer, topic: &str) -> Result<Plan, Refused> {
-    let timeout = Duration::from_secs(10);
+/// The dead-letter topic's partitions; a refusal when it does not exist.
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, Refused> {
     let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| refused(1, format!("cannot read the metadata of `{topic}`: {e}")))?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -414,9 +387,16 @@ fn plan(consumer: &BaseConsumer, topic: &str) -> Result<Plan, Refused> {
             ),
         ));
     }
+    Ok(partitions)
+}
+
+/// Reads where this group's last run stopped and the partitions' ends, and assigns the
+/// partitions from there.
+fn plan(consumer: &BaseConsumer, topic: &str, partitions: &[i32]) -> Result<Plan, Refused> {
+    let timeout = Duration::from_secs(10);
     let mut ends = HashMap::new();
     let mut lows = HashMap::new();
-    for p in &partitions {
+    for p in partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, *p, timeout)
             .map_err(|e| refused(1, format!("cannot read the end of {topic}/{p}: {e}")))?;
@@ -426,7 +406,7 @@ fn plan(consumer: &BaseConsumer, topic: &str) -> Result<Plan, Refused> {
     let committed = positions(consumer, topic, &ends)?;
     let mut starts = HashMap::new();
     let mut assignment = TopicPartitionList::new();
-    for p in &partitions {
+    for p in partitions {
         let start = committed.get(p).copied().unwrap_or(0).max(lows[p]);
         starts.insert(*p, start);
         let _ = assignment.add_partition_offset(topic, *p, Offset::Offset(start));
@@ -478,23 +458,25 @@ fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) -> Res
 }
 
 /// The route's redrive lock. A run holds it while the consumer group
-/// `ferry-redrive.<group_id>.<route>.lock`, which every run of the route joins subscribed to the
+/// `ferry-redrive-lock.<group_id>.<route>`, which every run of the route joins subscribed to the
 /// dead-letter topic, assigns it partition 0 of that topic: the group gives each partition to one
 /// member at a time, on any broker, with nothing to clean up after a crash (a dead run's
-/// membership ends with its session). The group assigns with the eager `range` strategy, so a run
-/// that joins takes every partition away from the holder first; the holder commits what it sent
-/// in that revoke, before the group can give partition 0 to anyone, and goes on only if it gets
-/// partition 0 back.
+/// membership ends with its session). The group assigns with the eager `range` strategy, so a
+/// run that joins makes the holder give up every partition first, at its next poll, before the
+/// group can give partition 0 to anyone; the holder polls only between dead letters, each of
+/// which it has committed, and goes on only if it gets partition 0 back. Either run may end up
+/// with it.
 #[derive(Clone)]
 struct Lock {
     consumer: Arc<BaseConsumer<LockContext>>,
+    group: String,
 }
 
+#[derive(Default)]
 struct LockContext {
     /// Whether the current assignment holds partition 0; `None` between a revoke and the next
     /// assignment.
     holds: Mutex<Option<bool>>,
-    on_revoke: Box<dyn Fn() + Send + Sync>,
 }
 
 impl ClientContext for LockContext {}
@@ -503,7 +485,6 @@ impl ConsumerContext for LockContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(_) = rebalance {
             *self.holds.lock().unwrap_or_else(PoisonError::into_inner) = None;
-            (self.on_revoke)();
         }
     }
 
@@ -517,77 +498,126 @@ impl ConsumerContext for LockContext {
     }
 }
 
-/// How long a run waits for the lock's group to assign it: a rebalance waits for every member,
-/// up to their session timeout.
-const LOCK_WAIT: Duration = Duration::from_secs(120);
+/// How long a run waits for the lock's group to assign it: a rebalance waits for every member
+/// to join again, which the holder does at its next dead letter, after at most one send
+/// (`message.timeout.ms`, five minutes by default).
+const LOCK_WAIT: Duration = Duration::from_secs(360);
 
 impl Lock {
-    /// Joins the lock's group and waits for its assignment: the lock, or the refusal that names
-    /// the run holding it. Calls `on_revoke` whenever the group takes the partitions back.
+    /// Joins the lock's group and waits for its assignment: the lock, or the refusal that says
+    /// why not.
     fn take(
         client: &rdkafka::ClientConfig,
         group: String,
         topic: &str,
         route: &str,
-        on_revoke: impl Fn() + Send + Sync + 'static,
     ) -> Result<Lock, Refused> {
         let mut c = client.clone();
         c.set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "latest")
-            .set("partition.assignment.strategy", "range");
-        let context = LockContext {
-            holds: Mutex::new(None),
-            on_revoke: Box::new(on_revoke),
-        };
+            .set("group.protocol", "classic")
+            .set("partition.assignment.strategy", "range")
+            // Polled between dead letters: a send may take `message.timeout.ms`, and leaving
+            // the group meanwhile would hand the lock over with no revoke.
+            .set("max.poll.interval.ms", "3600000")
+            // A static member id from kafka.properties would make two runs one member, which
+            // the broker hands over without a rebalance.
+            .remove("group.instance.id");
         let consumer: BaseConsumer<LockContext> = c
-            .create_with_context(context)
+            .create_with_context(LockContext::default())
             .map_err(|e| refused(1, format!("cannot create the consumer: {e}")))?;
         consumer
             .subscribe(&[topic])
             .map_err(|e| refused(1, format!("cannot join the consumer group `{group}`: {e}")))?;
         let lock = Lock {
             consumer: Arc::new(consumer),
+            group,
         };
-        match lock.assignment() {
+        match lock.assignment()? {
             Some(true) => Ok(lock),
             Some(false) => Err(refused(
                 1,
                 format!(
-                    "another `ferry redrive` of route `{route}` is running (it holds partition 0 of `{topic}` in the consumer group `{group}`); run this again once it has finished"
+                    "another `ferry redrive` of route `{route}` is running (it holds partition 0 of `{topic}` in the consumer group `{}`); run this again once it has finished",
+                    lock.group
                 ),
             )),
-            None => Err(refused(
-                1,
-                format!(
-                    "the consumer group `{group}` assigned nothing within {} s; another `ferry redrive` of route `{route}` may be stuck: run this again once its session has timed out",
-                    LOCK_WAIT.as_secs()
-                ),
-            )),
+            None => Err(refused(1, lock.no_answer())),
         }
     }
 
-    /// Whether this run still holds the lock, after serving what the group has said meanwhile
-    /// (waiting for the next assignment after a revoke).
-    fn held(&self) -> bool {
-        self.assignment() == Some(true)
+    /// `Ok` while this run holds the lock, after serving what the group has said meanwhile
+    /// (waiting for the next assignment after a revoke); else why it stopped, having sent `sent`.
+    async fn still_held(&self, route: &str, sent: u64) -> Result<(), Refused> {
+        let lock = self.clone();
+        let held = tokio::task::spawn_blocking(move || lock.assignment())
+            .await
+            .map_err(|e| refused(1, e.to_string()))?;
+        let why = match held? {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                format!("another `ferry redrive` of route `{route}` joined and the group gave it the lock")
+            }
+            None => self.no_answer(),
+        };
+        Err(refused(
+            1,
+            format!(
+                "{why}; this run stopped after sending {sent} (each recorded as sent), and a run holding the lock goes on from there"
+            ),
+        ))
     }
 
-    /// Serves the group's events until the current assignment is known.
-    fn assignment(&self) -> Option<bool> {
+    fn no_answer(&self) -> String {
+        format!(
+            "the consumer group `{}` assigned nothing within {} s (a run holding the lock may be stuck in a send); run this again later",
+            self.group,
+            LOCK_WAIT.as_secs()
+        )
+    }
+
+    /// Serves the group's events until the current assignment is known (`None` after
+    /// [`LOCK_WAIT`]); a refusal when the broker refuses the group or the topic.
+    fn assignment(&self) -> Result<Option<bool>, Refused> {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
         let started = Instant::now();
         let mut wait = Duration::ZERO;
         loop {
             // Messages are not wanted (the partitions are paused); the poll serves the rebalances.
-            let _ = self.consumer.poll(wait);
+            if let Some(Err(e)) = self.consumer.poll(wait) {
+                let code = match &e {
+                    KafkaError::MessageConsumption(c) | KafkaError::Global(c) => Some(*c),
+                    _ => None,
+                };
+                if matches!(
+                    code,
+                    Some(
+                        Code::GroupAuthorizationFailed
+                            | Code::TopicAuthorizationFailed
+                            | Code::UnknownTopicOrPartition
+                    )
+                ) {
+                    return Err(refused(
+                        1,
+                        format!(
+                            "cannot take the redrive lock in the consumer group `{}`: {e} (a run needs the same rights on it as on the groups `ferry-redrive.…`)",
+                            self.group
+                        ),
+                    ));
+                }
+            }
             let holds = *self
                 .consumer
                 .context()
                 .holds
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if holds.is_some() || started.elapsed() > LOCK_WAIT {
-                return holds;
+            if holds.is_some() {
+                return Ok(holds);
+            }
+            if started.elapsed() > LOCK_WAIT {
+                return Ok(None);
             }
             wait = Duration::from_millis(100);
         }

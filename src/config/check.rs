@@ -157,11 +157,12 @@ pub fn topic_name_problem(name: &str) -> Option<String> {
 /// files the TLS properties name. librdkafka's own check runs here so that a mistake is a config
 /// error at its key instead of a failure to start (whose message would quote the value).
 fn check_properties(
-    kafka: &Kafka,
+    config: &Config,
     absent_ok: bool,
     placeholders: &HashSet<String>,
     say: &mut impl FnMut(String, String),
 ) {
+    let kafka = &config.kafka;
     // Whether every property is known and valid on its own, so that the set can be judged.
     let mut each_fine = true;
     for (key, value) in &kafka.properties {
@@ -201,7 +202,7 @@ fn check_properties(
         }
     }
     if each_fine {
-        if let Some(why) = refused_together(kafka) {
+        if let Some(why) = refused_together(config) {
             say("kafka.properties".into(), why);
         }
     }
@@ -237,22 +238,34 @@ fn check_properties(
     }
 }
 
-/// What librdkafka says of the properties together when it makes ferry's consumer and producer
-/// (`max.poll.interval.ms` below `session.timeout.ms`, a SASL mechanism this build cannot do,
-/// `acks` other than `all` with ferry's idempotent producer): otherwise a failure to start that
-/// `ferry validate` passed. The clients are made and dropped at once: neither has a group or
-/// anything to send, and librdkafka connects to a broker only when something needs it.
-fn refused_together(kafka: &Kafka) -> Option<String> {
+/// What librdkafka says of the properties together when it makes ferry's consumer and producer,
+/// with ferry's own settings over them (`max.poll.interval.ms` below `session.timeout.ms`, a SASL
+/// mechanism this build cannot do, more requests in flight than the idempotent producer allows):
+/// otherwise a failure to start that `ferry validate` passed. The clients are made and dropped at
+/// once: the consumer has no group, the producer nothing to send, and librdkafka connects to a
+/// broker only when something needs it.
+fn refused_together(config: &Config) -> Option<String> {
     use rdkafka::consumer::BaseConsumer;
     use rdkafka::producer::BaseProducer;
     let mut c = rdkafka::ClientConfig::new();
-    // Nothing listens on the discard port; nothing is sent there either.
-    c.set("bootstrap.servers", "127.0.0.1:9");
-    for (k, v) in &kafka.properties {
+    for (k, v) in &config.kafka.properties {
         c.set(k, &v.0);
     }
-    let mut producer = c.clone();
-    producer.set("enable.idempotence", "true").set("acks", "all");
+    // Nothing listens on the discard port, and nothing is sent there. Set after the properties:
+    // a `bootstrap.servers` among them is refused as reserved.
+    c.set("bootstrap.servers", "127.0.0.1:9");
+    let mut consumer = c.clone();
+    let all_latest = config.routes.iter().all(|r| r.from.start == Start::Latest);
+    crate::consume::settings(&mut consumer, all_latest);
+    let mut producer = c;
+    crate::produce::settings(&mut producer);
+    if config.delivery == Delivery::ExactlyOnce {
+        let id = config.kafka.transactional_id.clone();
+        producer.set(
+            "transactional.id",
+            id.unwrap_or_else(|| crate::transaction::default_id(&config.kafka.group_id)),
+        );
+    }
     let refused = |client: &str, e: rdkafka::error::KafkaError| {
         let why = match e {
             rdkafka::error::KafkaError::ClientCreation(why) => why,
@@ -260,7 +273,7 @@ fn refused_together(kafka: &Kafka) -> Option<String> {
         };
         format!("librdkafka refuses these properties together for ferry's {client}: {why}")
     };
-    if let Err(e) = c.create::<BaseConsumer>() {
+    if let Err(e) = consumer.create::<BaseConsumer>() {
         return Some(refused("consumer", e));
     }
     producer
@@ -309,7 +322,7 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
             "is used only with `delivery: exactly_once`: set that, or remove this".into(),
         );
     }
-    check_properties(&config.kafka, absent_ok, placeholders, &mut say);
+    check_properties(config, absent_ok, placeholders, &mut say);
     if config.kafka.commit_interval.0.is_zero() {
         say(
             "kafka.commit_interval".into(),

@@ -714,6 +714,9 @@ shutdown:
         let in_flight = with("    max.in.flight.requests.per.connection: 10\n").expect("refused");
         assert!(in_flight.contains("for ferry's producer"), "{in_flight}");
         assert_eq!(with("    max.poll.interval.ms: 60000\n    linger.ms: 1\n"), None);
+        // Judged with ferry's own settings: its consumer's prefetch of 1 MiB a partition makes
+        // librdkafka's fetch.max.bytes 1 MiB, which this is above.
+        assert_eq!(with("    receive.message.max.bytes: 10485760\n"), None);
     }
 
     #[test]
