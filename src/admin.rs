@@ -139,6 +139,9 @@ impl Health {
 /// Operator pauses and drains, per route, read by the consumer loop before it takes a record.
 pub struct Control {
     routes: Vec<Flags>,
+    /// Held while a verb changes the flags and readiness together, so that a drain and a resume
+    /// at once cannot leave ferry unready with no route drained.
+    verb: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -151,6 +154,7 @@ impl Control {
     pub fn new(routes: usize) -> Arc<Control> {
         Arc::new(Control {
             routes: (0..routes).map(|_| Flags::default()).collect(),
+            verb: Mutex::new(()),
         })
     }
 
@@ -163,6 +167,12 @@ impl Control {
         [(paused, PauseReason::Operator), (draining, PauseReason::Drain)]
             .into_iter()
             .filter_map(|(on, reason)| on.then_some(reason))
+    }
+
+    /// Runs `f` while no other verb changes the flags.
+    fn one_verb_at_a_time<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _turn = self.verb.lock().unwrap_or_else(|p| p.into_inner());
+        f()
     }
 
     fn set(&self, route: usize, paused: bool, draining: bool) {
@@ -578,9 +588,11 @@ impl Admin {
 
 async fn pause(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
     control(&a, &headers, t.route.as_deref(), "pause", |a, routes| {
-        for &i in routes {
-            a.control.set(i, true, a.control.is_draining(i));
-        }
+        a.control.one_verb_at_a_time(|| {
+            for &i in routes {
+                a.control.set(i, true, a.control.is_draining(i));
+            }
+        });
         tracing::info!(routes = ?names(a, routes), "Paused by an operator");
         Ok(())
     })
@@ -591,14 +603,16 @@ async fn resume(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query
         if a.health.is_stopping() {
             return Err(Refusal::Stopping);
         }
-        for &i in routes {
-            a.control.set(i, false, false);
-        }
-        // A whole drain holds readiness until no route is drained any more, however the
-        // routes were resumed.
-        if (0..a.routes.len()).all(|i| !a.control.is_draining(i)) {
-            a.health.set_drained_by_operator(false);
-        }
+        a.control.one_verb_at_a_time(|| {
+            for &i in routes {
+                a.control.set(i, false, false);
+            }
+            // A whole drain holds readiness until no route is drained any more, however the
+            // routes were resumed.
+            if (0..a.routes.len()).all(|i| !a.control.is_draining(i)) {
+                a.health.set_drained_by_operator(false);
+            }
+        });
         tracing::info!(routes = ?names(a, routes), "Resumed by an operator");
         Ok(())
     })
@@ -630,12 +644,14 @@ async fn prestop(State(a): State<Arc<Admin>>) -> Response {
 /// Stops `routes` taking records and answers once what they have in flight is final and
 /// committed (200), or at the drain timeout (202). A whole drain also turns the pod unready.
 async fn drain_and_wait(a: &Admin, routes: Vec<usize>, whole: bool) -> Response {
-    for &i in &routes {
-        a.control.set(i, a.control.is_paused(i), true);
-    }
-    if whole {
-        a.health.set_drained_by_operator(true);
-    }
+    a.control.one_verb_at_a_time(|| {
+        for &i in &routes {
+            a.control.set(i, a.control.is_paused(i), true);
+        }
+        if whole {
+            a.health.set_drained_by_operator(true);
+        }
+    });
     tracing::info!(routes = ?names(a, &routes), "Draining by an operator's request");
     let deadline = tokio::time::Instant::now() + a.drain_timeout;
     let drained = loop {
