@@ -196,8 +196,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
     // Read only now, under the lock: what an earlier holder sent is committed.
     let (c, topic) = (consumer.clone(), dead_letters.clone());
     let (starts, ends, sent_before) = tokio::task::spawn_blocking(move || {
-        let consumer = c;
-        let (starts, ends) = plan(&consumer, &topic, &partitions)?;
+        let (starts, ends) = plan(&c, &topic, &partitions)?;
         let mut sent_before: HashMap<Option<String>, HashMap<i32, i64>> = HashMap::new();
         for (reason, c) in &others {
             sent_before.insert(reason.clone(), positions(c, &topic, &ends)?);

@@ -247,11 +247,8 @@ fn check_properties(
 fn refused_together(config: &Config) -> Option<String> {
     use rdkafka::consumer::BaseConsumer;
     use rdkafka::producer::BaseProducer;
-    let mut c = rdkafka::ClientConfig::new();
-    for (k, v) in &config.kafka.properties {
-        c.set(k, &v.0);
-    }
-    // Nothing listens on the discard port, and nothing is sent there. Set after the properties:
+    let mut c = crate::sidecar::client_config(config);
+    // Nothing listens on the discard port, and nothing is sent there. Set over the properties:
     // a `bootstrap.servers` among them is refused as reserved.
     c.set("bootstrap.servers", "127.0.0.1:9");
     let mut consumer = c.clone();
