@@ -40,6 +40,7 @@
 //! - [`broker`]: why the brokers cannot be reached (TLS, SASL), for the start-up check;
 //! - [`embedded`]: the embedded broker for local work and tests;
 //! - [`memory`]: letting go of the pages only the start needed;
+//! - [`wake`]: news that can wait until the runtime is awake anyway (the broker's acknowledgements);
 //! - [`cli`]: the commands.
 
 pub mod config;
@@ -62,4 +63,5 @@ pub mod sidecar;
 pub mod broker;
 pub mod embedded;
 pub mod memory;
+pub mod wake;
 pub mod cli;

@@ -183,13 +183,16 @@ impl From<KafkaError> for ProduceError {
 /// librdkafka's producer, its acknowledgements served on the async runtime: the thread that
 /// reads the broker's answer wakes the task waiting for it through [`serve_acks`], not through a
 /// polling thread of its own (a thread wake-up per acknowledgement was a tenth of ferry's CPU
-/// at 1 000 records/s).
+/// at 1 000 records/s); and only when the runtime is awake anyway (see [`crate::wake`]).
 pub struct Kafka {
     /// Declared before `producer`, so the wake-up is switched off before the client goes.
     wake: MainQueue,
     pub(crate) producer: BaseProducer<Acks>,
     failed: Arc<Failed>,
     outbox: Outbox,
+    /// Set while [`serve_acks`] waits with nothing in flight, on its long turn: the next
+    /// hand-over tells it to wait on its short one.
+    acks_idle: AtomicBool,
 }
 
 impl Kafka {
@@ -207,6 +210,7 @@ impl Kafka {
             producer,
             failed: Arc::default(),
             outbox: Outbox::default(),
+            acks_idle: AtomicBool::new(true),
         });
         tokio::spawn(serve_acks(Arc::downgrade(&kafka), ready));
         tokio::spawn(hand_over(Arc::downgrade(&kafka), kafka.outbox.ready.clone()));
@@ -224,6 +228,7 @@ impl Kafka {
             record = record.payload(v.as_ref());
         }
         self.producer.send(record).map_err(|(e, _)| e)?;
+        self.expect_acks();
         Ok(rx)
     }
 
@@ -365,6 +370,13 @@ async fn hand_over(kafka: Weak<Kafka>, ready: Arc<Notify>) {
 }
 
 impl Kafka {
+    /// Tells [`serve_acks`], if it waits on its long turn, that acknowledgements are to come.
+    fn expect_acks(&self) {
+        if self.acks_idle.swap(false, Ordering::SeqCst) {
+            self.producer.context().ready.notify_one();
+        }
+    }
+
     /// Hands the outbox's records to librdkafka in order; `false` if its buffer is full, with
     /// the rest left in the outbox.
     fn hand_over(&self) -> bool {
@@ -381,7 +393,7 @@ impl Kafka {
                 record = record.payload(v.as_ref());
             }
             match self.producer.send(record) {
-                Ok(()) => {}
+                Ok(()) => self.expect_acks(),
                 Err((e, record)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     let (headers, ack) = (record.headers, record.delivery_opaque);
                     let mut queue = self.outbox.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -402,17 +414,26 @@ impl Kafka {
     }
 }
 
-/// Serves `kafka`'s acknowledgements whenever librdkafka has some, until the producer is gone.
+/// Serves `kafka`'s acknowledgements whenever librdkafka has some and the runtime is awake,
+/// until the producer is gone.
 async fn serve_acks(kafka: Weak<Kafka>, ready: Arc<Notify>) {
+    let mut turn = IDLE_TURN;
     loop {
-        // The periodic turn notices a dropped producer, and errors queued before the wake-up
-        // was switched on.
-        let _ = tokio::time::timeout(Duration::from_millis(100), ready.notified()).await;
+        let _ = tokio::time::timeout(turn, ready.notified()).await;
         loop {
             let Some(kafka) = kafka.upgrade() else {
                 return;
             };
             if !kafka.serve() {
+                // Acknowledgements still to come may arrive while the runtime sleeps, and wait
+                // for it to wake (see `crate::wake`): at most `ACK_WAIT`, should nothing else wake it.
+                kafka.acks_idle.store(true, Ordering::SeqCst);
+                turn = if kafka.producer.in_flight_count() > 0 {
+                    kafka.acks_idle.store(false, Ordering::SeqCst);
+                    ACK_WAIT
+                } else {
+                    IDLE_TURN
+                };
                 break;
             }
             drop(kafka);
@@ -421,6 +442,14 @@ async fn serve_acks(kafka: Weak<Kafka>, ready: Arc<Notify>) {
         }
     }
 }
+
+/// The longest an acknowledgement waits for the runtime to wake of itself: short beside the
+/// commit interval and a revoke's drain, the only things that wait for it.
+const ACK_WAIT: Duration = Duration::from_millis(10);
+
+/// [`serve_acks`]'s turn with nothing in flight: it notices a dropped producer, and errors
+/// queued before the wake-up was switched on.
+const IDLE_TURN: Duration = Duration::from_millis(100);
 
 /// Events (each a batch of acknowledgements) served per turn of [`serve_acks`].
 const SERVE_TURN: usize = 64;
@@ -538,9 +567,9 @@ impl MainQueue {
         unsafe extern "C" fn on_event(_: *mut rdkafka_sys::rd_kafka_t, ready: *mut c_void) {
             // SAFETY: `ready` points into the producer's context, which outlives this
             // callback: it is switched off (`Drop`) before the client is destroyed.
-            unsafe { (*(ready as *const Notify)).notify_one() }
+            crate::wake::when_awake(unsafe { &*(ready as *const Arc<Notify>) })
         }
-        let ready: *const Notify = Arc::as_ptr(&producer.context().ready);
+        let ready: *const Arc<Notify> = &producer.context().ready;
         // SAFETY: the client pointer is valid while `producer` lives; the handle is released
         // in `Drop`, before the producer (field order of `Kafka`).
         unsafe {

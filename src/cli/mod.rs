@@ -128,17 +128,15 @@ pub fn main() -> i32 {
             return 78;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return 1;
-        }
-    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let runtime =
+        match crate::wake::count_sleep(builder.worker_threads(workers).enable_all(), workers).build() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return 1;
+            }
+        };
     let code = runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run::run(&config).await,
