@@ -881,6 +881,9 @@ async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>
         // unready, its circuit open, an operator's pause) is looked at again after a nap. The
         // long wait also covers records queued before a queue's wake-up was set.
         let wait = if full { FULL_NAP } else { IDLE };
+        // Room comes back as records end, with their acknowledgements: those must not wait for
+        // the runtime to wake of itself (see `crate::wake`).
+        let _urgent = full.then(crate::wake::Urgent::hold);
         let woken = async {
             tokio::select! {
                 () = records.notified() => {}
