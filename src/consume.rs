@@ -823,15 +823,23 @@ struct Intake {
 
 impl Intake {
     /// Takes what the bounds allow from every queue; the rest waits in librdkafka's queues.
-    /// Returns how many records were taken, and whether a partition had no room.
-    fn take(&mut self, ctx: &Context) -> (usize, bool) {
-        let (mut took, mut full) = (0, false);
+    /// Returns how many records were taken, whether a partition had no room, and whether one
+    /// had none only for its in-flight bound (records ending will make room).
+    fn take(&mut self, ctx: &Context) -> (usize, bool, bool) {
+        let (mut took, mut full, mut bound) = (0, false, false);
         for (tp, queue) in &self.queues {
             let mut turn = 0;
             while turn < TURN {
-                if !has_room(ctx, tp) {
-                    full = true;
-                    break;
+                match room(ctx, tp) {
+                    Room::Free => {}
+                    Room::Bound => {
+                        (full, bound) = (true, true);
+                        break;
+                    }
+                    Room::Held => {
+                        full = true;
+                        break;
+                    }
                 }
                 match queue.poll(Duration::ZERO) {
                     Some(Ok(msg)) => {
@@ -847,7 +855,7 @@ impl Intake {
             }
             took += turn;
         }
-        (took, full)
+        (took, full, bound)
     }
 }
 
@@ -858,7 +866,7 @@ async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>
         return;
     };
     loop {
-        let (took, full) = {
+        let (took, full, bound) = {
             let mut intake = lock(&shared);
             if intake.stopped {
                 return;
@@ -883,7 +891,7 @@ async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>
         let wait = if full { FULL_NAP } else { IDLE };
         // Room comes back as records end, with their acknowledgements: those must not wait for
         // the runtime to wake of itself (see `crate::wake`).
-        let _urgent = full.then(crate::wake::Urgent::hold);
+        let _urgent = bound.then(crate::wake::Urgent::hold);
         let woken = async {
             tokio::select! {
                 () = records.notified() => {}
@@ -993,11 +1001,20 @@ fn pause_unread(c: &BaseConsumer<Context>, unread: &[Tp]) {
     );
 }
 
+/// Whether a partition may take another record.
+enum Room {
+    Free,
+    /// Not until records end: its in-flight bound is the only reason.
+    Bound,
+    /// Not while another reason holds (an operator's pause, the service unready, the circuit).
+    Held,
+}
+
 /// Whether `tp` may take another record: only when no pause reason holds. The reasons are
 /// recorded for status.
-fn has_room(ctx: &Context, tp: &Tp) -> bool {
+fn room(ctx: &Context, tp: &Tp) -> Room {
     let Some(route) = ctx.routes.route_for(&tp.0) else {
-        return true;
+        return Room::Free;
     };
     let (b, load) = (&ctx.bounds[route], ctx.tracker.load(tp));
     let mut reasons: Vec<PauseReason> = ctx.control.held(route).collect();
@@ -1024,7 +1041,11 @@ fn has_room(ctx: &Context, tp: &Tp) -> bool {
             },
         );
     }
-    let room = reasons.is_empty();
+    let room = match reasons.as_slice() {
+        [] => Room::Free,
+        [PauseReason::Bound] => Room::Bound,
+        _ => Room::Held,
+    };
     ctx.tracker.set_paused(tp, &reasons);
     room
 }

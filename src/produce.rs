@@ -444,7 +444,7 @@ async fn serve_acks(kafka: Weak<Kafka>, ready: Arc<Notify>) {
 }
 
 /// The longest an acknowledgement waits for the runtime to wake of itself: short beside the
-/// commit interval and a revoke's drain, the only things that wait for it.
+/// commit interval and the drains, the things that wait for it (see `crate::wake`).
 const ACK_WAIT: Duration = Duration::from_millis(10);
 
 /// [`serve_acks`]'s turn with nothing in flight: it notices a dropped producer, and errors

@@ -2,17 +2,23 @@
 //!
 //! Waking a sleeping thread costs tens of microseconds of CPU on a small virtual machine (the
 //! benchmark measures it): more than the rest of a record's work at a low rate, where every
-//! thread sleeps between records. Some news need not wake anyone: the broker's
-//! acknowledgements are waited for only by the commit (every `commit_interval`), the partitions'
-//! bounds and a revoke's drain. So while every worker of the runtime sleeps, such news waits for
-//! the next thing that wakes a worker anyway (a record, a service's answer, a timer), and whoever
-//! sends it keeps a timer of its own for the case where nothing does (see `produce::serve_acks`).
-//! While a worker is awake, news is delivered at once: it costs no wake-up then.
+//! thread sleeps between records. Some news need not wake anyone: no call waits for the
+//! broker's acknowledgements, only the commit (every `commit_interval`), the partitions' bounds,
+//! the drains (a revoke's, a stop's, `POST /drain`), a write made again after a failure and
+//! readiness after a refused write. So while every worker of the runtime sleeps, such news
+//! waits for the next thing that has a worker run a task anyway (a record, a service's answer, a
+//! timer), and whoever sends it keeps a timer of its own for the case where nothing does (see
+//! `produce::serve_acks`): the drains and the rest see it at most that much later. While a worker
+//! is awake, news is delivered at once: it costs no wake-up then.
 //!
-//! Unless something waits for that news to go on: while the intake has a partition stopped by
-//! its in-flight bound, records end only with their acknowledgements, and an acknowledgement that
-//! waited for a wake-up would hold the whole pipeline (at full speed B3 fell to two thirds). The
-//! intake holds an [`Urgent`] meanwhile, and news goes at once.
+//! Unless the pipeline waits for that news to go on: while the intake has a partition stopped
+//! only by its in-flight bound, room comes back only as records end, with their
+//! acknowledgements, and an acknowledgement that waited for a wake-up would hold everything up (at
+//! full speed B3 fell to two thirds). The intake holds an [`Urgent`] meanwhile, and news goes at
+//! once.
+//!
+//! Delivered in the unpark hook, a task woken goes to the runtime's shared queue: with more than
+//! one worker (`FERRY_WORKER_THREADS`) that may wake a second worker to take it.
 //!
 //! Only a runtime built with [`count_sleep`] is counted; with any other (a library's user, a
 //! test's), [`when_awake`] notifies at once, as if it were always awake.
@@ -107,6 +113,7 @@ fn deliver() {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     use super::*;
@@ -129,14 +136,7 @@ mod tests {
         let runtime = count_sleep(builder.worker_threads(1).enable_all(), 1)
             .build()
             .expect("a runtime");
-        let (tx, mut delivered) = tokio::sync::oneshot::channel();
-        let waiting = news.clone();
-        runtime.spawn(async move {
-            waiting.notified().await;
-            let _ = tx.send(Instant::now());
-        });
-        wait_until_asleep();
-
+        let delivered = listen_then_sleep(&runtime, &news);
         when_awake(&news);
         // Nothing else runs on this runtime: asleep, it stays so, and the news waits.
         std::thread::sleep(Duration::from_millis(200));
@@ -144,41 +144,47 @@ mod tests {
             delivered.try_recv().is_err(),
             "the news woke the sleeping runtime"
         );
-
         let woken = Instant::now();
         runtime.spawn(async {});
-        let at = runtime
-            .block_on(async { tokio::time::timeout(Duration::from_secs(10), delivered).await })
-            .expect("the news never came")
-            .expect("the task ended without it");
+        let at = delivered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the news never came");
         assert!(at >= woken);
-        assert!(!WAITING.load(SeqCst));
 
-        // Held, an `Urgent` has the news delivered at once, sleeping runtime or not.
-        let (tx, mut delivered) = tokio::sync::oneshot::channel();
-        let waiting = news.clone();
-        runtime.spawn(async move {
-            waiting.notified().await;
-            let _ = tx.send(());
-        });
-        wait_until_asleep();
+        // Held, an `Urgent` has the news delivered at once to the sleeping runtime.
+        let delivered = listen_then_sleep(&runtime, &news);
         let urgent = Urgent::hold();
         when_awake(&news);
-        // Looked at from this thread: waiting on the runtime would wake it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while delivered.try_recv().is_err() {
-            assert!(Instant::now() < deadline, "the urgent news waited");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        delivered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the urgent news waited");
         drop(urgent);
         assert_eq!(URGENT.load(SeqCst), 0);
     }
 
-    fn wait_until_asleep() {
+    /// Starts a task on `runtime` that says when `news` comes; returns once it listens and the
+    /// worker has gone to sleep after it.
+    fn listen_then_sleep(runtime: &tokio::runtime::Runtime, news: &Arc<Notify>) -> mpsc::Receiver<Instant> {
+        let (listening, listens) = mpsc::channel();
+        let (tx, delivered) = mpsc::channel();
+        let news = news.clone();
+        runtime.spawn(async move {
+            let notified = news.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let _ = listening.send(());
+            notified.await;
+            let _ = tx.send(Instant::now());
+        });
+        listens
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the task never ran");
+        // Counted awake while it ran the task: asleep now means asleep after it.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !all_asleep() {
             assert!(Instant::now() < deadline, "the worker never slept");
             std::thread::sleep(Duration::from_millis(1));
         }
+        delivered
     }
 }
