@@ -114,6 +114,18 @@ async fn send_writes_values_files_stdin_counts_and_json_lines_and_tail_shows_the
 
     let records = kafka.read_all(&topic).await;
     assert_eq!(records.len(), 46);
+    // At 400/s the 40 records take 97.5 ms from the first to the last, and leave as they are
+    // due: they went out all at once at the end, stamped within a millisecond.
+    let stamps: Vec<i64> = records
+        .iter()
+        .filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with("load-")))
+        .filter_map(|r| r.timestamp)
+        .collect();
+    let spread = stamps.iter().max().unwrap() - stamps.iter().min().unwrap();
+    assert!(
+        spread >= 50,
+        "40 records at 400/s were stamped within {spread} ms: they left in a burst"
+    );
     let by_key = |k: &str| {
         records
             .iter()

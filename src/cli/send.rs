@@ -222,8 +222,23 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
     use futures::StreamExt;
     for (i, r) in records.enumerate() {
         if let Some(every) = interval {
-            let due = started + every.mul_f64(i as f64);
-            tokio::time::sleep_until(due.into()).await;
+            let due = tokio::time::Instant::from_std(started + every.mul_f64(i as f64));
+            // A send reaches librdkafka when its future is first polled: the ones outstanding
+            // are polled while the next is not yet due, or they would all leave in a burst at
+            // the end (or every 1 000 records).
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(due) => break,
+                    Some(result) = in_flight.next(), if !in_flight.is_empty() => settle(
+                        Some(result),
+                        &mut sent,
+                        &mut failed,
+                        &mut last,
+                        &mut first_error,
+                        &bar,
+                    ),
+                }
+            }
         }
         let mut hs = OwnedHeaders::new();
         for (k, v) in &r.headers {

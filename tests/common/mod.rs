@@ -381,6 +381,7 @@ fn read_blocking(brokers: &str, topic: &str, only: Option<i32>, want: usize, wit
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
             headers,
+            timestamp: m.timestamp().to_millis(),
         });
     }
     if out.len() < want {
@@ -414,6 +415,8 @@ pub struct Rec {
     pub key: Option<String>,
     pub value: Option<String>,
     pub headers: BTreeMap<String, String>,
+    /// Milliseconds since the epoch (for `ferry send`, when the producer took the record).
+    pub timestamp: Option<i64>,
 }
 
 impl Rec {
