@@ -68,7 +68,6 @@ mod tests {
     use super::EmbeddedBroker;
 
     const JOIN_GROUP: i16 = 11;
-    const LEAVE_GROUP: i16 = 13;
     const SYNC_GROUP: i16 = 14;
     const API_VERSIONS: i16 = 18;
 
@@ -173,14 +172,6 @@ mod tests {
         (generation, r.string(), r.string())
     }
 
-    fn leave(conn: &mut TcpStream, group: &str, member: &str) {
-        let mut body = Vec::new();
-        string(&mut body, group);
-        string(&mut body, member);
-        send(conn, LEAVE_GROUP, &body);
-        assert_eq!(Reader(&answer(conn)).i16(), 0, "LeaveGroup answered an error");
-    }
-
     fn sync(conn: &mut TcpStream, group: &str, generation: i32, member: &str, assignments: &[&str]) {
         let mut body = Vec::new();
         string(&mut body, group);
@@ -192,70 +183,6 @@ mod tests {
             bytes(&mut body, b"assignment");
         }
         send(conn, SYNC_GROUP, &body);
-    }
-
-    /// Two members in one generation, with librdkafka's default session timeout of 45 s, for
-    /// which the mock's rebalance timer is 44 s.
-    fn group_of_two(broker: &EmbeddedBroker, group: &str) -> [(TcpStream, String); 2] {
-        let (mut a, mut b) = (connect(broker), connect(broker));
-        join_for(&mut a, group, "", 45_000);
-        let (_, _, me_a) = joined(&mut a);
-        join_for(&mut b, group, "", 45_000);
-        // The broker reads its connections in its own order: the pause has it read `b`'s join
-        // (the rebalance) before `a`'s rejoin.
-        std::thread::sleep(Duration::from_millis(300));
-        join_for(&mut a, group, &me_a, 45_000);
-        let (_, _, me_a) = joined(&mut a);
-        let (_, _, me_b) = joined(&mut b);
-        [(a, me_a), (b, me_b)]
-    }
-
-    /// Like a broker, the mock ends a rebalance's join phase once every member has joined again.
-    /// It waited for its timer, the session timeout less a second: a second `ferry run` against
-    /// `ferry dev broker` (librdkafka's default session timeout, 45 s) sat 44 s without
-    /// partitions, and so did the first. The connections give up after 20 s.
-    #[test]
-    fn a_rebalance_ends_once_every_member_has_joined_again() {
-        let broker = EmbeddedBroker::start(1).unwrap();
-        let started = std::time::Instant::now();
-        let [(mut a, me_a), (mut b, me_b)] = group_of_two(&broker, "rejoined");
-        let mut c = connect(&broker);
-        join_for(&mut c, "rejoined", "", 45_000);
-        std::thread::sleep(Duration::from_millis(300));
-        join_for(&mut a, "rejoined", &me_a, 45_000);
-        join_for(&mut b, "rejoined", &me_b, 45_000);
-        for conn in [&mut a, &mut b, &mut c] {
-            joined(conn);
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "two rebalances took {:?}",
-            started.elapsed()
-        );
-    }
-
-    /// The same when the member the others wait for leaves rather than joining again.
-    #[test]
-    fn a_rebalance_ends_when_the_member_it_waits_for_leaves() {
-        let broker = EmbeddedBroker::start(1).unwrap();
-        let started = std::time::Instant::now();
-        let [(mut a, me_a), (b, me_b)] = group_of_two(&broker, "left");
-        let mut c = connect(&broker);
-        join_for(&mut c, "left", "", 45_000);
-        std::thread::sleep(Duration::from_millis(300));
-        join_for(&mut a, "left", &me_a, 45_000);
-        std::thread::sleep(Duration::from_millis(300));
-        let mut leaving = connect(&broker);
-        leave(&mut leaving, "left", &me_b);
-        let (_, _, me) = joined(&mut a);
-        assert_eq!(me, me_a);
-        joined(&mut c);
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "two rebalances took {:?}",
-            started.elapsed()
-        );
-        drop(b);
     }
 
     /// A client that gave up on its connection while its SyncGroup waited for the leader (a

@@ -178,7 +178,7 @@ async fn a_stop_during_a_rebalance_commits_as_it_hands_its_partitions_over() {
     } = kafka.route_topics(4).await;
     // No periodic commit: only the stop's final commit spares the next owner a repeat. The
     // stop's commits get long enough to outlast the rebalance it meets and the one its revoke
-    // starts (up to the session timeout less a second each, should a member not join again).
+    // starts (5 s each on the embedded broker).
     let text = config_text(&kafka, &group, &source, &service.url("/"), &reply, &dlq, "")
         .replace("commit_interval: 100ms", "commit_interval: 1h")
         .replace("drain_timeout: 5s", "drain_timeout: 15s");
@@ -195,8 +195,8 @@ async fn a_stop_during_a_rebalance_commits_as_it_hands_its_partitions_over() {
             .await;
     }
     kafka.read(&reply, 100, WAIT).await;
-    // The second member's join starts a rebalance, which lasts until the first joins again (its
-    // next heartbeat, then its revoke); the embedded broker refuses commits meanwhile.
+    // The second member's join starts a rebalance. The embedded broker keeps the group joining
+    // for the session timeout less a second (5 s here), refusing commits meanwhile.
     let b = Sidecar::start(parse(&text)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     a.shutdown();

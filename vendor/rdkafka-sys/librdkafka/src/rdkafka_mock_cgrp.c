@@ -272,35 +272,6 @@ rd_kafka_resp_err_t rd_kafka_mock_cgrp_classic_member_sync_set(
 }
 
 
-static void rd_kafka_mock_cgrp_classic_rebalance_timer_restart(
-    rd_kafka_mock_cgrp_classic_t *mcgrp,
-    int timeout_ms);
-
-/**
- * @brief ferry: like a broker, end the join phase as soon as every member has
- *        (re)joined, rather than at the rebalance timer, which is the
- *        session timeout less a second (44 s with a client's default
- *        session.timeout.ms). The first join of an empty group still waits
- *        its group.initial.rebalance.delay.ms for more members to come.
- */
-static void
-rd_kafka_mock_cgrp_classic_joined_check(rd_kafka_mock_cgrp_classic_t *mcgrp) {
-        rd_kafka_mock_cgrp_classic_member_t *member;
-
-        if (mcgrp->state != RD_KAFKA_MOCK_CGRP_STATE_JOINING ||
-            mcgrp->first_join || TAILQ_EMPTY(&mcgrp->members))
-                return;
-
-        TAILQ_FOREACH(member, &mcgrp->members, link) {
-                if (!member->conn || !member->resp)
-                        return;
-        }
-
-        /* Through the timer, as the other transitions: the JoinGroup being
-         * handled is answered with the rest. */
-        rd_kafka_mock_cgrp_classic_rebalance_timer_restart(mcgrp, 1);
-}
-
 /**
  * @brief Member is explicitly leaving the group (through LeaveGroupRequest)
  */
@@ -314,7 +285,6 @@ rd_kafka_resp_err_t rd_kafka_mock_cgrp_classic_member_leave(
         rd_kafka_mock_cgrp_classic_member_destroy(mcgrp, member);
 
         rd_kafka_mock_cgrp_classic_rebalance(mcgrp, "explicit member leave");
-        rd_kafka_mock_cgrp_classic_joined_check(mcgrp);
 
         return RD_KAFKA_RESP_ERR_NO_ERROR;
 }
@@ -335,6 +305,10 @@ void rd_kafka_mock_cgrp_classic_protos_destroy(
 
         rd_free(protos);
 }
+
+static void rd_kafka_mock_cgrp_classic_rebalance_timer_restart(
+    rd_kafka_mock_cgrp_classic_t *mcgrp,
+    int timeout_ms);
 
 /**
  * @brief Elect consumer group leader and send JoinGroup responses
@@ -470,8 +444,6 @@ rd_kafka_mock_cgrp_classic_rebalance(rd_kafka_mock_cgrp_classic_t *mcgrp,
                 timeout_ms = mcgrp->session_timeout_ms > 1000
                                  ? mcgrp->session_timeout_ms - 1000
                                  : mcgrp->session_timeout_ms;
-
-        mcgrp->first_join = mcgrp->state == RD_KAFKA_MOCK_CGRP_STATE_EMPTY;
 
         if (mcgrp->state == RD_KAFKA_MOCK_CGRP_STATE_SYNCING)
                 /* Abort current Syncing state */
@@ -651,7 +623,6 @@ rd_kafka_resp_err_t rd_kafka_mock_cgrp_classic_member_add(
         member->resp = resp;
         member->conn = mconn;
         rd_kafka_mock_cgrp_classic_member_active(mcgrp, member);
-        rd_kafka_mock_cgrp_classic_joined_check(mcgrp);
 
         return RD_KAFKA_RESP_ERR_NO_ERROR;
 }
@@ -680,10 +651,8 @@ static void rd_kafka_mock_cgrp_classic_session_tmr_cb(rd_kafka_timers_t *rkts,
                 timeout_cnt++;
         }
 
-        if (timeout_cnt) {
+        if (timeout_cnt)
                 rd_kafka_mock_cgrp_classic_rebalance(mcgrp, "member timeout");
-                rd_kafka_mock_cgrp_classic_joined_check(mcgrp);
-        }
 }
 
 

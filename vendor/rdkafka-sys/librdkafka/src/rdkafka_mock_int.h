@@ -116,8 +116,6 @@ typedef struct rd_kafka_mock_cgrp_classic_s {
         int last_member_cnt; /**< Mumber of group members at last election */
         int assignment_cnt;  /**< Number of member assignments in last Sync */
         rd_kafka_mock_cgrp_classic_member_t *leader; /**< Elected leader */
-        rd_bool_t first_join; /**< ferry: joining an empty group waits out
-                               *   group.initial.rebalance.delay.ms */
 } rd_kafka_mock_cgrp_classic_t;
 
 
