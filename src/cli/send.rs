@@ -217,8 +217,7 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
     let started = Instant::now();
     let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
     let mut in_flight = futures::stream::FuturesUnordered::new();
-    let (mut sent, mut failed, mut last) = (0u64, 0u64, None);
-    let mut first_error = None;
+    let mut tally = Tally::default();
     use futures::StreamExt;
     for (i, r) in records.enumerate() {
         if let Some(every) = interval {
@@ -229,14 +228,9 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep_until(due) => break,
-                    Some(result) = in_flight.next(), if !in_flight.is_empty() => settle(
-                        Some(result),
-                        &mut sent,
-                        &mut failed,
-                        &mut last,
-                        &mut first_error,
-                        &bar,
-                    ),
+                    Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                        tally.settle(result, &bar)
+                    }
                 }
             }
         }
@@ -268,26 +262,20 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
         });
         // Keep a bounded number of sends outstanding.
         while in_flight.len() >= 1000 {
-            settle(
-                in_flight.next().await,
-                &mut sent,
-                &mut failed,
-                &mut last,
-                &mut first_error,
-                &bar,
-            );
+            if let Some(result) = in_flight.next().await {
+                tally.settle(result, &bar);
+            }
         }
     }
     while let Some(result) = in_flight.next().await {
-        settle(
-            Some(result),
-            &mut sent,
-            &mut failed,
-            &mut last,
-            &mut first_error,
-            &bar,
-        );
+        tally.settle(result, &bar);
     }
+    let Tally {
+        sent,
+        failed,
+        last,
+        first_error,
+    } = tally;
     let _ = producer.flush(Duration::from_secs(30));
     bar.finish_and_clear();
     let took = started.elapsed().as_secs_f64();
@@ -324,24 +312,32 @@ fn too_large_hint(e: rdkafka::error::KafkaError, size: usize) -> String {
     }
 }
 
-fn settle(
-    result: Option<Result<rdkafka::producer::future_producer::Delivery, String>>,
-    sent: &mut u64,
-    failed: &mut u64,
-    last: &mut Option<(i32, i64)>,
-    first_error: &mut Option<String>,
-    bar: &indicatif::ProgressBar,
-) {
-    match result {
-        Some(Ok(d)) => {
-            *sent += 1;
-            *last = Some((d.partition, d.offset));
+/// What the sends came to.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    failed: u64,
+    /// Where the last record written went (partition, offset).
+    last: Option<(i32, i64)>,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn settle(
+        &mut self,
+        result: Result<rdkafka::producer::future_producer::Delivery, String>,
+        bar: &indicatif::ProgressBar,
+    ) {
+        match result {
+            Ok(d) => {
+                self.sent += 1;
+                self.last = Some((d.partition, d.offset));
+            }
+            Err(e) => {
+                self.failed += 1;
+                self.first_error.get_or_insert(e);
+            }
         }
-        Some(Err(e)) => {
-            *failed += 1;
-            first_error.get_or_insert(e);
-        }
-        None => return,
+        bar.inc(1);
     }
-    bar.inc(1);
 }
