@@ -1348,6 +1348,12 @@ impl Buckets {
 // ---------------------------------------------------------------- the report
 
 fn main() {
+    // A test runner lists a target's tests by running it with `--list` (cargo-nextest does so
+    // for every target with `--all-targets`, even with `--no-run`): this one has none, and
+    // running it would overwrite docs/bench.* with a run made while the machine builds.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
     let o = options();
     ferry::sidecar::install_crypto();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -353,7 +353,8 @@ pub struct PartitionView {
     pub lag: Option<i64>,
     pub in_flight: u64,
     pub oldest_in_flight_seconds: Option<f64>,
-    /// Why ferry takes nothing from it now: `bound`, `unready`, `circuit`, `drain`, `operator`.
+    /// Why ferry takes nothing from it now: `bound`, `unready`, `circuit`, `drain`, `operator`,
+    /// `unconfirmed`.
     pub paused: Vec<String>,
 }
 

@@ -8,6 +8,7 @@
 //! then runs their calls (a hand-off from a thread of its own cost a thread wake-up per record).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -129,6 +130,8 @@ pub struct Context {
     drain_timeout: Duration,
     /// librdkafka's error events, logged without their storms of repeats.
     errors: ClientErrors,
+    /// Whether the group still vouches for this member: no new records while it may not.
+    membership: Membership,
     /// What librdkafka falls back to when a partition has no committed offset.
     default_start: Start,
     /// With `delivery: exactly_once`: offsets are committed in these transactions, never
@@ -189,6 +192,87 @@ impl ClientErrors {
     }
 }
 
+/// Whether the group still vouches for this member, as far as ferry can tell. A commit carries
+/// the member's id and generation, so one the coordinator takes proves the partitions are still
+/// this member's; so does a rebalance that ends. After a whole session (`session.timeout.ms`)
+/// of commits refused or unanswered, the coordinator has given the partitions to another member
+/// if it has not heard from this one, and every record taken meanwhile would be handled twice.
+/// librdkafka notices such a loss only from a heartbeat in a steady group: a member rejoining
+/// (which, with the cooperative protocol, keeps fetching its partitions) and cut off from its
+/// coordinator fetched and called on for minutes after the group had moved on (the fault
+/// campaign's logs). So ferry takes no new records while the group has not confirmed it for a
+/// session, and takes again once a commit is taken or a rebalance ends.
+pub struct Membership {
+    /// The instant the micros below count from.
+    epoch: Instant,
+    /// When the first commit not yet followed by one the broker took began, in micros since
+    /// `epoch` plus one; 0 while the last commit was taken. Read for every record taken.
+    unconfirmed_since: AtomicU64,
+    /// Whether records are held for it (to log the change once each way).
+    holding: AtomicBool,
+    session: Duration,
+}
+
+impl Membership {
+    pub fn new(session: Duration) -> Membership {
+        Membership {
+            epoch: Instant::now(),
+            unconfirmed_since: AtomicU64::new(0),
+            holding: AtomicBool::new(false),
+            session,
+        }
+    }
+
+    /// The session timeout librdkafka's consumer uses with these properties.
+    pub fn session_of(client: &ClientConfig) -> Duration {
+        let ms = client
+            .get("session.timeout.ms")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(45_000);
+        Duration::from_millis(ms)
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// A commit begins at `at`: unless one is still unconfirmed, the clock starts now.
+    pub fn committing(&self, at: Instant) {
+        let _ =
+            self.unconfirmed_since
+                .compare_exchange(0, self.micros(at), Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The broker took a commit, or a rebalance ended: the group knows this member.
+    pub fn confirmed(&self) {
+        self.unconfirmed_since.store(0, Ordering::Release);
+        if self.holding.swap(false, Ordering::AcqRel) {
+            tracing::info!("The group confirmed this member again; taking records");
+        }
+    }
+
+    /// Whether to take no new records at `now`: the group has not confirmed this member for a
+    /// whole session.
+    pub fn in_doubt(&self, now: Instant) -> bool {
+        let since = self.unconfirmed_since.load(Ordering::Acquire);
+        if since == 0 {
+            return false;
+        }
+        let unconfirmed = Duration::from_micros(self.micros(now).saturating_sub(since));
+        if unconfirmed <= self.session {
+            return false;
+        }
+        if !self.holding.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                unconfirmed = ?unconfirmed,
+                session_timeout = ?self.session,
+                "The group has not taken a commit from this member for longer than its session; taking no new records until it does (or a rebalance ends), as its partitions may already have another owner"
+            );
+        }
+        true
+    }
+}
+
 /// librdkafka's log lines, as tracing events.
 pub fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
     use RDKafkaLogLevel::*;
@@ -206,6 +290,8 @@ impl ConsumerContext for Context {
     fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(c.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let tps = tps_of(tpl);
+        // The coordinator's word, whichever way: what stays assigned is this member's.
+        self.membership.confirmed();
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.choose_start_offsets(c, tpl);
@@ -445,8 +531,13 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
         return true;
     }
     let ctx = c.context();
+    ctx.membership.committing(Instant::now());
     if let Some(transactions) = &ctx.transactions {
-        return commit_in_transaction(c, transactions, offsets);
+        let committed = commit_in_transaction(c, transactions, offsets);
+        if committed {
+            ctx.membership.confirmed();
+        }
+        return committed;
     }
     let mut tpl = TopicPartitionList::new();
     for ((t, p), o) in offsets {
@@ -456,6 +547,7 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
     ctx.metrics.commit(committed.is_ok());
     match committed {
         Ok(()) => {
+            ctx.membership.confirmed();
             ctx.tracker.committed(offsets);
             ctx.tracing.committed(offsets);
             true
@@ -638,6 +730,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         unfinished: Mutex::new(Vec::new()),
         drain_timeout: setup.drain_timeout,
         errors: ClientErrors::default(),
+        membership: Membership::new(Membership::session_of(&client)),
         default_start,
         transactions: setup.transactions.clone(),
         shutdown: setup.shutdown.clone(),
@@ -1024,6 +1117,9 @@ fn room(ctx: &Context, tp: &Tp) -> Room {
     if !ctx.lanes.accepting(route) {
         reasons.push(PauseReason::Circuit);
     }
+    if ctx.membership.in_doubt(Instant::now()) {
+        reasons.push(PauseReason::Unconfirmed);
+    }
     if load.window >= b.per_partition
         || load.route_window >= b.total
         || load.route_bytes as u64 >= b.max_bytes.0
@@ -1081,6 +1177,35 @@ fn take(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn membership_is_in_doubt_only_after_a_whole_session_without_a_commit_taken() {
+        let session = Duration::from_secs(6);
+        let m = Membership::new(session);
+        let t0 = Instant::now();
+        assert!(
+            !m.in_doubt(t0 + session * 10),
+            "no commit tried: nothing to doubt"
+        );
+        m.committing(t0);
+        // A later commit, refused too, does not restart the clock.
+        m.committing(t0 + Duration::from_secs(5));
+        assert!(!m.in_doubt(t0 + session));
+        assert!(m.in_doubt(t0 + session + Duration::from_millis(1)));
+        m.confirmed();
+        assert!(!m.in_doubt(t0 + session * 2));
+        m.committing(t0 + session * 2);
+        assert!(!m.in_doubt(t0 + session * 3));
+        assert!(m.in_doubt(t0 + session * 3 + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn membership_session_is_librdkafkas_unless_the_properties_set_one() {
+        let mut client = ClientConfig::new();
+        assert_eq!(Membership::session_of(&client), Duration::from_secs(45));
+        client.set("session.timeout.ms", "6000");
+        assert_eq!(Membership::session_of(&client), Duration::from_secs(6));
+    }
 
     fn routes(yaml_routes: &str) -> Vec<Route> {
         let text = format!("kafka:\n  brokers: 127.0.0.1:9092\n  group_id: g\nroutes:\n{yaml_routes}");

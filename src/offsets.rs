@@ -292,6 +292,9 @@ pub enum PauseReason {
     Drain,
     /// An operator paused the route (`POST /pause`).
     Operator,
+    /// The group has not taken a commit from this member for a whole session: its partitions
+    /// may have another owner (see `consume::Membership`).
+    Unconfirmed,
 }
 
 impl PauseReason {
@@ -302,6 +305,7 @@ impl PauseReason {
             PauseReason::Circuit => "circuit",
             PauseReason::Drain => "drain",
             PauseReason::Operator => "operator",
+            PauseReason::Unconfirmed => "unconfirmed",
         }
     }
 }

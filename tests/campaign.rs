@@ -553,7 +553,8 @@ enum Repeats {
 }
 
 /// The campaign's directory (its config and the ferry logs), kept when the campaign panics,
-/// wherever it panics: a failed run is read from its logs.
+/// wherever it panics (or always, with `FERRY_CAMPAIGN_KEEP` set): a failed run is read from its
+/// logs.
 struct KeptOnPanic {
     dir: Option<tempfile::TempDir>,
     campaign: String,
@@ -574,7 +575,8 @@ impl KeptOnPanic {
 
 impl Drop for KeptOnPanic {
     fn drop(&mut self) {
-        if let Some(dir) = self.dir.take().filter(|_| std::thread::panicking()) {
+        let keep = std::thread::panicking() || std::env::var_os("FERRY_CAMPAIGN_KEEP").is_some();
+        if let Some(dir) = self.dir.take().filter(|_| keep) {
             eprintln!(
                 "campaign ({}): ferry logs kept in {}",
                 self.campaign,

@@ -693,3 +693,94 @@ async fn replies_wait_for_room_in_a_full_producer_buffer_and_keep_their_order() 
     sidecar.shutdown();
     tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
 }
+
+/// A coordinator that refuses this member's commits for longer than a session (as in a rebalance
+/// that does not end) may have given its partitions to another member: ferry takes no new record
+/// until a commit is taken again, says why in `/status` and the metrics, and then takes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_wait_while_the_group_takes_no_commit_for_a_whole_session() {
+    let kafka = Kafka::start();
+    let Some(embedded) = &kafka.embedded else {
+        eprintln!("skipping: faults are injected into the embedded broker only");
+        return;
+    };
+    let t = kafka.route_topics(1).await;
+    let service = Service::start(|r: Req| async move { Resp::new(200, &r.body) }).await;
+    let text = route_config(&kafka, &t, &service.url("/h"), "")
+        .replace("    session.timeout.ms: 6000\n", "    session.timeout.ms: 2000\n")
+        .replace(
+            "    heartbeat.interval.ms: 500\n",
+            "    heartbeat.interval.ms: 200\n",
+        );
+    let sidecar = Sidecar::start(parse(&text)).await.expect("sidecar starts");
+    let base = format!("http://{}", sidecar.admin_addr.expect("admin listens"));
+    let status = || async {
+        let (code, _, body) = admin_call("GET", &format!("{base}/status"), None).await;
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+    kafka.send(&t.source, None, Some("k"), "first", &[]).await;
+    eventually(WAIT, "the first record committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 1).then_some(())
+    })
+    .await;
+
+    // Every commit refused from now on, for about 20 s (one refusal per commit interval); the
+    // heartbeats go on. The second record's commit is the first refused.
+    embedded.mock().unwrap().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 200],
+    );
+    kafka.send(&t.source, None, Some("k"), "second", &[]).await;
+    eventually(WAIT, "the partition held, its reason given", || async {
+        status().await.contains("\"unconfirmed\"").then_some(())
+    })
+    .await;
+    assert_eq!(
+        service.requests().len(),
+        2,
+        "the records before the hold were called"
+    );
+    for v in ["third", "fourth", "fifth"] {
+        kafka.send(&t.source, None, Some("k"), v, &[]).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let body = status().await;
+    assert!(
+        body.contains("\"unconfirmed\""),
+        "still held: the refusals last longer: {body}"
+    );
+    assert_eq!(
+        service.requests().len(),
+        2,
+        "no new record is called while the group has not taken a commit for a session"
+    );
+    let (_, _, metrics) = admin_call("GET", &format!("{base}/metrics"), None).await;
+    assert!(
+        metrics.contains(r#"ferry_paused_partitions{reason="unconfirmed",route="test"} 1"#),
+        "{metrics}"
+    );
+
+    // Once a commit is taken again, every record gets through, none lost.
+    eventually(Duration::from_secs(90), "all five committed", || async {
+        (kafka.committed_total(&t.group, &t.source, 1).await == 5).then_some(())
+    })
+    .await;
+    let replied: BTreeSet<String> = kafka
+        .read_all(&t.reply)
+        .await
+        .into_iter()
+        .filter_map(|r| r.value)
+        .collect();
+    let sent: BTreeSet<String> = ["first", "second", "third", "fourth", "fifth"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(replied, sent);
+    eventually(WAIT, "taking records again", || async {
+        (!status().await.contains("\"unconfirmed\"")).then_some(())
+    })
+    .await;
+    sidecar.shutdown();
+    tokio::time::timeout(WAIT, sidecar.wait()).await.unwrap().unwrap();
+}
