@@ -193,16 +193,19 @@ impl ClientErrors {
 }
 
 /// Whether the group still vouches for this member, as far as ferry can tell. A commit carries
-/// the member's id and generation, so one the coordinator takes proves the partitions are still
-/// this member's; so does a rebalance that ends. After a whole session (`session.timeout.ms`)
-/// of commits refused or unanswered, the coordinator has given the partitions to another member
-/// if it has not heard from this one, and every record taken meanwhile would be handled twice.
-/// librdkafka notices such a loss only from a heartbeat in a steady group: a member rejoining
-/// (which, with the cooperative protocol, keeps fetching its partitions) and cut off from its
-/// coordinator fetched and called on for minutes after the group had moved on (the fault
-/// campaign's logs). So ferry takes no new records while the group has not confirmed it for a
-/// session, and takes again once a commit is taken or a rebalance ends.
-pub struct Membership {
+/// the member's id and generation, so one the coordinator takes, or refuses only because the
+/// group rebalances (the member and generation are checked first), proves the partitions are
+/// still this member's; so does an assignment. When none of that has come for a whole session
+/// (`session.timeout.ms`) counted from the first commit after the last one taken, the coordinator
+/// has given the partitions to another member if it has not heard from this one, and every
+/// record taken meanwhile would be handled twice. librdkafka notices such a loss only from a
+/// heartbeat in a steady group: a member rejoining (which, with the cooperative protocol, keeps
+/// fetching its partitions) and cut off from its coordinator fetched and called on for minutes
+/// after the group had moved on (the fault campaign's logs). So ferry takes no new records while
+/// the group has not confirmed it for a session, and takes again once it does. Not with
+/// `exactly_once` (a transaction carries the generation: a dropped member's outputs are aborted)
+/// nor with `group.protocol: consumer` (its heartbeats go on while it reconciles).
+struct Membership {
     /// The instant the micros below count from.
     epoch: Instant,
     /// When the first commit not yet followed by one the broker took began, in micros since
@@ -210,26 +213,34 @@ pub struct Membership {
     unconfirmed_since: AtomicU64,
     /// Whether records are held for it (to log the change once each way).
     holding: AtomicBool,
-    session: Duration,
+    /// Why the last commit was not taken, for the line that says records are held.
+    last_refusal: Mutex<String>,
+    /// `None`: not guarded (see above).
+    session: Option<Duration>,
 }
 
 impl Membership {
-    pub fn new(session: Duration) -> Membership {
+    fn new(session: Option<Duration>) -> Membership {
         Membership {
             epoch: Instant::now(),
             unconfirmed_since: AtomicU64::new(0),
             holding: AtomicBool::new(false),
+            last_refusal: Mutex::new(String::new()),
             session,
         }
     }
 
-    /// The session timeout librdkafka's consumer uses with these properties.
-    pub fn session_of(client: &ClientConfig) -> Duration {
+    /// The session timeout of the classic group protocol with these properties (librdkafka's
+    /// default unless set); `None` where the guard does not apply.
+    fn session_of(client: &ClientConfig, exactly_once: bool) -> Option<Duration> {
+        let classic = client
+            .get("group.protocol")
+            .is_none_or(|p| p.trim().eq_ignore_ascii_case("classic"));
         let ms = client
             .get("session.timeout.ms")
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(45_000);
-        Duration::from_millis(ms)
+        (classic && !exactly_once).then(|| Duration::from_millis(ms))
     }
 
     fn micros(&self, at: Instant) -> u64 {
@@ -237,36 +248,53 @@ impl Membership {
     }
 
     /// A commit begins at `at`: unless one is still unconfirmed, the clock starts now.
-    pub fn committing(&self, at: Instant) {
-        let _ =
-            self.unconfirmed_since
-                .compare_exchange(0, self.micros(at), Ordering::AcqRel, Ordering::Acquire);
+    fn committing(&self, at: Instant) {
+        if self.session.is_some() {
+            let _ = self.unconfirmed_since.compare_exchange(
+                0,
+                self.micros(at),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
     }
 
-    /// The broker took a commit, or a rebalance ended: the group knows this member.
-    pub fn confirmed(&self) {
+    /// The coordinator did not take a commit, for this reason.
+    fn refused(&self, why: String) {
+        *lock(&self.last_refusal) = why;
+    }
+
+    /// The group knows this member: a commit was taken or refused for a rebalance, or
+    /// partitions were assigned.
+    fn confirmed(&self) {
         self.unconfirmed_since.store(0, Ordering::Release);
         if self.holding.swap(false, Ordering::AcqRel) {
-            tracing::info!("The group confirmed this member again; taking records");
+            tracing::info!("The group confirmed this member again; new records are taken again");
         }
     }
 
-    /// Whether to take no new records at `now`: the group has not confirmed this member for a
-    /// whole session.
-    pub fn in_doubt(&self, now: Instant) -> bool {
+    /// Whether to take no new records: the group has not confirmed this member for a whole
+    /// session. `now` is read only while a commit is unconfirmed.
+    fn in_doubt(&self, now: impl FnOnce() -> Instant) -> bool {
         let since = self.unconfirmed_since.load(Ordering::Acquire);
-        if since == 0 {
+        let Some(session) = self.session.filter(|_| since != 0) else {
             return false;
-        }
-        let unconfirmed = Duration::from_micros(self.micros(now).saturating_sub(since));
-        if unconfirmed <= self.session {
+        };
+        let unconfirmed = Duration::from_micros(self.micros(now()).saturating_sub(since));
+        if unconfirmed <= session {
             return false;
         }
         if !self.holding.swap(true, Ordering::AcqRel) {
+            // Confirmed meanwhile: not held after all, and the next hold is logged again.
+            if self.unconfirmed_since.load(Ordering::Acquire) == 0 {
+                self.holding.store(false, Ordering::Release);
+                return false;
+            }
             tracing::warn!(
                 unconfirmed = ?unconfirmed,
-                session_timeout = ?self.session,
-                "The group has not taken a commit from this member for longer than its session; taking no new records until it does (or a rebalance ends), as its partitions may already have another owner"
+                session_timeout = ?session,
+                last_refusal = %lock(&self.last_refusal),
+                "The group has not taken a commit from this member for longer than its session; taking no new records until it does (or assigns partitions), as its partitions may already have another owner"
             );
         }
         true
@@ -290,10 +318,12 @@ impl ConsumerContext for Context {
     fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(c.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let tps = tps_of(tpl);
-        // The coordinator's word, whichever way: what stays assigned is this member's.
-        self.membership.confirmed();
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // The coordinator's word (librdkafka assigns after every SyncGroup, even an
+                // empty assignment): what is assigned now is this member's. A revoke may be
+                // librdkafka's own doing, and proves nothing.
+                self.membership.confirmed();
                 self.choose_start_offsets(c, tpl);
                 let (mut with_routes, mut unread) = (Vec::new(), Vec::new());
                 for tp in &tps {
@@ -531,14 +561,10 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
         return true;
     }
     let ctx = c.context();
-    ctx.membership.committing(Instant::now());
     if let Some(transactions) = &ctx.transactions {
-        let committed = commit_in_transaction(c, transactions, offsets);
-        if committed {
-            ctx.membership.confirmed();
-        }
-        return committed;
+        return commit_in_transaction(c, transactions, offsets);
     }
+    ctx.membership.committing(Instant::now());
     let mut tpl = TopicPartitionList::new();
     for ((t, p), o) in offsets {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
@@ -553,11 +579,14 @@ fn commit(c: &BaseConsumer<Context>, offsets: &[(Tp, i64)]) -> bool {
             true
         }
         Err(e) => {
-            // Expected while the group rebalances; the revoke's final commit covers it.
+            // Expected while the group rebalances; the revoke's final commit covers it. The
+            // coordinator checked the member and its generation first: it still knows us.
             if e.rdkafka_error_code() == Some(RDKafkaErrorCode::RebalanceInProgress) {
                 tracing::debug!(error = %e, "Commit deferred by a rebalance");
+                ctx.membership.confirmed();
             } else {
                 tracing::warn!(error = %e, "Commit failed; it will be repeated");
+                ctx.membership.refused(e.to_string());
             }
             ctx.tracker.commit_failed(offsets);
             false
@@ -730,7 +759,7 @@ pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
         unfinished: Mutex::new(Vec::new()),
         drain_timeout: setup.drain_timeout,
         errors: ClientErrors::default(),
-        membership: Membership::new(Membership::session_of(&client)),
+        membership: Membership::new(Membership::session_of(&client, setup.transactions.is_some())),
         default_start,
         transactions: setup.transactions.clone(),
         shutdown: setup.shutdown.clone(),
@@ -979,8 +1008,9 @@ async fn intake(shared: Arc<Mutex<Intake>>, consumer: Weak<BaseConsumer<Context>
         }
         // Records wake the intake, and so does a bound-stopped partition's room coming back
         // (`Tracker::wake_when_room`); a partition stopped for another reason (the service
-        // unready, its circuit open, an operator's pause) is looked at again after a nap. The
-        // long wait also covers records queued before a queue's wake-up was set.
+        // unready, its circuit open, an operator's pause, the group's word overdue) is looked at
+        // again after a nap. The long wait also covers records queued before a queue's wake-up
+        // was set.
         let wait = if full { FULL_NAP } else { IDLE };
         // Room comes back as records end, with their acknowledgements: those must not wait for
         // the runtime to wake of itself (see `crate::wake`).
@@ -1099,7 +1129,8 @@ enum Room {
     Free,
     /// Not until records end: its in-flight bound is the only reason.
     Bound,
-    /// Not while another reason holds (an operator's pause, the service unready, the circuit).
+    /// Not while another reason holds (an operator's pause, the service unready, the circuit,
+    /// the group's confirmation of this member overdue).
     Held,
 }
 
@@ -1117,7 +1148,7 @@ fn room(ctx: &Context, tp: &Tp) -> Room {
     if !ctx.lanes.accepting(route) {
         reasons.push(PauseReason::Circuit);
     }
-    if ctx.membership.in_doubt(Instant::now()) {
+    if ctx.membership.in_doubt(Instant::now) {
         reasons.push(PauseReason::Unconfirmed);
     }
     if load.window >= b.per_partition
@@ -1181,30 +1212,41 @@ mod tests {
     #[test]
     fn membership_is_in_doubt_only_after_a_whole_session_without_a_commit_taken() {
         let session = Duration::from_secs(6);
-        let m = Membership::new(session);
+        let m = Membership::new(Some(session));
         let t0 = Instant::now();
-        assert!(
-            !m.in_doubt(t0 + session * 10),
-            "no commit tried: nothing to doubt"
-        );
+        let at = |d: Duration| move || t0 + d;
+        assert!(!m.in_doubt(at(session * 10)), "no commit tried: nothing to doubt");
         m.committing(t0);
         // A later commit, refused too, does not restart the clock.
         m.committing(t0 + Duration::from_secs(5));
-        assert!(!m.in_doubt(t0 + session));
-        assert!(m.in_doubt(t0 + session + Duration::from_millis(1)));
+        assert!(!m.in_doubt(at(session)));
+        assert!(m.in_doubt(at(session + Duration::from_millis(1))));
         m.confirmed();
-        assert!(!m.in_doubt(t0 + session * 2));
+        assert!(!m.in_doubt(at(session * 2)));
         m.committing(t0 + session * 2);
-        assert!(!m.in_doubt(t0 + session * 3));
-        assert!(m.in_doubt(t0 + session * 3 + Duration::from_millis(1)));
+        assert!(!m.in_doubt(at(session * 3)));
+        assert!(m.in_doubt(at(session * 3 + Duration::from_millis(1))));
+
+        let unguarded = Membership::new(None);
+        unguarded.committing(t0);
+        assert!(!unguarded.in_doubt(at(session * 10)));
     }
 
     #[test]
-    fn membership_session_is_librdkafkas_unless_the_properties_set_one() {
+    fn membership_session_is_the_classic_protocols_and_not_for_exactly_once() {
         let mut client = ClientConfig::new();
-        assert_eq!(Membership::session_of(&client), Duration::from_secs(45));
+        assert_eq!(
+            Membership::session_of(&client, false),
+            Some(Duration::from_secs(45))
+        );
         client.set("session.timeout.ms", "6000");
-        assert_eq!(Membership::session_of(&client), Duration::from_secs(6));
+        assert_eq!(
+            Membership::session_of(&client, false),
+            Some(Duration::from_secs(6))
+        );
+        assert_eq!(Membership::session_of(&client, true), None);
+        client.set("group.protocol", "consumer");
+        assert_eq!(Membership::session_of(&client, false), None);
     }
 
     fn routes(yaml_routes: &str) -> Vec<Route> {
