@@ -101,36 +101,50 @@ fn options() -> Options {
     };
     let mut args = std::env::args().skip(1);
     let mut properties = Vec::new();
+    // A mistyped flag or value stops the run: a whole benchmark run on defaults, and docs/
+    // written over, is what it would cost otherwise.
+    fn refuse(message: String) -> ! {
+        eprintln!(
+            "{message}\nflags: --brokers HOST:PORT, --records N, --seconds S, --repeat R, --out DIR, \
+             --only b0,b1,b3,steady,idle,ready, --case \"http key 100\", --ferry PATH, \
+             --ferry-property key=value, --fetch-wait-ms MS"
+        );
+        std::process::exit(2)
+    }
+    fn value(args: &mut impl Iterator<Item = String>, flag: &str) -> String {
+        args.next()
+            .unwrap_or_else(|| refuse(format!("{flag} needs a value")))
+    }
+    fn number<T: std::str::FromStr>(args: &mut impl Iterator<Item = String>, flag: &str) -> T {
+        let v = value(args, flag);
+        v.parse()
+            .unwrap_or_else(|_| refuse(format!("{flag} takes a number, not {v:?}")))
+    }
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--brokers" => o.brokers = args.next(),
-            "--records" => o.records = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.records),
-            "--seconds" => o.seconds = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.seconds),
-            "--out" => o.out = args.next().map(PathBuf::from).unwrap_or(o.out),
+            "--brokers" => o.brokers = Some(value(&mut args, &a)),
+            "--records" => o.records = number(&mut args, &a),
+            "--seconds" => o.seconds = number(&mut args, &a),
+            "--repeat" => o.repeat = number(&mut args, &a),
+            "--out" => o.out = PathBuf::from(value(&mut args, &a)),
             "--ferry-property" => {
-                if let Some((k, v)) = args.next().as_deref().and_then(|kv| kv.split_once('=')) {
-                    properties.push((k.to_string(), v.to_string()));
-                }
+                let kv = value(&mut args, &a);
+                let Some((k, v)) = kv.split_once('=') else {
+                    refuse(format!("--ferry-property takes key=value, not {kv:?}"))
+                };
+                properties.push((k.to_string(), v.to_string()));
             }
-            "--case" => o.cases.extend(args.next()),
+            "--case" => o.cases.push(value(&mut args, &a)),
             "--ferry" => {
-                if let Some(path) = args.next() {
-                    let _ = FERRY_BIN.set(PathBuf::from(path));
-                }
+                let _ = FERRY_BIN.set(PathBuf::from(value(&mut args, &a)));
             }
-            "--repeat" => o.repeat = args.next().and_then(|n| n.parse().ok()).unwrap_or(o.repeat),
             "--fetch-wait-ms" => {
-                if let Some(ms) = args.next().and_then(|n| n.parse().ok()) {
-                    let _ = FETCH_WAIT_MS.set(ms);
-                }
+                let _ = FETCH_WAIT_MS.set(number(&mut args, &a));
             }
-            "--only" => {
-                o.only = args
-                    .next()
-                    .map_or(Vec::new(), |v| v.split(',').map(String::from).collect())
-            }
+            "--only" => o.only = value(&mut args, &a).split(',').map(String::from).collect(),
             // `cargo bench` passes --bench.
-            _ => {}
+            "--bench" => {}
+            other => refuse(format!("unknown flag {other:?}")),
         }
     }
     let _ = FERRY_PROPERTIES.set(properties);

@@ -58,15 +58,20 @@ impl EmbeddedBroker {
 
 #[cfg(test)]
 mod tests {
-    //! The group protocol spoken by hand, to drive the mock cluster where librdkafka's client
-    //! only goes by accident (a request sent again on a new connection while the first waits).
+    //! The protocol spoken by hand, to drive the mock cluster where librdkafka's client only
+    //! goes by accident (a request sent again on a new connection while the first waits), and to
+    //! see its answers as they are.
 
     use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::time::Duration;
 
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
     use super::EmbeddedBroker;
 
+    const FETCH: i16 = 1;
     const JOIN_GROUP: i16 = 11;
     const SYNC_GROUP: i16 = 14;
     const API_VERSIONS: i16 = 18;
@@ -83,9 +88,13 @@ mod tests {
 
     /// Sends a version 0 request and leaves the answer to `answer`.
     fn send(conn: &mut TcpStream, api_key: i16, body: &[u8]) {
+        send_version(conn, api_key, 0, body);
+    }
+
+    fn send_version(conn: &mut TcpStream, api_key: i16, version: i16, body: &[u8]) {
         let mut request = Vec::new();
         request.extend_from_slice(&api_key.to_be_bytes());
-        request.extend_from_slice(&0i16.to_be_bytes());
+        request.extend_from_slice(&version.to_be_bytes());
         request.extend_from_slice(&1i32.to_be_bytes());
         string(&mut request, "by-hand");
         request.extend_from_slice(body);
@@ -132,11 +141,22 @@ mod tests {
             self.0 = rest;
             i32::from_be_bytes([v[0], v[1], v[2], v[3]])
         }
+        fn i64(&mut self) -> i64 {
+            let (v, rest) = self.0.split_at(8);
+            self.0 = rest;
+            i64::from_be_bytes(v.try_into().unwrap())
+        }
         fn string(&mut self) -> String {
             let n = self.i16() as usize;
             let (v, rest) = self.0.split_at(n);
             self.0 = rest;
             String::from_utf8(v.to_vec()).unwrap()
+        }
+        fn bytes(&mut self) -> &[u8] {
+            let n = self.i32() as usize;
+            let (v, rest) = self.0.split_at(n);
+            self.0 = rest;
+            v
         }
     }
 
@@ -269,5 +289,74 @@ mod tests {
         // never be seen, nor anything sent on it).
         send(&mut a, API_VERSIONS, &[]);
         assert_eq!(Reader(&answer(&mut a)).i16(), 0, "the old connection is answered");
+    }
+
+    /// The record batches a Fetch (version 4) of `topic`'s partition 0 from offset 0 answers,
+    /// each as (its first offset, its size), with at most `partition_max_bytes` of them but the
+    /// first.
+    fn fetch(broker: &EmbeddedBroker, topic: &str, partition_max_bytes: i32) -> Vec<(i64, usize)> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(-1i32).to_be_bytes()); // replica
+        body.extend_from_slice(&0i32.to_be_bytes()); // max wait
+        body.extend_from_slice(&0i32.to_be_bytes()); // min bytes
+        body.extend_from_slice(&(50i32 << 20).to_be_bytes()); // max bytes
+        body.push(0); // read uncommitted
+        body.extend_from_slice(&1i32.to_be_bytes());
+        string(&mut body, topic);
+        body.extend_from_slice(&1i32.to_be_bytes());
+        body.extend_from_slice(&0i32.to_be_bytes()); // partition
+        body.extend_from_slice(&0i64.to_be_bytes()); // fetch offset
+        body.extend_from_slice(&partition_max_bytes.to_be_bytes());
+        let mut conn = connect(broker);
+        send_version(&mut conn, FETCH, 4, &body);
+        let answer = answer(&mut conn);
+        let mut r = Reader(&answer);
+        let _throttle = r.i32();
+        assert_eq!(r.i32(), 1, "one topic");
+        assert_eq!(r.string(), topic);
+        assert_eq!(r.i32(), 1, "one partition");
+        assert_eq!(r.i32(), 0);
+        assert_eq!(r.i16(), 0, "Fetch answered an error");
+        let (_high_watermark, _last_stable, _aborted) = (r.i64(), r.i64(), r.i32());
+        let mut records = Reader(r.bytes());
+        let mut batches = Vec::new();
+        while !records.0.is_empty() {
+            let first = records.i64();
+            let size = records.i32() as usize;
+            records.0 = &records.0[size..];
+            batches.push((first, 12 + size));
+        }
+        batches
+    }
+
+    /// A consumer catching up is answered, as by Kafka, every batch from its offset on up to
+    /// the fetch's byte limits, the first whatever its size: the mock answered one batch a
+    /// fetch, so catching up took a fetch per batch its producers wrote.
+    #[test]
+    fn a_fetch_is_answered_every_batch_the_partition_s_byte_limit_allows() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        broker.create_topic("batches", 1).unwrap();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap_servers())
+            .set("linger.ms", "0")
+            .create()
+            .unwrap();
+        // A batch each: each is flushed before the next is sent.
+        for i in 0..5 {
+            let value = format!("record {i}");
+            producer
+                .send(BaseRecord::<(), _>::to("batches").payload(&value))
+                .unwrap();
+            producer.flush(Duration::from_secs(10)).unwrap();
+        }
+
+        let all = fetch(&broker, "batches", 1 << 20);
+        let firsts: Vec<i64> = all.iter().map(|(first, _)| *first).collect();
+        assert_eq!(firsts, [0, 1, 2, 3, 4]);
+        // The limit counts whole batches: two fit, not the third.
+        let two = all[0].1 + all[1].1;
+        assert_eq!(fetch(&broker, "batches", two as i32 + 1).len(), 2);
+        // The first batch comes whatever the limit, so that a consumer always gets on.
+        assert_eq!(fetch(&broker, "batches", 1).len(), 1);
     }
 }

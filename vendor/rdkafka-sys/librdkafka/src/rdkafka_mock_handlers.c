@@ -579,13 +579,52 @@ static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
 
                         if (mset && partsize < (size_t)PartMaxBytes &&
                             totsize < (size_t)MaxBytes) {
-                                /* Response: Records */
-                                size_t written = rd_kafka_buf_write_kbytes(
-                                    resp, &mset->bytes);
+                                /* ferry: Response: Records, as Kafka answers
+                                 * them: every batch from the fetch offset on,
+                                 * up to the fetch's byte limits (the first
+                                 * whatever its size). Upstream answered one
+                                 * batch, so a consumer catching up made a
+                                 * fetch per batch its producers wrote. */
+                                const rd_kafka_mock_msgset_t *last = mset;
+                                const rd_kafka_mock_msgset_t *next;
+                                const rd_kafka_mock_msgset_t *m;
+                                int64_t end = on_follower
+                                                  ? mpart->follower_end_offset
+                                                  : mpart->end_offset;
+                                size_t len = RD_KAFKAP_BYTES_LEN(&mset->bytes);
+                                size_t start = rd_buf_write_pos(&resp->rkbuf_buf);
+                                size_t written;
+                                while ((next = TAILQ_NEXT(last, link)) &&
+                                       next->last_offset < end &&
+                                       partsize + len +
+                                               RD_KAFKAP_BYTES_LEN(
+                                                   &next->bytes) <=
+                                           (size_t)PartMaxBytes &&
+                                       totsize + len +
+                                               RD_KAFKAP_BYTES_LEN(
+                                                   &next->bytes) <=
+                                           (size_t)MaxBytes) {
+                                        len += RD_KAFKAP_BYTES_LEN(
+                                            &next->bytes);
+                                        last = next;
+                                }
+                                if (resp->rkbuf_flags & RD_KAFKA_OP_F_FLEXVER)
+                                        rd_kafka_buf_write_uvarint(
+                                            resp, (uint64_t)len + 1);
+                                else
+                                        rd_kafka_buf_write_i32(resp,
+                                                               (int32_t)len);
+                                for (m = mset;; m = TAILQ_NEXT(m, link)) {
+                                        rd_kafka_buf_write(
+                                            resp, m->bytes.data,
+                                            RD_KAFKAP_BYTES_LEN(&m->bytes));
+                                        if (m == last)
+                                                break;
+                                }
+                                written =
+                                    rd_buf_write_pos(&resp->rkbuf_buf) - start;
                                 partsize += written;
                                 totsize += written;
-
-                                /* FIXME: Multiple messageSets ? */
                         } else {
                                 /* Empty Response: Records: Null */
                                 rd_kafka_buf_write_arraycnt(resp, 0);
