@@ -130,33 +130,31 @@ mod tests {
 
     struct Reader<'a>(&'a [u8]);
 
-    impl Reader<'_> {
-        fn i16(&mut self) -> i16 {
-            let (v, rest) = self.0.split_at(2);
-            self.0 = rest;
-            i16::from_be_bytes([v[0], v[1]])
-        }
-        fn i32(&mut self) -> i32 {
-            let (v, rest) = self.0.split_at(4);
-            self.0 = rest;
-            i32::from_be_bytes([v[0], v[1], v[2], v[3]])
-        }
-        fn i64(&mut self) -> i64 {
-            let (v, rest) = self.0.split_at(8);
-            self.0 = rest;
-            i64::from_be_bytes(v.try_into().unwrap())
-        }
-        fn string(&mut self) -> String {
-            let n = self.i16() as usize;
-            let (v, rest) = self.0.split_at(n);
-            self.0 = rest;
-            String::from_utf8(v.to_vec()).unwrap()
-        }
-        fn bytes(&mut self) -> &[u8] {
-            let n = self.i32() as usize;
+    impl<'a> Reader<'a> {
+        fn slice(&mut self, n: usize) -> &'a [u8] {
             let (v, rest) = self.0.split_at(n);
             self.0 = rest;
             v
+        }
+        fn array<const N: usize>(&mut self) -> [u8; N] {
+            self.slice(N).try_into().unwrap()
+        }
+        fn i16(&mut self) -> i16 {
+            i16::from_be_bytes(self.array())
+        }
+        fn i32(&mut self) -> i32 {
+            i32::from_be_bytes(self.array())
+        }
+        fn i64(&mut self) -> i64 {
+            i64::from_be_bytes(self.array())
+        }
+        fn string(&mut self) -> String {
+            let n = self.i16() as usize;
+            String::from_utf8(self.slice(n).to_vec()).unwrap()
+        }
+        fn bytes(&mut self) -> &'a [u8] {
+            let n = self.i32() as usize;
+            self.slice(n)
         }
     }
 
@@ -323,7 +321,7 @@ mod tests {
         while !records.0.is_empty() {
             let first = records.i64();
             let size = records.i32() as usize;
-            records.0 = &records.0[size..];
+            records.slice(size);
             batches.push((first, 12 + size));
         }
         batches
