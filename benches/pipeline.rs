@@ -65,12 +65,15 @@ impl Options {
     }
 }
 
-/// `fetch.wait.max.ms` of the bench's consumers, and of ferry in the latency runs
-/// (`--fetch-wait-ms`).
+/// `fetch.wait.max.ms` of the bench's consumers and ferry's (`--fetch-wait-ms`); librdkafka's
+/// default (500 ms) unless told. A broker answers a waiting fetch as soon as records arrive, so
+/// the wait adds no latency; for a broker that holds a fetch for its whole wait regardless, as
+/// the embedded broker did (see vendor/README.md), a short one stands in for that at the price
+/// of a fetch per wait.
 static FETCH_WAIT_MS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
-fn fetch_wait_ms() -> u32 {
-    *FETCH_WAIT_MS.get().unwrap_or(&1)
+fn fetch_wait_ms() -> Option<u32> {
+    FETCH_WAIT_MS.get().copied()
 }
 
 /// The ferry binary measured (`--ferry PATH`): this build's unless told, so that two builds can
@@ -404,18 +407,13 @@ fn producer(brokers: &str, linger_ms: &str) -> BaseProducer {
 }
 
 fn consumer(brokers: &str, group: &str) -> BaseConsumer {
-    consumer_waiting(brokers, group, Some(fetch_wait_ms()))
-}
-
-/// A consumer whose fetches wait `fetch_wait_ms` on the broker (librdkafka's default: `None`).
-fn consumer_waiting(brokers: &str, group: &str, fetch_wait_ms: Option<u32>) -> BaseConsumer {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
-    if let Some(ms) = fetch_wait_ms {
+    if let Some(ms) = fetch_wait_ms() {
         config.set("fetch.wait.max.ms", ms.to_string());
     }
     config.create().expect("consumer")
@@ -465,14 +463,15 @@ fn preload(brokers: &str, topic: &str, n: usize, size: usize) {
     }
 }
 
-/// Reads `topic` from the beginning until `n` records arrived; each record's arrival time in µs.
+/// Reads `topic` from the beginning until `n` records arrived; each record's arrival time in µs,
+/// and the time its value says it was sent.
 fn read_replies(
     brokers: &str,
     topic: &str,
     n: usize,
     within: Duration,
     stop: &AtomicBool,
-) -> Vec<(u64, Option<u64>, i64)> {
+) -> Vec<(u64, Option<u64>)> {
     read_replies_after(brokers, topic, 0, n, within, stop, &AtomicBool::new(false))
 }
 
@@ -488,7 +487,7 @@ fn read_replies_after(
     within: Duration,
     stop: &AtomicBool,
     live: &AtomicBool,
-) -> Vec<(u64, Option<u64>, i64)> {
+) -> Vec<(u64, Option<u64>)> {
     // A group of its own per reader, from the earliest offset. (Readers that assigned the
     // partitions themselves lagged: hundreds of milliseconds behind at p99 in some runs, while
     // a second reader of the same topic in another process saw the replies within 40 ms.)
@@ -501,8 +500,7 @@ fn read_replies_after(
     let mut got = Vec::with_capacity(n);
     while got.len() < n && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
-            let created = m.timestamp().to_millis().unwrap_or(0);
-            got.push((now_micros(), m.payload().and_then(sent_at), created));
+            got.push((now_micros(), m.payload().and_then(sent_at)));
         }
         if got.len() >= backlog && !live.load(Ordering::Relaxed) {
             live.store(c.assignment().is_ok_and(|a| a.count() > 0), Ordering::Relaxed);
@@ -560,10 +558,6 @@ struct Ferry {
 }
 
 impl Ferry {
-    /// `eager_fetch`: `fetch.wait.max.ms` of `--fetch-wait-ms` (1). The embedded broker holds an
-    /// empty fetch for the whole wait even when records arrive meanwhile (a real broker answers
-    /// at once), so the latency runs fetch eagerly; that costs a fetch per millisecond, so CPU and
-    /// memory are also measured with librdkafka's default wait (500 ms).
     #[allow(clippy::too_many_arguments)]
     fn spawn_with(
         dir: &Path,
@@ -573,16 +567,21 @@ impl Ferry {
         dlq: &str,
         call: &str,
         ordering: &str,
-        eager_fetch: bool,
     ) -> Ferry {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let wait = if eager_fetch { fetch_wait_ms() } else { 500 };
-        let extra: String = FERRY_PROPERTIES
-            .get()
-            .map(|p| p.iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect())
-            .unwrap_or_default();
+        let wait = fetch_wait_ms().map(|ms| ("fetch.wait.max.ms".to_string(), ms.to_string()));
+        let extra: String = wait
+            .iter()
+            .chain(FERRY_PROPERTIES.get().into_iter().flatten())
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect();
+        let properties = if extra.is_empty() {
+            extra
+        } else {
+            format!("  properties:\n{extra}")
+        };
         let yaml = format!(
-            "kafka:\n  brokers: \"{brokers}\"\n  group_id: ferry-{source}\n  properties:\n    fetch.wait.max.ms: {wait}\n{extra}\
+            "kafka:\n  brokers: \"{brokers}\"\n  group_id: ferry-{source}\n{properties}\
              routes:\n  - name: bench\n    from: {{ topics: [{source}] }}\n    ordering: {ordering}\n\
              \x20   concurrency: {{ per_partition: {PER_PARTITION}, total: 256 }}\n\
              \x20   call: {call}\n    reply: {{ to: {reply} }}\n    dead_letter: {{ to: {dlq} }}\n\
@@ -748,7 +747,7 @@ fn b3(broker: &Broker, dir: &Path, call: &str, ordering: &str, size: usize, n: u
         broker_pid.map(process_cpu_seconds),
         process_cpu_seconds(std::process::id()),
     );
-    let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, ordering, true);
+    let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, ordering);
     let stop = AtomicBool::new(false);
     let got = read_replies(&broker.brokers, &reply, n, Duration::from_secs(600), &stop);
     let cpu = ferry.cpu_seconds();
@@ -815,48 +814,32 @@ fn percentiles(mut micros: Vec<u64>) -> [f64; 3] {
     [at(0.50), at(0.99), at(0.999)]
 }
 
-/// End-to-end latency percentiles (p50, p99, p99.9 in ms), and the same split at the reply's
-/// create time (a millisecond timestamp): input produced → reply made (the loop's consumer,
-/// dispatch and call), and reply made → read (its produce, the broker, the reader).
+/// End-to-end latency percentiles (p50, p99, p99.9 in ms): input produced → reply read.
+/// (Kafka's record timestamps, in milliseconds, are too coarse to split it at the reply's.)
 #[derive(Clone, Copy, Default)]
 struct Latency {
     end_to_end: [f64; 3],
-    before_reply: [f64; 3],
-    after_reply: [f64; 3],
 }
 
 impl Latency {
-    /// From the reader's (arrival µs, sent µs, reply create ms), without the first `skip`.
-    fn of(got: &[(u64, Option<u64>, i64)], skip: usize) -> Latency {
-        let part = |f: &dyn Fn(u64, u64, u64) -> u64| {
-            percentiles(
-                got.iter()
-                    .skip(skip)
-                    .filter_map(|&(at, sent, made)| sent.map(|s| f(s, made.max(0) as u64 * 1000, at)))
-                    .collect(),
-            )
-        };
-        Latency {
-            end_to_end: part(&|s, _, a| a.saturating_sub(s)),
-            before_reply: part(&|s, m, _| m.saturating_sub(s)),
-            after_reply: part(&|_, m, a| a.saturating_sub(m)),
-        }
+    /// From the reader's (arrival µs, sent µs), without the first `skip`.
+    fn of(got: &[(u64, Option<u64>)], skip: usize) -> Latency {
+        let end_to_end = percentiles(
+            got.iter()
+                .skip(skip)
+                .filter_map(|&(at, sent)| sent.map(|s| at.saturating_sub(s)))
+                .collect(),
+        );
+        Latency { end_to_end }
     }
 
     /// Per percentile, the median over `runs`.
     fn median(runs: &[Latency]) -> Latency {
-        let pick = |f: fn(&Latency) -> [f64; 3]| {
-            let mut out = [0.0; 3];
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = median(runs.iter().map(|r| f(r)[i]).collect());
-            }
-            out
-        };
-        Latency {
-            end_to_end: pick(|l| l.end_to_end),
-            before_reply: pick(|l| l.before_reply),
-            after_reply: pick(|l| l.after_reply),
+        let mut end_to_end = [0.0; 3];
+        for (i, o) in end_to_end.iter_mut().enumerate() {
+            *o = median(runs.iter().map(|r| r.end_to_end[i]).collect());
         }
+        Latency { end_to_end }
     }
 }
 
@@ -910,13 +893,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 struct Steady {
     latency: Latency,
+    /// From ferry's own histograms over the measured seconds, as bucket bounds in ms:
+    /// (record timestamp → outcome p50, p99), (call p50, p99).
+    inside_ms: ([f64; 2], [f64; 2]),
+    costs: Costs,
+}
+
+/// What ferry took over the measured seconds of a steady run.
+struct Costs {
     /// Memory the process touched during the measured seconds (pages referenced, from
     /// `clear_refs` at the start to `smaps_rollup` at the end), MiB: its working set, where RSS
     /// also counts pages of the executable touched once at start.
     working_set: f64,
-    /// From ferry's own histograms over the measured seconds, as bucket bounds in ms:
-    /// (record timestamp → outcome p50, p99), (call p50, p99).
-    inside_ms: ([f64; 2], [f64; 2]),
     cpu_us_per_record: f64,
     /// Context switches of ferry's threads per record.
     switches_per_record: f64,
@@ -928,25 +916,9 @@ struct Steady {
 
 /// ferry at `RATE` records/s: end-to-end latency, CPU per record and memory over `seconds`,
 /// after a warm-up.
-fn ferry_steady(
-    broker: &Broker,
-    dir: &Path,
-    call: &str,
-    size: usize,
-    seconds: u64,
-    eager_fetch: bool,
-) -> Steady {
+fn ferry_steady(broker: &Broker, dir: &Path, call: &str, size: usize, seconds: u64) -> Steady {
     let (source, reply, dlq) = broker.topics();
-    let ferry = Ferry::spawn_with(
-        dir,
-        &broker.brokers,
-        &source,
-        &reply,
-        &dlq,
-        call,
-        "key",
-        eager_fetch,
-    );
+    let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, "key");
     let spawned = Instant::now();
     while !ferry.ready() {
         std::thread::sleep(Duration::from_millis(20));
@@ -1037,13 +1009,15 @@ fn ferry_steady(
     ferry.stop();
     Steady {
         latency: Latency::of(&got, skip),
-        working_set,
         inside_ms,
-        cpu_us_per_record: cpu * 1e6 / offered as f64,
-        switches_per_record: switches as f64 / offered as f64,
-        by_thread,
-        rss_steady: median(rss),
-        rss_peak: peak,
+        costs: Costs {
+            working_set,
+            cpu_us_per_record: cpu * 1e6 / offered as f64,
+            switches_per_record: switches as f64 / offered as f64,
+            by_thread,
+            rss_steady: median(rss),
+            rss_peak: peak,
+        },
     }
 }
 
@@ -1130,7 +1104,7 @@ fn b2_steady(
 /// B2's CPU per record at `RATE` records/s: the same consume → call → produce as ferry with
 /// none of ferry's work (no lanes, offsets bookkeeping, commits, metrics or headers), one record
 /// at a time on one thread that drives its own HTTP client (a single-threaded runtime), with
-/// librdkafka's default fetch wait as in ferry's cost run. Counts that thread and the threads
+/// the fetch wait of ferry's. Counts that thread and the threads
 /// of its two librdkafka clients: the floor under ferry's CPU with these libraries on this
 /// machine.
 fn b2_cpu(broker: &Broker, http: SocketAddr, size: usize, seconds: u64) -> B2Cpu {
@@ -1155,7 +1129,7 @@ fn b2_cpu(broker: &Broker, http: SocketAddr, size: usize, seconds: u64) -> B2Cpu
                 .expect("runtime");
             let client = http_client();
             let uri: http::Uri = format!("http://{http}/h").parse().expect("uri");
-            let c = consumer_waiting(&brokers, &format!("b2-cpu-{source}"), None);
+            let c = consumer(&brokers, &format!("b2-cpu-{source}"));
             // Idle, it wakes seldom, as ferry does.
             let every = Duration::from_millis(100);
             b2_loop(&c, (&source, &reply), &brokers, (&stop, every), |body| {
@@ -1239,7 +1213,7 @@ fn hop(broker: &Broker, size: usize, seconds: u64) -> [f64; 3] {
     let got = reader.join().expect("reader");
     percentiles(
         got.iter()
-            .filter_map(|(at, sent, _)| sent.map(|s| at.saturating_sub(s)))
+            .filter_map(|(at, sent)| sent.map(|s| at.saturating_sub(s)))
             .collect(),
     )
 }
@@ -1250,7 +1224,7 @@ fn start_to_ready(broker: &Broker, dir: &Path, call: &str) -> f64 {
     for _ in 0..5 {
         let (source, reply, dlq) = broker.topics();
         let started = Instant::now();
-        let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, "key", true);
+        let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, "key");
         while !ferry.ready() {
             std::thread::sleep(Duration::from_millis(1));
             assert!(started.elapsed() < Duration::from_secs(30), "ferry became ready");
@@ -1267,7 +1241,7 @@ fn start_to_ready(broker: &Broker, dir: &Path, call: &str) -> f64 {
 /// pods: this is its floor.
 fn idle(broker: &Broker, dir: &Path, call: &str) -> (f64, f64) {
     let (source, reply, dlq) = broker.topics();
-    let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, "key", false);
+    let ferry = Ferry::spawn_with(dir, &broker.brokers, &source, &reply, &dlq, call, "key");
     let spawned = Instant::now();
     while !ferry.ready() {
         std::thread::sleep(Duration::from_millis(20));
@@ -1412,11 +1386,11 @@ fn main() {
         ferry_bin().display()
     );
     println!(
-        "settings: {n} records per throughput run, {PARTITIONS} partitions, {KEYS} keys; ferry per_partition {PER_PARTITION} (key mode in flight {}), total 256; producers idempotent, acks=all; B1 linger.ms 5; B0 at ferry's concurrency; fixed rate {RATE}/s for {} s after a 3 s warm-up, {} runs, fresh topics each; latency consumers fetch.wait.max.ms {}\n",
+        "settings: {n} records per throughput run, {PARTITIONS} partitions, {KEYS} keys; ferry per_partition {PER_PARTITION} (key mode in flight {}), total 256; producers idempotent, acks=all; B1 linger.ms 5; B0 at ferry's concurrency; fixed rate {RATE}/s for {} s after a 3 s warm-up, {} runs, fresh topics each; consumers' fetch.wait.max.ms {}\n",
         PER_PARTITION * PARTITIONS as usize,
         o.seconds,
         o.repeat,
-        fetch_wait_ms()
+        fetch_wait_ms().map_or("librdkafka's default (500)".to_string(), |ms| ms.to_string())
     );
 
     let run = |part: &str| o.only.is_empty() || o.only.iter().any(|p| p == part);
@@ -1524,28 +1498,28 @@ fn main() {
         let mut ferry_runs = Vec::new();
         let mut b2_runs = Vec::new();
         let mut inside = Vec::new();
-        let mut eager_cpu = Vec::new();
-        let mut eager_rss = Vec::new();
-        let steady = |eager_fetch| {
-            ferry_steady(
+        let mut all_costs = Vec::new();
+        for _ in 0..o.repeat.max(1) {
+            let s = ferry_steady(
                 &broker,
                 dir.path(),
                 &call_yaml("http", http, grpc),
                 100,
                 o.seconds,
-                eager_fetch,
-            )
-        };
-        for _ in 0..o.repeat.max(1) {
-            let s = steady(true);
+            );
             ferry_runs.push(s.latency);
             inside.push(s.inside_ms);
-            eager_cpu.push(s.cpu_us_per_record);
-            eager_rss.push(s.rss_steady);
+            all_costs.push(s.costs);
             b2_runs.push(b2_steady(&broker, http, 100, o.seconds, rt.handle()));
         }
-        // CPU and memory with librdkafka's default fetch wait (see `Ferry::spawn_with`).
-        let costs = steady(false);
+        // The costs of the run of median CPU, so that its figures by thread add up.
+        all_costs.sort_by(|a, b| a.cpu_us_per_record.total_cmp(&b.cpu_us_per_record));
+        let cpu_runs: Vec<String> = all_costs
+            .iter()
+            .map(|c| format!("{:.0}", c.cpu_us_per_record))
+            .collect();
+        let rss_runs = median(all_costs.iter().map(|c| c.rss_steady).collect());
+        let costs = all_costs.swap_remove(all_costs.len() / 2);
         let b2_cpu_us = b2_cpu(&broker, http, 100, o.seconds);
         let (ferry_lat, base) = (Latency::median(&ferry_runs), Latency::median(&b2_runs));
         let added: Vec<f64> = ferry_lat
@@ -1554,7 +1528,6 @@ fn main() {
             .zip(base.end_to_end)
             .map(|(f, b)| f - b)
             .collect();
-        let (eager_cpu, eager_rss) = (median(eager_cpu), median(eager_rss));
         println!();
         println!(
             "at {RATE} records/s (http, key, 100 B), median of {} runs per percentile:",
@@ -1568,11 +1541,7 @@ fn main() {
         };
         show("one broker hop", &one_hop);
         show("B2 (minimal loop)", &base.end_to_end);
-        show("  input → reply made", &base.before_reply);
-        show("  reply made → read", &base.after_reply);
         show("ferry end to end", &ferry_lat.end_to_end);
-        show("  input → reply made", &ferry_lat.before_reply);
-        show("  reply made → read", &ferry_lat.after_reply);
         show("added by ferry", &added);
         let runs = |l: &[Latency]| {
             l.iter()
@@ -1592,8 +1561,9 @@ fn main() {
             );
         }
         println!(
-            "  ferry CPU               {:.1} µs per record ({eager_cpu:.1} with eager fetching)",
-            costs.cpu_us_per_record
+            "  ferry CPU               {:.1} µs per record, the median of the runs ({} µs)",
+            costs.cpu_us_per_record,
+            cpu_runs.join(", ")
         );
         println!(
             "  B2 CPU                  {:.1} µs per record ({:.1} its loop's thread, {:.1} librdkafka's threads): the same consume → call → produce with none of ferry's work",
@@ -1610,25 +1580,23 @@ fn main() {
             println!("    {kind:<28}{us:>6.1} µs, {n:.2} switches per record");
         }
         println!(
-            "  ferry RSS               steady {:.1} MiB, peak {:.1} MiB; working set {:.1} MiB (pages touched while measured); {eager_rss:.1} MiB steady with eager fetching",
-            costs.rss_steady, costs.rss_peak, costs.working_set
+            "  ferry RSS               steady {rss_runs:.1} MiB (the median of the runs), peak {:.1} MiB; working set {:.1} MiB (pages touched while measured)",
+            costs.rss_peak, costs.working_set
         );
-        let triple = |l: &Latency| json!({"end_to_end": l.end_to_end, "input_to_reply_made": l.before_reply, "reply_made_to_read": l.after_reply});
         rows.push(json!({
             "bench": "steady", "rate": RATE, "transport": "http", "ordering": "key", "size": 100,
-            "runs": ferry_runs.len(), "fetch_wait_ms": fetch_wait_ms(),
-            "hop_latency_ms": one_hop, "ferry_latency_ms": triple(&ferry_lat), "b2_latency_ms": triple(&base),
+            "runs": ferry_runs.len(), "fetch_wait_ms": fetch_wait_ms(), "cpu_us_per_record_runs": cpu_runs,
+            "hop_latency_ms": one_hop, "ferry_latency_ms": ferry_lat.end_to_end, "b2_latency_ms": base.end_to_end,
             "ferry_p99_per_run_ms": ferry_runs.iter().map(|r| r.end_to_end[1]).collect::<Vec<_>>(),
             "b2_p99_per_run_ms": b2_runs.iter().map(|r| r.end_to_end[1]).collect::<Vec<_>>(),
             "added_latency_ms": added,
             "inside_ferry_end_to_end_ms_p50_p99": inside.iter().map(|i| i.0).collect::<Vec<_>>(),
             "inside_ferry_call_ms_p50_p99": inside.iter().map(|i| i.1).collect::<Vec<_>>(),
-            "cpu_us_per_record": costs.cpu_us_per_record, "cpu_us_per_record_eager_fetch": eager_cpu,
+            "cpu_us_per_record": costs.cpu_us_per_record,
             "b2_cpu_us_per_record": {"total": b2_cpu_us.own + b2_cpu_us.clients, "loop_thread": b2_cpu_us.own, "librdkafka_threads": b2_cpu_us.clients},
             "switches_per_record": costs.switches_per_record, "wake_up_cpu_us": wake_up,
             "per_record_by_thread": costs.by_thread.iter().map(|(k, (us, n))| (k.to_string(), json!({"cpu_us": us, "switches": n}))).collect::<serde_json::Map<_, _>>(),
-            "rss_steady_mib": costs.rss_steady, "rss_peak_mib": costs.rss_peak, "working_set_mib": costs.working_set,
-            "rss_steady_mib_eager_fetch": eager_rss,
+            "rss_steady_mib": rss_runs, "rss_peak_mib": costs.rss_peak, "working_set_mib": costs.working_set,
         }));
     }
     if run("idle") {

@@ -289,14 +289,19 @@ mod tests {
         assert_eq!(Reader(&answer(&mut a)).i16(), 0, "the old connection is answered");
     }
 
-    /// The record batches a Fetch (version 4) of `topic`'s partition 0 from offset 0 answers,
-    /// each as (its first offset, its size), with at most `partition_max_bytes` of them but the
-    /// first.
-    fn fetch(broker: &EmbeddedBroker, topic: &str, partition_max_bytes: i32) -> Vec<(i64, usize)> {
+    /// A Fetch (version 4) of `topic`'s partition 0 from offset 0, waiting at most `max_wait_ms`
+    /// for `min_bytes`, with at most `partition_max_bytes` of batches but the first.
+    fn send_fetch(
+        conn: &mut TcpStream,
+        topic: &str,
+        max_wait_ms: i32,
+        min_bytes: i32,
+        partition_max_bytes: i32,
+    ) {
         let mut body = Vec::new();
         body.extend_from_slice(&(-1i32).to_be_bytes()); // replica
-        body.extend_from_slice(&0i32.to_be_bytes()); // max wait
-        body.extend_from_slice(&0i32.to_be_bytes()); // min bytes
+        body.extend_from_slice(&max_wait_ms.to_be_bytes());
+        body.extend_from_slice(&min_bytes.to_be_bytes());
         body.extend_from_slice(&(50i32 << 20).to_be_bytes()); // max bytes
         body.push(0); // read uncommitted
         body.extend_from_slice(&1i32.to_be_bytes());
@@ -305,9 +310,12 @@ mod tests {
         body.extend_from_slice(&0i32.to_be_bytes()); // partition
         body.extend_from_slice(&0i64.to_be_bytes()); // fetch offset
         body.extend_from_slice(&partition_max_bytes.to_be_bytes());
-        let mut conn = connect(broker);
-        send_version(&mut conn, FETCH, 4, &body);
-        let answer = answer(&mut conn);
+        send_version(conn, FETCH, 4, &body);
+    }
+
+    /// The record batches a Fetch's answer holds, each as (its first offset, its size).
+    fn fetched_batches(conn: &mut TcpStream, topic: &str) -> Vec<(i64, usize)> {
+        let answer = answer(conn);
         let mut r = Reader(&answer);
         let _throttle = r.i32();
         assert_eq!(r.i32(), 1, "one topic");
@@ -327,6 +335,29 @@ mod tests {
         batches
     }
 
+    /// What a Fetch that waits for nothing answers.
+    fn fetch(broker: &EmbeddedBroker, topic: &str, partition_max_bytes: i32) -> Vec<(i64, usize)> {
+        let mut conn = connect(broker);
+        send_fetch(&mut conn, topic, 0, 0, partition_max_bytes);
+        fetched_batches(&mut conn, topic)
+    }
+
+    /// A producer that writes each record as a batch of its own.
+    fn batch_per_record(broker: &EmbeddedBroker) -> BaseProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap_servers())
+            .set("linger.ms", "0")
+            .create()
+            .unwrap()
+    }
+
+    fn write(producer: &BaseProducer, topic: &str, value: &str) {
+        producer
+            .send(BaseRecord::<(), _>::to(topic).payload(value))
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
     /// A consumer catching up is answered, as by Kafka, every batch from its offset on up to
     /// the fetch's byte limits, the first whatever its size: the mock answered one batch a
     /// fetch, so catching up took a fetch per batch its producers wrote.
@@ -334,18 +365,9 @@ mod tests {
     fn a_fetch_is_answered_every_batch_the_partition_s_byte_limit_allows() {
         let broker = EmbeddedBroker::start(1).unwrap();
         broker.create_topic("batches", 1).unwrap();
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", broker.bootstrap_servers())
-            .set("linger.ms", "0")
-            .create()
-            .unwrap();
-        // A batch each: each is flushed before the next is sent.
+        let producer = batch_per_record(&broker);
         for i in 0..5 {
-            let value = format!("record {i}");
-            producer
-                .send(BaseRecord::<(), _>::to("batches").payload(&value))
-                .unwrap();
-            producer.flush(Duration::from_secs(10)).unwrap();
+            write(&producer, "batches", &format!("record {i}"));
         }
 
         let all = fetch(&broker, "batches", 1 << 20);
@@ -356,5 +378,79 @@ mod tests {
         assert_eq!(fetch(&broker, "batches", two as i32 + 1).len(), 2);
         // The first batch comes whatever the limit, so that a consumer always gets on.
         assert_eq!(fetch(&broker, "batches", 1).len(), 1);
+    }
+
+    /// A Fetch with nothing to answer waits, as on Kafka, until records arrive, not for its whole
+    /// wait: the mock answered only when the wait ended, so the records written meanwhile came
+    /// with the next fetch, up to 500 ms (librdkafka's default wait) after they were written.
+    #[test]
+    fn a_waiting_fetch_is_answered_as_soon_as_records_arrive() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        broker.create_topic("waiting", 1).unwrap();
+        let producer = batch_per_record(&broker);
+        let mut conn = connect(&broker);
+        send_fetch(&mut conn, "waiting", 15_000, 1, 1 << 20);
+        // The record must come after the fetch to show anything: written first, it would be
+        // answered at once by any broker. A pause orders them; it cannot fail the test.
+        std::thread::sleep(Duration::from_millis(300));
+        write(&producer, "waiting", "late");
+        let batches = fetched_batches(&mut conn, "waiting");
+        assert_eq!(batches.iter().map(|(first, _)| *first).collect::<Vec<_>>(), [0]);
+    }
+
+    /// A waiting Fetch is answered once its minimum of bytes has arrived, not with less.
+    #[test]
+    fn a_waiting_fetch_is_answered_when_its_minimum_has_arrived() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        broker.create_topic("minimum", 1).unwrap();
+        let producer = batch_per_record(&broker);
+        let mut conn = connect(&broker);
+        const MIN_BYTES: usize = 120;
+        send_fetch(&mut conn, "minimum", 15_000, MIN_BYTES as i32, 1 << 20);
+        std::thread::sleep(Duration::from_millis(300));
+        write(&producer, "minimum", "first");
+        write(&producer, "minimum", "second");
+        let batches = fetched_batches(&mut conn, "minimum");
+        assert!(
+            batches[0].1 < MIN_BYTES,
+            "one batch alone must not be enough: {batches:?}"
+        );
+        assert_eq!(
+            batches.iter().map(|(first, _)| *first).collect::<Vec<_>>(),
+            [0, 1]
+        );
+    }
+
+    /// A waiting Fetch whose minimum does not arrive is answered, when its wait ends, with what
+    /// did.
+    #[test]
+    fn a_waiting_fetch_is_answered_with_what_arrived_when_its_wait_ends() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        broker.create_topic("short", 1).unwrap();
+        let producer = batch_per_record(&broker);
+        let mut conn = connect(&broker);
+        send_fetch(&mut conn, "short", 1_000, 1 << 20, 1 << 20);
+        std::thread::sleep(Duration::from_millis(100));
+        write(&producer, "short", "too little");
+        assert_eq!(fetched_batches(&mut conn, "short").len(), 1);
+    }
+
+    /// A waiting Fetch whose partition gets nothing is answered, empty, when its wait ends,
+    /// however much other partitions get meanwhile.
+    #[test]
+    fn a_waiting_fetch_of_a_partition_that_gets_nothing_is_answered_empty_when_its_wait_ends() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        broker.create_topic("quiet", 1).unwrap();
+        broker.create_topic("busy", 1).unwrap();
+        let producer = batch_per_record(&broker);
+        let mut conn = connect(&broker);
+        send_fetch(&mut conn, "quiet", 1_000, 1, 1 << 20);
+        std::thread::sleep(Duration::from_millis(100));
+        write(&producer, "busy", "elsewhere");
+        assert_eq!(fetched_batches(&mut conn, "quiet"), []);
+        // The connection goes on: its next Fetch sees what arrived since.
+        write(&producer, "quiet", "now");
+        send_fetch(&mut conn, "quiet", 1_000, 1, 1 << 20);
+        assert_eq!(fetched_batches(&mut conn, "quiet").len(), 1);
     }
 }

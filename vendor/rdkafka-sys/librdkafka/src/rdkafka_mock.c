@@ -957,6 +957,7 @@ static void rd_kafka_mock_connection_close(rd_kafka_mock_connection_t *mconn,
                      reason);
 
         rd_kafka_mock_cgrps_connection_closed(mconn->broker->cluster, mconn);
+        rd_kafka_mock_connection_unpark_fetch(mconn);
 
         rd_kafka_timer_stop(&mconn->broker->cluster->timers, &mconn->write_tmr,
                             rd_true);
@@ -1007,6 +1008,30 @@ void rd_kafka_mock_connection_send_response0(rd_kafka_mock_connection_t *mconn,
 
         rd_kafka_mock_cluster_io_set_events(
             mconn->broker->cluster, mconn->transport->rktrans_s, POLLOUT);
+}
+
+void rd_kafka_mock_connection_send_response_instead(
+    rd_kafka_mock_connection_t *mconn,
+    rd_kafka_buf_t *resp,
+    rd_kafka_buf_t *instead) {
+        /* Queued last, then moved to where \p instead waits: the answers
+         * of a connection leave in the order of its requests. */
+        rd_kafka_mock_connection_send_response0(mconn, resp, rd_true);
+        if (instead == mconn->parked_fetch.resp)
+                rd_kafka_mock_connection_unpark_fetch(mconn);
+        rd_kafka_bufq_deq(&mconn->outbufs, resp);
+        TAILQ_INSERT_BEFORE(instead, resp, rkbuf_link);
+        rd_atomic32_add(&mconn->outbufs.rkbq_cnt, 1);
+        rd_kafka_bufq_deq(&mconn->outbufs, instead);
+        rd_kafka_buf_destroy(instead);
+}
+
+void rd_kafka_mock_connection_unpark_fetch(rd_kafka_mock_connection_t *mconn) {
+        if (!mconn->parked_fetch.req)
+                return;
+        rd_kafka_buf_destroy(mconn->parked_fetch.req);
+        mconn->parked_fetch.req  = NULL;
+        mconn->parked_fetch.resp = NULL;
 }
 
 
@@ -1271,6 +1296,15 @@ rd_kafka_mock_connection_write_out(rd_kafka_mock_connection_t *mconn) {
                 char errstr[128];
                 rd_ts_t ts_delay = 0;
 
+                /* ferry: a parked Fetch whose wait is over is answered
+                 * with whatever has arrived since it was parked. */
+                if (rkbuf == mconn->parked_fetch.resp &&
+                    rkbuf->rkbuf_ts_retry <= now) {
+                        rd_kafka_mock_parked_fetch_retry(mconn, rd_true);
+                        rd_kafka_mock_connection_unpark_fetch(mconn);
+                        continue;
+                }
+
                 /* Connection delay/rtt is set. */
                 if (rkbuf->rkbuf_ts_sent + rtt > now)
                         ts_delay = rkbuf->rkbuf_ts_sent + rtt;
@@ -1297,6 +1331,8 @@ rd_kafka_mock_connection_write_out(rd_kafka_mock_connection_t *mconn) {
                         return 0; /* Partial send, continue next time */
 
                 /* Entire buffer sent, unlink and free */
+                if (rkbuf == mconn->parked_fetch.resp)
+                        rd_kafka_mock_connection_unpark_fetch(mconn);
                 rd_kafka_bufq_deq(&mconn->outbufs, rkbuf);
 
                 rd_kafka_buf_destroy(rkbuf);

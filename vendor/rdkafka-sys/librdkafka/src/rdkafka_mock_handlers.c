@@ -276,6 +276,8 @@ static int rd_kafka_mock_handle_Produce(rd_kafka_mock_connection_t *mconn,
 
         rd_kafka_mock_connection_send_response0(mconn, resp, rd_true);
         rd_free(changed_leaders);
+        /* ferry: the Fetches waiting for records may have them now. */
+        rd_kafka_mock_parked_fetches_retry(mcluster);
         return 0;
 
 err_parse:
@@ -353,9 +355,14 @@ void rd_kafka_mock_Fetch_reply_tags_write(
 /**
  * @brief Handle FetchRequest
  */
-static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
-                                      rd_kafka_buf_t *rkbuf) {
+/* ferry: \p again: asked again for a parked Fetch (see the end), and
+ * \p wait_over: to be answered whatever has arrived. */
+static int rd_kafka_mock_Fetch0(rd_kafka_mock_connection_t *mconn,
+                                rd_kafka_buf_t *rkbuf,
+                                rd_bool_t again,
+                                rd_bool_t wait_over) {
         const rd_bool_t log_decode_errors = rd_true;
+        const size_t body = rd_slice_offset(&rkbuf->rkbuf_reader);
         rd_kafka_mock_cluster_t *mcluster = mconn->broker->cluster;
         rd_kafka_buf_t *resp = rd_kafka_mock_buf_new_response(rkbuf);
         rd_kafka_resp_err_t all_err;
@@ -391,8 +398,9 @@ static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
         }
 
 
-        /* Inject error, if any */
-        all_err = rd_kafka_mock_next_request_error(mconn, resp);
+        /* Inject error, if any (ferry: once, not again) */
+        all_err = again ? RD_KAFKA_RESP_ERR_NO_ERROR
+                        : rd_kafka_mock_next_request_error(mconn, resp);
 
         if (rkbuf->rkbuf_reqhdr.ApiVersion >= 7) {
                 /* Response: ErrorCode */
@@ -709,15 +717,37 @@ static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
                                 tags_to_write, tags_to_write_cnt,
                                 changed_leaders, changed_leaders_cnt);
 
-        /* If there was no data, delay up to MaxWait.
-         * This isn't strictly correct since we should cut the wait short
-         * and feed newly produced data if a producer writes to the
-         * partitions, but that is too much of a hassle here since we
-         * can't block the thread. */
+        /* ferry: If there was no data, delay up to MaxWait, and cut the
+         * wait short, as Kafka does, once producers have written MinBytes
+         * (at least one) to the partitions: the request is parked, and asked
+         * again after each produce (rd_kafka_mock_parked_fetches_retry).
+         * Upstream answered only when MaxWait passed, so a consumer saw a
+         * record up to MaxWait (500 ms by default) after it was written,
+         * and records arriving one at a time came in half-second bursts.
+         * When the wait is over, it is answered with whatever has arrived
+         * (rd_kafka_mock_connection_write_out). A connection parks one Fetch
+         * at a time (a client sends one at a time); an answer with an
+         * injected error is not parked. */
+        if (again) {
+                if (totsize > 0 &&
+                    (wait_over || (int64_t)totsize >= MinBytes))
+                        rd_kafka_mock_connection_send_response_instead(
+                            mconn, resp, mconn->parked_fetch.resp);
+                else
+                        rd_kafka_buf_destroy(resp);
+                rd_free(changed_leaders);
+                return 0;
+        }
         if (!totsize && MaxWait > 0)
                 resp->rkbuf_ts_retry = rd_clock() + (MaxWait * 1000);
 
         rd_kafka_mock_connection_send_response0(mconn, resp, rd_true);
+        if (!totsize && MaxWait > 0 && !all_err && !mconn->parked_fetch.req) {
+                mconn->parked_fetch.req  = rkbuf;
+                mconn->parked_fetch.body = body;
+                mconn->parked_fetch.resp = resp;
+                rd_kafka_buf_keep(rkbuf);
+        }
         rd_free(changed_leaders);
         return 0;
 
@@ -725,6 +755,34 @@ err_parse:
         rd_kafka_buf_destroy(resp);
         rd_free(changed_leaders);
         return -1;
+}
+
+static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
+                                      rd_kafka_buf_t *rkbuf) {
+        return rd_kafka_mock_Fetch0(mconn, rkbuf, rd_false, rd_false);
+}
+
+void rd_kafka_mock_parked_fetch_retry(rd_kafka_mock_connection_t *mconn,
+                                      rd_bool_t wait_over) {
+        rd_kafka_buf_t *req = mconn->parked_fetch.req;
+
+        /* An answer already being sent stays. */
+        if (!req ||
+            rd_slice_offset(&mconn->parked_fetch.resp->rkbuf_reader) > 0)
+                return;
+        rd_slice_seek(&req->rkbuf_reader, mconn->parked_fetch.body);
+        rd_kafka_mock_Fetch0(mconn, req, rd_true, wait_over);
+}
+
+void rd_kafka_mock_parked_fetches_retry(rd_kafka_mock_cluster_t *mcluster) {
+        rd_kafka_mock_broker_t *mrkb;
+        rd_kafka_mock_connection_t *mconn;
+
+        TAILQ_FOREACH(mrkb, &mcluster->brokers, link) {
+                TAILQ_FOREACH(mconn, &mrkb->connections, link) {
+                        rd_kafka_mock_parked_fetch_retry(mconn, rd_false);
+                }
+        }
 }
 
 

@@ -248,6 +248,14 @@ typedef struct rd_kafka_mock_connection_s {
         struct sockaddr_in peer;         /**< Peer address */
         struct rd_kafka_mock_broker_s *broker;
         rd_kafka_timer_t write_tmr; /**< Socket write delay timer */
+        /* ferry: a Fetch with nothing to answer yet waits here, as on
+         * Kafka, until a produce gives it records or its MaxWait passes. */
+        struct {
+                rd_kafka_buf_t *req;  /**< The request, kept */
+                size_t body;          /**< Where its body starts */
+                rd_kafka_buf_t *resp; /**< Its empty answer, queued to be
+                                       *   sent when MaxWait passes */
+        } parked_fetch;
 } rd_kafka_mock_connection_t;
 
 
@@ -519,6 +527,21 @@ rd_kafka_buf_t *rd_kafka_mock_buf_new_response(const rd_kafka_buf_t *request);
 void rd_kafka_mock_connection_send_response0(rd_kafka_mock_connection_t *mconn,
                                              rd_kafka_buf_t *resp,
                                              rd_bool_t tags_written);
+/* ferry: queues \p resp, a finished answer, in the place of \p instead,
+ * an answer not yet sent, which it destroys. */
+void rd_kafka_mock_connection_send_response_instead(
+    rd_kafka_mock_connection_t *mconn,
+    rd_kafka_buf_t *resp,
+    rd_kafka_buf_t *instead);
+/* ferry: lets go of \p mconn's parked Fetch. */
+void rd_kafka_mock_connection_unpark_fetch(rd_kafka_mock_connection_t *mconn);
+/* ferry: answers \p mconn's parked Fetch if the records produced since
+ * it was parked are enough, or, \p wait_over, if there are any. */
+void rd_kafka_mock_parked_fetch_retry(rd_kafka_mock_connection_t *mconn,
+                                      rd_bool_t wait_over);
+/* ferry: answers every parked Fetch that records produced since allow. */
+void rd_kafka_mock_parked_fetches_retry(rd_kafka_mock_cluster_t *mcluster);
+
 void rd_kafka_mock_connection_set_blocking(rd_kafka_mock_connection_t *mconn,
                                            rd_bool_t blocking);
 
