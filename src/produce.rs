@@ -417,9 +417,17 @@ impl Kafka {
 /// Serves `kafka`'s acknowledgements whenever librdkafka has some and the runtime is awake,
 /// until the producer is gone.
 async fn serve_acks(kafka: Weak<Kafka>, ready: Arc<Notify>) {
-    let mut turn = IDLE_TURN;
+    // One timer, moved only when it has gone off or must go off sooner. A timer armed anew on
+    // every turn (a `timeout` each) is a deadline sooner than the one the runtime last slept
+    // towards, so tokio wakes its driver to say so: a write to its eventfd and an empty turn of
+    // the runtime, per record at a low rate.
+    let turn_ends = tokio::time::sleep(IDLE_TURN);
+    tokio::pin!(turn_ends);
     loop {
-        let _ = tokio::time::timeout(turn, ready.notified()).await;
+        tokio::select! {
+            () = ready.notified() => {}
+            () = &mut turn_ends => {}
+        }
         loop {
             let Some(kafka) = kafka.upgrade() else {
                 return;
@@ -428,12 +436,16 @@ async fn serve_acks(kafka: Weak<Kafka>, ready: Arc<Notify>) {
                 // Acknowledgements still to come may arrive while the runtime sleeps, and wait
                 // for it to wake (see `crate::wake`): at most `ACK_WAIT`, should nothing else wake it.
                 kafka.acks_idle.store(true, Ordering::SeqCst);
-                turn = if kafka.producer.in_flight_count() > 0 {
+                let turn = if kafka.producer.in_flight_count() > 0 {
                     kafka.acks_idle.store(false, Ordering::SeqCst);
                     ACK_WAIT
                 } else {
                     IDLE_TURN
                 };
+                let due = tokio::time::Instant::now() + turn;
+                if turn_ends.is_elapsed() || turn_ends.deadline() > due {
+                    turn_ends.as_mut().reset(due);
+                }
                 break;
             }
             drop(kafka);
