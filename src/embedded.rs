@@ -371,8 +371,7 @@ mod tests {
         }
 
         let all = fetch(&broker, "batches", 1 << 20);
-        let firsts: Vec<i64> = all.iter().map(|(first, _)| *first).collect();
-        assert_eq!(firsts, [0, 1, 2, 3, 4]);
+        assert_eq!(firsts(&all), [0, 1, 2, 3, 4]);
         // The limit counts whole batches: two fit, not the third.
         let two = all[0].1 + all[1].1;
         assert_eq!(fetch(&broker, "batches", two as i32 + 1).len(), 2);
@@ -380,34 +379,46 @@ mod tests {
         assert_eq!(fetch(&broker, "batches", 1).len(), 1);
     }
 
+    /// A broker with `topic` (and `others`), a producer, and a connection whose Fetch of `topic`
+    /// has been waiting a moment when this returns: what is written from then on comes after
+    /// it. (Written first, it would be answered at once by any broker, and a test would show
+    /// nothing; the pause orders them and cannot fail a test.)
+    fn waiting_fetch(
+        topic: &str,
+        others: &[&str],
+        max_wait_ms: i32,
+        min_bytes: i32,
+    ) -> (EmbeddedBroker, BaseProducer, TcpStream) {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        for t in std::iter::once(&topic).chain(others) {
+            broker.create_topic(t, 1).unwrap();
+        }
+        let producer = batch_per_record(&broker);
+        let mut conn = connect(&broker);
+        send_fetch(&mut conn, topic, max_wait_ms, min_bytes, 1 << 20);
+        std::thread::sleep(Duration::from_millis(200));
+        (broker, producer, conn)
+    }
+
+    fn firsts(batches: &[(i64, usize)]) -> Vec<i64> {
+        batches.iter().map(|(first, _)| *first).collect()
+    }
+
     /// A Fetch with nothing to answer waits, as on Kafka, until records arrive, not for its whole
     /// wait: the mock answered only when the wait ended, so the records written meanwhile came
     /// with the next fetch, up to 500 ms (librdkafka's default wait) after they were written.
     #[test]
     fn a_waiting_fetch_is_answered_as_soon_as_records_arrive() {
-        let broker = EmbeddedBroker::start(1).unwrap();
-        broker.create_topic("waiting", 1).unwrap();
-        let producer = batch_per_record(&broker);
-        let mut conn = connect(&broker);
-        send_fetch(&mut conn, "waiting", 15_000, 1, 1 << 20);
-        // The record must come after the fetch to show anything: written first, it would be
-        // answered at once by any broker. A pause orders them; it cannot fail the test.
-        std::thread::sleep(Duration::from_millis(300));
+        let (_broker, producer, mut conn) = waiting_fetch("waiting", &[], 15_000, 1);
         write(&producer, "waiting", "late");
-        let batches = fetched_batches(&mut conn, "waiting");
-        assert_eq!(batches.iter().map(|(first, _)| *first).collect::<Vec<_>>(), [0]);
+        assert_eq!(firsts(&fetched_batches(&mut conn, "waiting")), [0]);
     }
 
     /// A waiting Fetch is answered once its minimum of bytes has arrived, not with less.
     #[test]
     fn a_waiting_fetch_is_answered_when_its_minimum_has_arrived() {
-        let broker = EmbeddedBroker::start(1).unwrap();
-        broker.create_topic("minimum", 1).unwrap();
-        let producer = batch_per_record(&broker);
-        let mut conn = connect(&broker);
         const MIN_BYTES: usize = 120;
-        send_fetch(&mut conn, "minimum", 15_000, MIN_BYTES as i32, 1 << 20);
-        std::thread::sleep(Duration::from_millis(300));
+        let (_broker, producer, mut conn) = waiting_fetch("minimum", &[], 15_000, MIN_BYTES as i32);
         write(&producer, "minimum", "first");
         write(&producer, "minimum", "second");
         let batches = fetched_batches(&mut conn, "minimum");
@@ -415,42 +426,28 @@ mod tests {
             batches[0].1 < MIN_BYTES,
             "one batch alone must not be enough: {batches:?}"
         );
-        assert_eq!(
-            batches.iter().map(|(first, _)| *first).collect::<Vec<_>>(),
-            [0, 1]
-        );
+        assert_eq!(firsts(&batches), [0, 1]);
     }
 
     /// A waiting Fetch whose minimum does not arrive is answered, when its wait ends, with what
     /// did.
     #[test]
     fn a_waiting_fetch_is_answered_with_what_arrived_when_its_wait_ends() {
-        let broker = EmbeddedBroker::start(1).unwrap();
-        broker.create_topic("short", 1).unwrap();
-        let producer = batch_per_record(&broker);
-        let mut conn = connect(&broker);
-        send_fetch(&mut conn, "short", 1_000, 1 << 20, 1 << 20);
-        std::thread::sleep(Duration::from_millis(100));
+        let (_broker, producer, mut conn) = waiting_fetch("short", &[], 1_000, 1 << 20);
         write(&producer, "short", "too little");
-        assert_eq!(fetched_batches(&mut conn, "short").len(), 1);
+        assert_eq!(firsts(&fetched_batches(&mut conn, "short")), [0]);
     }
 
     /// A waiting Fetch whose partition gets nothing is answered, empty, when its wait ends,
     /// however much other partitions get meanwhile.
     #[test]
     fn a_waiting_fetch_of_a_partition_that_gets_nothing_is_answered_empty_when_its_wait_ends() {
-        let broker = EmbeddedBroker::start(1).unwrap();
-        broker.create_topic("quiet", 1).unwrap();
-        broker.create_topic("busy", 1).unwrap();
-        let producer = batch_per_record(&broker);
-        let mut conn = connect(&broker);
-        send_fetch(&mut conn, "quiet", 1_000, 1, 1 << 20);
-        std::thread::sleep(Duration::from_millis(100));
+        let (_broker, producer, mut conn) = waiting_fetch("quiet", &["busy"], 1_000, 1);
         write(&producer, "busy", "elsewhere");
         assert_eq!(fetched_batches(&mut conn, "quiet"), []);
         // The connection goes on: its next Fetch sees what arrived since.
         write(&producer, "quiet", "now");
         send_fetch(&mut conn, "quiet", 1_000, 1, 1 << 20);
-        assert_eq!(fetched_batches(&mut conn, "quiet").len(), 1);
+        assert_eq!(firsts(&fetched_batches(&mut conn, "quiet")), [0]);
     }
 }
