@@ -1015,10 +1015,12 @@ void rd_kafka_mock_connection_send_response_instead(
     rd_kafka_buf_t *resp,
     rd_kafka_buf_t *instead) {
         /* Queued last, then moved to where \p instead waits: the answers
-         * of a connection leave in the order of its requests. */
+         * of a connection leave in the order of its requests. The write
+         * timer set for \p instead's delay would hold \p resp back too:
+         * write_out sets it again for what waits. */
+        rd_kafka_timer_stop(&mconn->broker->cluster->timers,
+                            &mconn->write_tmr, rd_true);
         rd_kafka_mock_connection_send_response0(mconn, resp, rd_true);
-        if (instead == mconn->parked_fetch.resp)
-                rd_kafka_mock_connection_unpark_fetch(mconn);
         rd_kafka_bufq_deq(&mconn->outbufs, resp);
         TAILQ_INSERT_BEFORE(instead, resp, rkbuf_link);
         rd_atomic32_add(&mconn->outbufs.rkbq_cnt, 1);
@@ -1302,6 +1304,7 @@ rd_kafka_mock_connection_write_out(rd_kafka_mock_connection_t *mconn) {
                     rkbuf->rkbuf_ts_retry <= now) {
                         rd_kafka_mock_parked_fetch_retry(mconn, rd_true);
                         rd_kafka_mock_connection_unpark_fetch(mconn);
+                        now = rd_clock();
                         continue;
                 }
 

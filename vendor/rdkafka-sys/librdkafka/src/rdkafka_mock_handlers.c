@@ -356,13 +356,14 @@ void rd_kafka_mock_Fetch_reply_tags_write(
  * @brief Handle FetchRequest
  */
 /* ferry: \p again: asked again for a parked Fetch (see the end), and
- * \p wait_over: to be answered whatever has arrived. */
+ * \p wait_over: to be answered now. Asked again, returns 1 if answered. */
 static int rd_kafka_mock_Fetch0(rd_kafka_mock_connection_t *mconn,
                                 rd_kafka_buf_t *rkbuf,
                                 rd_bool_t again,
                                 rd_bool_t wait_over) {
         const rd_bool_t log_decode_errors = rd_true;
         const size_t body = rd_slice_offset(&rkbuf->rkbuf_reader);
+        rd_bool_t delayed;
         rd_kafka_mock_cluster_t *mcluster = mconn->broker->cluster;
         rd_kafka_buf_t *resp = rd_kafka_mock_buf_new_response(rkbuf);
         rd_kafka_resp_err_t all_err;
@@ -724,25 +725,32 @@ static int rd_kafka_mock_Fetch0(rd_kafka_mock_connection_t *mconn,
          * Upstream answered only when MaxWait passed, so a consumer saw a
          * record up to MaxWait (500 ms by default) after it was written,
          * and records arriving one at a time came in half-second bursts.
-         * When the wait is over, it is answered with whatever has arrived
-         * (rd_kafka_mock_connection_write_out). A connection parks one Fetch
-         * at a time (a client sends one at a time); an answer with an
-         * injected error is not parked. */
+         * When the wait is over, it is answered afresh with whatever has
+         * arrived (rd_kafka_mock_connection_write_out). A connection parks
+         * one Fetch at a time (a client sends one at a time); an answer with
+         * an injected error or delay is not parked. */
         if (again) {
-                if (totsize > 0 &&
-                    (wait_over || (int64_t)totsize >= MinBytes))
+                rd_bool_t answer =
+                    wait_over || (totsize > 0 && (int64_t)totsize >= MinBytes);
+                if (answer)
                         rd_kafka_mock_connection_send_response_instead(
                             mconn, resp, mconn->parked_fetch.resp);
                 else
                         rd_kafka_buf_destroy(resp);
                 rd_free(changed_leaders);
-                return 0;
+                /* Nothing here reads rkbuf, the parked request, any more:
+                 * the caller lets go of it once answered. */
+                return answer ? 1 : 0;
         }
         if (!totsize && MaxWait > 0)
                 resp->rkbuf_ts_retry = rd_clock() + (MaxWait * 1000);
 
+        /* An injected delay (rd_kafka_mock_next_request_error) is in
+         * rkbuf_ts_sent until send_response0 adds the time to it. */
+        delayed = resp->rkbuf_ts_sent != 0;
         rd_kafka_mock_connection_send_response0(mconn, resp, rd_true);
-        if (!totsize && MaxWait > 0 && !all_err && !mconn->parked_fetch.req) {
+        if (!totsize && MaxWait > 0 && !all_err && !delayed &&
+            !mconn->parked_fetch.req) {
                 mconn->parked_fetch.req  = rkbuf;
                 mconn->parked_fetch.body = body;
                 mconn->parked_fetch.resp = resp;
@@ -771,7 +779,8 @@ void rd_kafka_mock_parked_fetch_retry(rd_kafka_mock_connection_t *mconn,
             rd_slice_offset(&mconn->parked_fetch.resp->rkbuf_reader) > 0)
                 return;
         rd_slice_seek(&req->rkbuf_reader, mconn->parked_fetch.body);
-        rd_kafka_mock_Fetch0(mconn, req, rd_true, wait_over);
+        if (rd_kafka_mock_Fetch0(mconn, req, rd_true, wait_over) == 1)
+                rd_kafka_mock_connection_unpark_fetch(mconn);
 }
 
 void rd_kafka_mock_parked_fetches_retry(rd_kafka_mock_cluster_t *mcluster) {

@@ -528,7 +528,8 @@ void rd_kafka_mock_connection_send_response0(rd_kafka_mock_connection_t *mconn,
                                              rd_kafka_buf_t *resp,
                                              rd_bool_t tags_written);
 /* ferry: queues \p resp, a finished answer, in the place of \p instead,
- * an answer not yet sent, which it destroys. */
+ * an answer not yet sent, which it destroys (a parked Fetch's: unpark it
+ * after). */
 void rd_kafka_mock_connection_send_response_instead(
     rd_kafka_mock_connection_t *mconn,
     rd_kafka_buf_t *resp,
