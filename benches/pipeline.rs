@@ -558,7 +558,6 @@ struct Ferry {
 }
 
 impl Ferry {
-    #[allow(clippy::too_many_arguments)]
     fn spawn_with(
         dir: &Path,
         brokers: &str,

@@ -726,7 +726,7 @@ pub fn settings(client: &mut ClientConfig, all_latest: bool) {
         // A partition whose queue is full is fetched again only after this; librdkafka's 1 s
         // starves a queue that drains in a fraction of it (measured: 1 KiB records at 8 800/s
         // with 1 s, 18 500/s with 20 ms).
-        client.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        client.set("fetch.queue.backoff.ms", "20");
     }
     if client.get("fetch.wait.max.ms").is_none() {
         // librdkafka has one fetch in flight per broker, and leaves out the partitions whose
@@ -735,12 +735,9 @@ pub fn settings(client: &mut ClientConfig, all_latest: bool) {
         // partitions, drained meanwhile, wait for it too. librdkafka's 500 ms starved a ferry
         // that drains its 1 MiB a partition faster than that (1 KiB records at 40 000/s: 25 ms).
         // An idle consumer fetches once per wait: 10 times a second, not 2.
-        client.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+        client.set("fetch.wait.max.ms", "100");
     }
 }
-
-const FETCH_QUEUE_BACKOFF_MS: &str = "20";
-const FETCH_WAIT_MAX_MS: &str = "100";
 
 /// Runs the consumer until shutdown. Blocks: call it on a dedicated thread.
 pub fn run(setup: ConsumerSetup) -> Result<(), ConsumeError> {
