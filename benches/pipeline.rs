@@ -28,7 +28,6 @@ use ferry::call::grpc::proto::handler_client::HandlerClient;
 use ferry::call::grpc::proto::handler_server::{Handler, HandlerServer};
 use ferry::call::grpc::proto::{Action, Event, Reply};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -264,26 +263,21 @@ async fn b0(transport: &str, addr: SocketAddr, size: usize, concurrency: usize, 
     calls as f64 / started.elapsed().as_secs_f64()
 }
 
-/// A client with the settings of ferry's own (src/call/http.rs).
+/// ferry's own HTTP client: its pool of keep-alive connections (src/call/pool.rs).
 fn http_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector)
+    Arc::new(ferry::call::pool::Pool::new(None))
 }
 
-type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Arc<ferry::call::pool::Pool>;
 
 /// One POST and its whole answer.
 async fn post(client: &HttpClient, uri: &http::Uri, body: Vec<u8>) -> Result<Bytes, String> {
     let request = http::Request::post(uri.clone())
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let (response, connection) = client.send(request).await.map_err(|e| e.to_string())?;
     let body = response.into_body().collect().await.map_err(|e| e.to_string())?;
+    connection.give_back();
     Ok(body.to_bytes())
 }
 

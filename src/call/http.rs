@@ -2,19 +2,15 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
+use super::pool::{Pool, SendError, host_header};
 use super::template::Template;
 use super::{Answer, Attempt, Call, CallError, CallFuture, MAX_BODY, Status};
 use crate::config::{Action, Format, HttpCall};
 use crate::record::Record;
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
 
 /// The HTTP transport of one route.
 pub struct Http {
@@ -27,46 +23,6 @@ pub struct Http {
     timeout: Duration,
     headers: HeaderMap,
     format: Format,
-}
-
-/// hyper's pooled HTTP/1.1 client: plain for `http://`, through rustls for `https://`.
-enum Pool {
-    Plain(Client<HttpConnector, Full<Bytes>>),
-    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
-}
-
-impl Pool {
-    fn new(tls: Option<rustls::ClientConfig>) -> Pool {
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            // Without a timer the pool never expires an idle connection.
-            .pool_timer(TokioTimer::new());
-        let mut connector = HttpConnector::new();
-        // Requests are small and latency matters: no Nagle.
-        connector.set_nodelay(true);
-        match tls {
-            None => Pool::Plain(builder.build(connector)),
-            Some(config) => {
-                // The TLS layer sees the scheme; the TCP connector must accept `https` URIs.
-                connector.enforce_http(false);
-                let https = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(config)
-                    .https_only()
-                    .enable_http1()
-                    .wrap_connector(connector);
-                Pool::Tls(builder.build(https))
-            }
-        }
-    }
-
-    fn send(&self, request: Request<Full<Bytes>>) -> ResponseFuture {
-        match self {
-            Pool::Plain(c) => c.request(request),
-            Pool::Tls(c) => c.request(request),
-        }
-    }
 }
 
 /// Why a URL with a user name or password is refused, at load and at start.
@@ -202,12 +158,11 @@ impl Http {
 
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<Answer, CallError> {
         // The URL may carry a credential (`?key=${KEY}`), and hyper's errors never name it.
-        let response = self.client.send(request).await.map_err(|e| {
-            if super::never_reached(&e) {
+        let (response, connection) = self.client.send(request).await.map_err(|e| match e {
+            SendError::Connect { .. } if super::never_reached(&e) => {
                 CallError::Unreachable(super::error_chain(&e))
-            } else {
-                CallError::Connect(super::error_chain(&e))
             }
+            e => CallError::Connect(super::error_chain(&e)),
         })?;
         let mut answer = answer_headers(response.status().as_u16(), response.headers());
         let mut incoming = response.into_body();
@@ -219,27 +174,17 @@ impl Http {
                 continue;
             };
             if body.len() + chunk.len() > MAX_BODY {
+                // The rest stays unread: the connection goes with it.
                 answer.body_too_large = true;
-                break;
+                answer.body = body.freeze();
+                return Ok(answer);
             }
             body.extend_from_slice(&chunk);
         }
+        connection.give_back();
         answer.body = body.freeze();
         Ok(answer)
     }
-}
-
-/// The Host header for `uri`: its host, and its port unless the scheme's default.
-fn host_header(uri: &Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-    let value = match uri.port_u16() {
-        Some(443) if secure => host.to_string(),
-        Some(80) if !secure => host.to_string(),
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
-    };
-    HeaderValue::from_str(&value).ok()
 }
 
 /// Room for the values ferry describes a record with (numbers, trace context) besides the

@@ -9,6 +9,7 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 
 pub mod grpc;
 pub mod http;
+pub mod pool;
 pub mod template;
 pub mod tls;
 
