@@ -187,7 +187,9 @@ impl Lanes {
                 .freshness
                 .as_ref()
                 .is_some_and(|f| f.conflate);
-        self.runtime.spawn(async move {
+        // Boxed: tokio copies a task's future whole as it starts and ends it, and a lane's is
+        // kilobytes; a box is a pointer.
+        self.runtime.spawn(Box::pin(async move {
             let handler = &handlers[first.route];
             let take = |release: bool| {
                 let mut scheduler = lock(&scheduler);
@@ -243,7 +245,7 @@ impl Lanes {
                     break;
                 }
             }
-        });
+        }));
     }
 }
 
