@@ -292,6 +292,45 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn an_answer_too_long_to_read_closes_its_connection_and_the_next_call_opens_another() {
+        use std::sync::atomic::Ordering;
+
+        use crate::call::pool::tests::{answering, eventually};
+
+        let service = answering(vec![b'x'; MAX_BODY + 1], Duration::ZERO, false).await;
+        let config: HttpCall = serde_json::from_value(serde_json::json!({ "url": service.url })).unwrap();
+        let http = Http::new(&config).unwrap();
+        let tracker = crate::offsets::Tracker::new();
+        let tp: crate::offsets::Tp = ("in".into(), 0);
+        tracker.assign(&[(tp.clone(), 0)]);
+        let record = Record {
+            topic: "in".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            value: Some(Bytes::from_static(b"hello")),
+            headers: Vec::new(),
+            route: 0,
+            taken: SystemTime::now(),
+            lease: tracker.track(&tp, 0, 0).expect("assigned"),
+        };
+        let attempt = Attempt {
+            number: 1,
+            trace: None,
+        };
+        let answer = http.call(&record, &attempt).await.unwrap();
+        assert!(answer.body_too_large);
+        assert!(answer.body.len() <= MAX_BODY);
+        eventually("the service sees the connection closed", || {
+            service.closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert!(http.call(&record, &attempt).await.unwrap().body_too_large);
+        assert_eq!(service.accepted.load(Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn the_host_header_is_made_as_hyper_makes_it() {
         let host = |u: &str| host_header(&uri(u).unwrap()).unwrap();

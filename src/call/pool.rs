@@ -140,7 +140,7 @@ impl Pool {
         // HTTP/1.1 to a server (not a proxy) names the path alone.
         *request.uri_mut() = origin_form(&uri);
         loop {
-            let (mut sender, reused) = match self.take(&destination).await {
+            let (mut sender, reused) = match self.take(&destination) {
                 Some(sender) => (sender, true),
                 None => (self.connect(&uri, &destination.1).await?, false),
             };
@@ -161,20 +161,23 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection to `destination` that is still open.
-    async fn take(&self, destination: &Destination) -> Option<SendRequest<Full<Bytes>>> {
-        loop {
-            let mut idle = {
-                let mut state = self.shared.lock();
-                let connections = state.idle.get_mut(destination)?;
-                connections.pop()?
-            };
-            // Ready at once unless hyper is still finishing the previous answer; an error is a
-            // connection the service closed while it sat idle.
-            if idle.sender.ready().await.is_ok() {
+    /// The most recently used idle connection to `destination` that is open and ready.
+    fn take(&self, destination: &Destination) -> Option<SendRequest<Full<Bytes>>> {
+        let mut state = self.shared.lock();
+        let connections = state.idle.get_mut(destination)?;
+        while let Some(idle) = connections.pop() {
+            if idle.since.elapsed() >= self.shared.idle_timeout {
+                // Those below it are older still. A service that closes idle connections
+                // itself (nginx after 75 s) would be likelier to close one as ferry writes.
+                connections.clear();
+                return None;
+            }
+            // Not ready is a connection the service closed while it sat idle.
+            if idle.sender.is_ready() {
                 return Some(idle.sender);
             }
         }
+        None
     }
 
     async fn connect(&self, uri: &Uri, authority: &Authority) -> Result<SendRequest<Full<Bytes>>, SendError> {
@@ -199,19 +202,21 @@ impl Pool {
         Ok(sender)
     }
 
-    fn give_back(&self, destination: Destination, sender: SendRequest<Full<Bytes>>) {
-        let mut state = self.shared.lock();
-        let connections = state.idle.entry(destination).or_default();
-        if connections.len() >= MAX_IDLE {
-            return;
-        }
-        connections.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
-        if !state.reaping {
-            state.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(&self.shared)));
+    fn give_back(&self, destination: Destination, mut sender: SendRequest<Full<Bytes>>) {
+        if sender.is_ready() {
+            self.shared.idle(destination, sender);
+        } else if !sender.is_closed() {
+            // hyper has yet to see the end of the answer it just delivered (seldom: it sees it
+            // as it hands the last bytes over); the connection is idle once it has, not before,
+            // so that no call waits on it.
+            let shared = Arc::downgrade(&self.shared);
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok()
+                    && let Some(shared) = shared.upgrade()
+                {
+                    shared.idle(destination, sender);
+                }
+            });
         }
     }
 
@@ -226,6 +231,23 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding it, and a pool is worth keeping even then.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stacks a connection ready for its next request.
+    fn idle(self: &Arc<Self>, destination: Destination, sender: SendRequest<Full<Bytes>>) {
+        let mut state = self.lock();
+        let connections = state.idle.entry(destination).or_default();
+        if connections.len() >= MAX_IDLE {
+            return;
+        }
+        connections.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+        if !state.reaping {
+            state.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
     }
 }
 
@@ -244,13 +266,16 @@ impl Lease<'_> {
     }
 }
 
-/// Closes the connections idle longer than the pool's timeout, as long as there are idle
-/// connections and the pool lives.
+/// Closes the connections idle longer than the pool's timeout, and those the service closed,
+/// as long as there are idle connections and the pool lives.
 async fn reap(shared: Weak<Shared>) {
     let period = match shared.upgrade() {
         Some(s) => s.idle_timeout,
         None => return,
     };
+    // A reaper stopped from outside (its runtime shut down under a pool that lives on) lets
+    // the next connection given back start another.
+    let mut running = Reaping(shared.clone());
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tick.tick().await;
@@ -260,17 +285,24 @@ async fn reap(shared: Weak<Shared>) {
         let mut state = shared.lock();
         let now = Instant::now();
         state.idle.retain(|_, connections| {
-            // Oldest first: the ones not taken for longest.
-            let expired = connections
-                .iter()
-                .take_while(|c| now.duration_since(c.since) >= period)
-                .count();
-            connections.drain(..expired);
+            connections.retain(|c| now.duration_since(c.since) < period && !c.sender.is_closed());
             !connections.is_empty()
         });
         if state.idle.is_empty() {
             state.reaping = false;
+            running.0 = Weak::new();
             return;
+        }
+    }
+}
+
+/// Marks the pool as without a reaper when its reaper ends other than by its own choice.
+struct Reaping(Weak<Shared>);
+
+impl Drop for Reaping {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.lock().reaping = false;
         }
     }
 }
@@ -306,7 +338,7 @@ pub(super) fn host_header(uri: &Uri) -> Option<HeaderValue> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::BodyExt;
@@ -317,15 +349,30 @@ mod tests {
 
     /// An HTTP/1.1 service on loopback that answers `ok` to every request, after `delay`, and
     /// counts the connections it accepted and saw closed.
-    struct Service {
-        url: String,
-        accepted: Arc<AtomicUsize>,
-        closed: Arc<AtomicUsize>,
+    pub(in crate::call) struct Service {
+        pub url: String,
+        pub accepted: Arc<AtomicUsize>,
+        pub closed: Arc<AtomicUsize>,
         /// Each request's line and Host header.
         seen: Arc<Mutex<Vec<(String, String)>>>,
     }
 
     async fn service(delay: Duration, close_after_answer: bool) -> Service {
+        answering(b"ok".to_vec(), delay, close_after_answer).await
+    }
+
+    /// The service, answering `body` instead.
+    pub(in crate::call) async fn answering(
+        body: Vec<u8>,
+        delay: Duration,
+        close_after_answer: bool,
+    ) -> Service {
+        let answer = [
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
+            body,
+        ]
+        .concat();
+        let answer: Arc<[u8]> = answer.into();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/h?x=1", listener.local_addr().unwrap());
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -336,7 +383,7 @@ mod tests {
             loop {
                 let (socket, _) = listener.accept().await.unwrap();
                 a.fetch_add(1, Ordering::SeqCst);
-                let (c, s) = (c.clone(), s.clone());
+                let (c, s, answer) = (c.clone(), s.clone(), answer.clone());
                 tokio::spawn(async move {
                     let mut socket = BufReader::new(socket);
                     loop {
@@ -364,8 +411,11 @@ mod tests {
                         socket.read_exact(&mut body).await.unwrap();
                         s.lock().unwrap().push((line.trim_end().to_string(), host));
                         tokio::time::sleep(delay).await;
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        socket.get_mut().write_all(answer).await.unwrap();
+                        if socket.get_mut().write_all(&answer).await.is_err() {
+                            // The client went away mid-answer.
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
                         if close_after_answer {
                             return;
                         }
@@ -378,6 +428,16 @@ mod tests {
             accepted,
             closed,
             seen,
+        }
+    }
+
+    /// Waits up to 5 s for `condition`: what the other end of a socket sees takes a moment,
+    /// longer on a loaded machine.
+    pub(in crate::call) async fn eventually(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(Instant::now() < deadline, "{what}: not within 5 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -427,12 +487,20 @@ mod tests {
     async fn a_connection_the_service_closed_while_idle_is_replaced_not_a_failure() {
         let service = service(Duration::ZERO, true).await;
         let pool = Pool::new(None);
-        for _ in 0..3 {
+        for n in 1..=3 {
             assert_eq!(exchange(&pool, &service.url).await, "ok");
-            // Time for hyper to see the end of the connection, as it would while idle.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Until hyper has seen the end of the connection, as it would while it sat idle.
+            eventually("the pool sees the connection closed", || {
+                pool.shared
+                    .lock()
+                    .idle
+                    .values()
+                    .flatten()
+                    .all(|c| c.sender.is_closed())
+            })
+            .await;
+            assert_eq!(service.accepted.load(Ordering::SeqCst), n);
         }
-        assert_eq!(service.accepted.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
@@ -443,8 +511,32 @@ mod tests {
         drop((response, connection));
         assert_eq!(exchange(&pool, &service.url).await, "ok");
         assert_eq!(service.accepted.load(Ordering::SeqCst), 2);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(service.closed.load(Ordering::SeqCst), 1);
+        eventually("the service sees the first connection closed", || {
+            service.closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_request_that_failed_on_a_new_connection_is_not_sent_again() {
+        // A service that takes connections and closes them at once.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/h", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        let pool = Pool::new(None);
+        let error = match pool.send(post(&url)).await {
+            Err(e) => e,
+            Ok(_) => panic!("the service closed the connection without an answer"),
+        };
+        assert!(matches!(error, SendError::Request(_)), "{error:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -454,9 +546,10 @@ mod tests {
         exchange(&pool, &service.url).await;
         assert_eq!(pool.idle(), 1);
         // Reaped at the first tick after the timeout: within two timeouts.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(pool.idle(), 0);
-        assert_eq!(service.closed.load(Ordering::SeqCst), 1);
+        eventually("the idle connection is closed", || {
+            pool.idle() == 0 && service.closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
         // And a new one is opened for the next request.
         assert_eq!(exchange(&pool, &service.url).await, "ok");
         assert_eq!(service.accepted.load(Ordering::SeqCst), 2);
