@@ -2,15 +2,16 @@
 
 use std::time::{Duration, SystemTime};
 
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+
 use super::pool::{Pool, SendError, host_header};
 use super::template::Template;
 use super::{Answer, Attempt, Call, CallError, CallFuture, MAX_BODY, Status};
 use crate::config::{Action, Format, HttpCall};
 use crate::record::Record;
-use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Uri};
-use http_body_util::{BodyExt, Full};
 
 /// The HTTP transport of one route.
 pub struct Http {
