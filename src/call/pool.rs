@@ -93,6 +93,7 @@ impl Pool {
         Pool::with_idle_timeout(tls, IDLE_TIMEOUT)
     }
 
+    /// The same, closing connections idle for `idle_timeout` (tests shorten it).
     pub fn with_idle_timeout(tls: Option<rustls::ClientConfig>, idle_timeout: Duration) -> Pool {
         let mut tcp = HttpConnector::new();
         // Requests are small and latency matters: no Nagle.
