@@ -600,14 +600,17 @@ impl Ferry {
     /// Context switches of all its threads so far: each is a thread going to sleep or being
     /// put off the CPU, so at a low rate about one per wake-up.
     fn switches(&self) -> u64 {
-        self.by_thread().values().map(|(_, n)| n).sum()
+        self.by_thread()
+            .values()
+            .map(|t| t.woken + t.preempted)
+            .sum::<f64>() as u64
     }
 
-    /// CPU nanoseconds and context switches so far, by kind of thread: ferry's runtime, its
-    /// commit thread, its group thread (the consumer's poll loop), librdkafka's broker threads
-    /// and its main threads (threads that have ended are not counted). Shows which side of
-    /// ferry a record's cost is on.
-    fn by_thread(&self) -> BTreeMap<&'static str, (f64, u64)> {
+    /// CPU and context switches so far, by kind of thread: ferry's runtime, its commit thread,
+    /// its group thread (the consumer's poll loop), librdkafka's broker threads and its main
+    /// threads (threads that have ended are not counted). Shows which side of ferry a record's
+    /// cost is on.
+    fn by_thread(&self) -> BTreeMap<&'static str, Threads> {
         let mut kinds = BTreeMap::new();
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
             return kinds;
@@ -629,14 +632,18 @@ impl Ferry {
                 .next()
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(0.0);
-            let switches: u64 = read("status")
-                .lines()
-                .filter(|l| l.contains("_ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum();
-            let entry = kinds.entry(kind).or_insert((0.0, 0));
-            entry.0 += ns;
-            entry.1 += switches;
+            let status = read("status");
+            let switches = |field: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            let entry = kinds.entry(kind).or_insert_with(Threads::default);
+            entry.cpu_us += ns / 1e3;
+            entry.woken += switches("voluntary_ctxt_switches:") as f64;
+            entry.preempted += switches("nonvoluntary_ctxt_switches:") as f64;
         }
         kinds
     }
@@ -892,6 +899,27 @@ struct Steady {
     costs: Costs,
 }
 
+/// What threads of one kind took: CPU µs, and context switches, those where the thread went to
+/// sleep (to be woken) and those where another took its core.
+#[derive(Clone, Copy, Default)]
+struct Threads {
+    cpu_us: f64,
+    woken: f64,
+    preempted: f64,
+}
+
+impl Threads {
+    /// What was taken since `before`, per record.
+    fn per_record(self, before: Threads, records: usize) -> Threads {
+        let per = records.max(1) as f64;
+        Threads {
+            cpu_us: (self.cpu_us - before.cpu_us) / per,
+            woken: (self.woken - before.woken) / per,
+            preempted: (self.preempted - before.preempted) / per,
+        }
+    }
+}
+
 /// What ferry took over the measured seconds of a steady run.
 struct Costs {
     /// Memory the process touched during the measured seconds (pages referenced, from
@@ -901,8 +929,8 @@ struct Costs {
     cpu_us_per_record: f64,
     /// Context switches of ferry's threads per record.
     switches_per_record: f64,
-    /// By kind of thread ([`Ferry::by_thread`]): (CPU µs, context switches) per record.
-    by_thread: BTreeMap<&'static str, (f64, f64)>,
+    /// By kind of thread ([`Ferry::by_thread`]), per record.
+    by_thread: BTreeMap<&'static str, Threads>,
     rss_steady: f64,
     rss_peak: f64,
 }
@@ -976,10 +1004,9 @@ fn ferry_steady(broker: &Broker, dir: &Path, call: &str, size: usize, seconds: u
     let by_thread = ferry
         .by_thread()
         .into_iter()
-        .map(|(kind, (ns, n))| {
-            let (ns0, n0) = threads_before.get(kind).copied().unwrap_or((0.0, 0));
-            let per = offered.max(1) as f64;
-            (kind, ((ns - ns0) / 1e3 / per, n.saturating_sub(n0) as f64 / per))
+        .map(|(kind, now)| {
+            let before = threads_before.get(kind).copied().unwrap_or_default();
+            (kind, now.per_record(before, offered))
         })
         .collect();
     let metrics_after = ferry.metrics();
@@ -1569,8 +1596,14 @@ fn main() {
             "  ferry's threads         {:.2} context switches per record; one thread wake-up costs {wake_up:.1} µs of CPU on this machine",
             costs.switches_per_record
         );
-        for (kind, (us, n)) in &costs.by_thread {
-            println!("    {kind:<28}{us:>6.1} µs, {n:.2} switches per record");
+        for (kind, t) in &costs.by_thread {
+            println!(
+                "    {kind:<28}{:>6.1} µs, {:.2} switches per record ({:.2} woken, {:.2} preempted)",
+                t.cpu_us,
+                t.woken + t.preempted,
+                t.woken,
+                t.preempted
+            );
         }
         println!(
             "  ferry RSS               steady {rss_runs:.1} MiB (the median of the runs), peak {:.1} MiB; working set {:.1} MiB (pages touched while measured)",
@@ -1588,7 +1621,7 @@ fn main() {
             "cpu_us_per_record": costs.cpu_us_per_record,
             "b2_cpu_us_per_record": {"total": b2_cpu_us.own + b2_cpu_us.clients, "loop_thread": b2_cpu_us.own, "librdkafka_threads": b2_cpu_us.clients},
             "switches_per_record": costs.switches_per_record, "wake_up_cpu_us": wake_up,
-            "per_record_by_thread": costs.by_thread.iter().map(|(k, (us, n))| (k.to_string(), json!({"cpu_us": us, "switches": n}))).collect::<serde_json::Map<_, _>>(),
+            "per_record_by_thread": costs.by_thread.iter().map(|(k, t)| (k.to_string(), json!({"cpu_us": t.cpu_us, "switches": t.woken + t.preempted, "woken": t.woken, "preempted": t.preempted}))).collect::<serde_json::Map<_, _>>(),
             "rss_steady_mib": rss_runs, "rss_peak_mib": costs.rss_peak, "working_set_mib": costs.working_set,
         }));
     }
