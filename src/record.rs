@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Headers};
 
@@ -46,16 +46,26 @@ pub struct Record {
 
 impl Record {
     pub fn from_message(msg: &BorrowedMessage<'_>, topic: Arc<str>, route: usize, lease: Lease) -> Self {
+        // The key, value and header values are copied into one buffer and share it: each
+        // `Bytes` of its own was an allocation, and another at its first clone (a key lane, the
+        // call's body, the reply each clone one) to share it.
+        let size = msg.key_len()
+            + msg.payload_len()
+            + msg
+                .headers()
+                .map_or(0, |hs| hs.iter().map(|h| h.value.map_or(0, <[u8]>::len)).sum());
+        let mut bytes = BytesMut::with_capacity(size);
+        let mut copy = |b: &[u8]| {
+            bytes.extend_from_slice(b);
+            bytes.split().freeze()
+        };
+        let key = msg.key().map(&mut copy);
+        let value = msg.payload().map(&mut copy);
         let headers = msg
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
-                        )
-                    })
+                    .map(|h| (h.key.to_string(), h.value.map(&mut copy).unwrap_or_default()))
                     .collect()
             })
             .unwrap_or_default();
@@ -64,8 +74,8 @@ impl Record {
             partition: msg.partition(),
             offset: msg.offset(),
             timestamp_ms: msg.timestamp().to_millis(),
-            key: msg.key().map(Bytes::copy_from_slice),
-            value: msg.payload().map(Bytes::copy_from_slice),
+            key,
+            value,
             headers,
             route,
             taken: std::time::SystemTime::now(),
