@@ -433,6 +433,38 @@ fn retry_topics_need_ordering_none_and_their_own_topics() {
         stderr.contains("routes[0].retry.topics[0]: `in` is a source"),
         "{stderr}"
     );
+    // A reply written to a retry topic would be read back as a retry of itself, answered, and
+    // written there again, growing, until too large.
+    for reply in ["reply: { to: in.retry1 }", "reply: { topics: [in.retry1] }"] {
+        let (code, stderr) = validate(
+            &with("none", "[in.retry1]")
+                .replace("    dead_letter:\n", &format!("    {reply}\n    dead_letter:\n")),
+        );
+        assert_eq!(code, 78, "{reply}: {stderr}");
+        assert!(
+            stderr.contains(
+                "`in.retry1` is also one of this route's retry topics: replies would be consumed again, forever"
+            ),
+            "{reply}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn headers_ferry_sets_per_request_cannot_be_configured() {
+    let (code, stderr) = validate(&GOOD.replace(
+        "        url: http://127.0.0.1:8080/\n",
+        "        url: http://127.0.0.1:8080/\n        headers: { idempotency-key: x, Content-Length: \"5\", ferry-topic: t, x-api: \"1\", content-type: application/json }\n",
+    ));
+    assert_eq!(code, 78, "{stderr}");
+    for says in [
+        "routes[0].call.http.headers.idempotency-key: ferry sets `idempotency-key` itself, per request (the record's idempotency key): remove it",
+        "routes[0].call.http.headers.Content-Length: ferry sets `Content-Length` itself, per request (the body's framing)",
+        "routes[0].call.http.headers.ferry-topic: ferry sets `ferry-topic` itself",
+        "3 errors in",
+    ] {
+        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
+    }
 }
 
 #[test]

@@ -57,6 +57,14 @@ impl Http {
         if !headers.contains_key(http::header::ACCEPT) {
             headers.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
         }
+        // A record's own `content-type` header says what its bytes are; a configured one is the
+        // route's word for records that say nothing.
+        if !headers.contains_key(http::header::CONTENT_TYPE) {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+        }
         let tls = super::tls::client_config(config.tls())?;
         let fixed_url = if url.is_fixed() {
             Some(uri(&config.url)?)
@@ -84,11 +92,12 @@ impl Http {
         // they arrive showed in the profile.
         let mut h = HeaderMap::with_capacity(self.headers.len() + 12 + record.headers.len());
         h.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let content_type = record
+        if let Some(own) = record
             .header("content-type")
             .and_then(|v| HeaderValue::from_bytes(v).ok())
-            .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-        h.insert(http::header::CONTENT_TYPE, content_type);
+        {
+            h.insert(http::header::CONTENT_TYPE, own);
+        }
         // The values are copied into one buffer, each header's value a slice of it: a header
         // value of its own was an allocation per header, and a request has a dozen.
         let room = DESCRIBED_BYTES
@@ -303,33 +312,69 @@ mod tests {
         let config: HttpCall = serde_json::from_value(serde_json::json!({ "url": service.url })).unwrap();
         let http = Http::new(&config).unwrap();
         let tracker = crate::offsets::Tracker::new();
-        let tp: crate::offsets::Tp = ("in".into(), 0);
-        tracker.assign(&[(tp.clone(), 0)]);
-        let record = Record {
-            topic: "in".into(),
-            partition: 0,
-            offset: 0,
-            timestamp_ms: None,
-            key: None,
-            value: Some(Bytes::from_static(b"hello")),
-            headers: Vec::new(),
-            route: 0,
-            taken: SystemTime::now(),
-            lease: tracker.track(&tp, 0, 0).expect("assigned"),
-        };
-        let attempt = Attempt {
-            number: 1,
-            trace: None,
-        };
-        let answer = http.call(&record, &attempt).await.unwrap();
+        let record = record(&tracker, Vec::new());
+        let answer = http.call(&record, &ATTEMPT).await.unwrap();
         assert!(answer.body_too_large);
         assert!(answer.body.len() <= MAX_BODY);
         eventually("the service sees the connection closed", || {
             service.closed.load(Ordering::SeqCst) == 1
         })
         .await;
-        assert!(http.call(&record, &attempt).await.unwrap().body_too_large);
+        assert!(http.call(&record, &ATTEMPT).await.unwrap().body_too_large);
         assert_eq!(service.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    const ATTEMPT: Attempt = Attempt {
+        number: 1,
+        trace: None,
+    };
+
+    /// Offset 0 of `in`/0, with the value `hello` and `headers`, leased from `tracker`.
+    fn record(tracker: &crate::offsets::Tracker, headers: Vec<(String, Bytes)>) -> Record {
+        let tp: crate::offsets::Tp = ("in".into(), 0);
+        tracker.assign(&[(tp.clone(), 0)]);
+        Record {
+            topic: "in".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            value: Some(Bytes::from_static(b"hello")),
+            headers,
+            route: 0,
+            taken: SystemTime::now(),
+            lease: tracker.track(&tp, 0, 0).expect("assigned"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_s_content_type_wins_over_the_configured_one_and_that_over_octet_stream() {
+        let content_type = |configured: serde_json::Value, own: Option<&'static str>| {
+            let config: HttpCall = serde_json::from_value(
+                serde_json::json!({ "url": "http://127.0.0.1:1/", "headers": configured }),
+            )
+            .unwrap();
+            let headers = own
+                .map(|v| ("content-type".to_string(), Bytes::from_static(v.as_bytes())))
+                .into_iter()
+                .collect();
+            let request = Http::new(&config)
+                .unwrap()
+                .request(&record(&crate::offsets::Tracker::new(), headers), &ATTEMPT)
+                .unwrap();
+            assert_eq!(
+                request.headers()["x-api"],
+                "1",
+                "the other configured headers go too"
+            );
+            request.headers()[http::header::CONTENT_TYPE].clone()
+        };
+        let json = serde_json::json!({ "content-type": "application/json", "x-api": "1" });
+        assert_eq!(content_type(json.clone(), None), "application/json");
+        assert_eq!(content_type(json, Some("text/plain")), "text/plain");
+        let none = serde_json::json!({ "x-api": "1" });
+        assert_eq!(content_type(none.clone(), None), "application/octet-stream");
+        assert_eq!(content_type(none, Some("text/plain")), "text/plain");
     }
 
     #[test]

@@ -120,10 +120,13 @@ async fn run(records: u32) -> anyhow::Result<()> {
         if n > 0.0 {
             println!("  {:<14} {n:>5}   {}", o.as_str(), explain(o));
         }
-    }
-    for reason in snapshot.dead_letter_reasons.keys() {
-        let n = figures.sum(names::OUTCOMES, &[("reason", reason)]);
-        println!("    reason {reason:<12} {n:>3}");
+        // The dead letters' reasons under their own line, not under the outcome printed last.
+        if o == Outcome::DeadLettered {
+            for reason in snapshot.dead_letter_reasons.keys() {
+                let n = figures.sum(names::OUTCOMES, &[("outcome", o.as_str()), ("reason", reason)]);
+                println!("    reason {reason:<12} {n:>3}");
+            }
+        }
     }
     let calls = figures.sum(&format!("{}_count", names::CALL_DURATION), &[]);
     println!(

@@ -127,6 +127,20 @@ pub fn is_secret_key(key: &str) -> bool {
         )
 }
 
+/// Why a header configured for every request would be replaced: ferry sets it per record
+/// (SPEC §3), or hyper frames the body by it.
+fn set_by_ferry(name: &str, format: Format) -> Option<&'static str> {
+    let name = name.to_ascii_lowercase();
+    Some(match name.as_str() {
+        "content-length" | "transfer-encoding" => "the body's framing",
+        "idempotency-key" => "the record's idempotency key",
+        "traceparent" | "tracestate" => "the record's trace context",
+        n if n.starts_with("ferry-") => "the `ferry-*` headers are ferry's own",
+        n if n.starts_with("ce-") && format == Format::CloudEvents => "the record's CloudEvents attributes",
+        _ => return None,
+    })
+}
+
 /// What Kafka refuses in a topic name, if anything: the broker would refuse to create or serve
 /// it, at the first record rather than at load.
 pub fn topic_name_problem(name: &str) -> Option<String> {
@@ -536,11 +550,11 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
                     say(at("call.http.timeout"), "must be above zero, e.g. 5s".into());
                 }
                 for name in http.headers.keys() {
+                    let path = format!("routes[{i}].call.http.headers.{name}");
                     if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                        say(
-                            format!("routes[{i}].call.http.headers.{name}"),
-                            "not a valid HTTP header name".into(),
-                        );
+                        say(path, "not a valid HTTP header name".into());
+                    } else if let Some(why) = set_by_ferry(name, http.format) {
+                        say(path, format!("ferry sets `{name}` itself, per request ({why}): remove it"));
                     }
                 }
             }
@@ -635,19 +649,29 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
         }
 
         let sources = &route.from.topics;
+        // A retry topic is read by the route as much as a source is.
+        let read_as = |topic: &String| {
+            if sources.contains(topic) {
+                Some("this route's source")
+            } else if route.retry.topics.contains(topic) {
+                Some("one of this route's retry topics")
+            } else {
+                None
+            }
+        };
         if let Some(to) = &route.reply.to {
-            if sources.contains(to) {
+            if let Some(what) = read_as(to) {
                 say(
                     at("reply.to"),
-                    format!("`{to}` is also this route's source: replies would be consumed again, forever"),
+                    format!("`{to}` is also {what}: replies would be consumed again, forever"),
                 );
             }
         }
         for (t, topic) in route.reply.topics.iter().enumerate() {
-            if sources.contains(topic) {
+            if let Some(what) = read_as(topic) {
                 say(
                     format!("routes[{i}].reply.topics[{t}]"),
-                    format!("`{topic}` is also this route's source"),
+                    format!("`{topic}` is also {what}: replies would be consumed again, forever"),
                 );
             }
         }
