@@ -451,6 +451,27 @@ fn retry_topics_need_ordering_none_and_their_own_topics() {
 }
 
 #[test]
+fn broker_addresses_librdkafka_cannot_read_are_refused() {
+    let with = |brokers: &str| GOOD.replace("127.0.0.1:9092", &format!("\"{brokers}\""));
+    let (code, stderr) = validate(&with("[::1]:9092, SSL://kafka-0.kafka:9093,kafka_1,b:9092"));
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stderr) = validate(&with(
+        "http://127.0.0.1:19092,not a broker list,127.0.0.1:99999,::1:9092,b:9092,",
+    ));
+    assert_eq!(code, 78, "{stderr}");
+    for says in [
+        "kafka.brokers: `http://127.0.0.1:19092`: Kafka is not reached over `http://`",
+        "kafka.brokers: `not a broker list` is not host:port; write host:port[,host:port…]",
+        "kafka.brokers: `127.0.0.1:99999`: the port must be a number from 1 to 65535",
+        "kafka.brokers: `::1:9092`: an IPv6 address goes in brackets, e.g. [::1]:9092",
+        "kafka.brokers: an empty entry in the list",
+        "5 errors in",
+    ] {
+        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
+    }
+}
+
+#[test]
 fn headers_ferry_sets_per_request_cannot_be_configured() {
     let (code, stderr) = validate(&GOOD.replace(
         "        url: http://127.0.0.1:8080/\n",

@@ -298,6 +298,25 @@ async fn timeout_until_max_attempts_is_dead_lettered_as_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_without_the_key_its_url_takes_is_dead_lettered_not_sent_elsewhere() {
+    // The URL is `/handle/{key}`: without a key it would be `/handle/`, another endpoint.
+    let b = Bench::start(1, "", |_req: Req| async { Resp::new(200, "ok") }).await;
+    b.kafka.send(&b.source, None, None, "no key", &[]).await;
+    b.kafka.send(&b.source, None, Some("k"), "keyed", &[]).await;
+    let dead = b.kafka.read(&b.dlq, 1, WAIT).await;
+    assert_eq!(dead[0].value.as_deref(), Some("no key"));
+    assert_eq!(dead[0].header("ferry.error.reason"), Some("schema"));
+    assert_eq!(
+        dead[0].header("ferry.error.message"),
+        Some("the URL takes the record's key (`{key}`), and the record has none")
+    );
+    b.wait_committed(2).await;
+    let paths: Vec<String> = b.service.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/handle/k"], "only the keyed record was called");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_can_dead_letter_with_ferry_action() {
     let b = Bench::start(1, "", |_req: Req| async {
         Resp::new(200, "cannot ever handle this").header("ferry-action", "dead-letter")

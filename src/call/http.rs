@@ -149,7 +149,11 @@ impl Http {
         let uri = match &self.fixed_url {
             Some(uri) => uri.clone(),
             // A record whose key or header makes no URL cannot be called, now or later.
-            None => uri(&self.url.render(record)).map_err(CallError::Encode)?,
+            None => self
+                .url
+                .render(record)
+                .and_then(|url| uri(&url))
+                .map_err(CallError::Encode)?,
         };
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = self.method.clone();

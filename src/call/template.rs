@@ -1,7 +1,7 @@
 //! URL templates: `{topic}`, `{partition}`, `{offset}`, `{key}` and `{header.NAME}`, each
 //! percent-encoded as one path segment (or query value).
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 
 use crate::record::Record;
 
@@ -69,24 +69,40 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Text(_)))
     }
 
-    pub fn render(&self, record: &Record) -> String {
+    /// The URL for `record`; `Err` says why it has none: a key or header the URL takes that
+    /// the record does not have (an empty segment in its place would call another endpoint).
+    pub fn render(&self, record: &Record) -> Result<String, String> {
         let mut out = String::new();
-        let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         for part in &self.parts {
-            let value = match part {
+            let number;
+            let value: &[u8] = match part {
                 Part::Text(t) => {
                     out.push_str(t);
                     continue;
                 }
-                Part::Topic => record.topic.to_string(),
-                Part::Partition => record.partition.to_string(),
-                Part::Offset => record.offset.to_string(),
-                Part::Key => record.key.as_deref().map(lossy).unwrap_or_default(),
-                Part::Header(h) => record.header(h).map(|v| lossy(v)).unwrap_or_default(),
+                Part::Topic => record.topic.as_bytes(),
+                Part::Partition => {
+                    number = record.partition.to_string();
+                    number.as_bytes()
+                }
+                Part::Offset => {
+                    number = record.offset.to_string();
+                    number.as_bytes()
+                }
+                Part::Key => record
+                    .key
+                    .as_deref()
+                    .ok_or("the URL takes the record's key (`{key}`), and the record has none")?,
+                Part::Header(h) => record.header(h).ok_or_else(|| {
+                    format!(
+                        "the URL takes the record's header `{h}` (`{{header.{h}}}`), and the record has none"
+                    )
+                })?,
             };
-            out.extend(utf8_percent_encode(&value, SEGMENT));
+            // Bytes as they are, not UTF-8 made of them: a key that is not text stays itself.
+            out.extend(percent_encode(value, SEGMENT));
         }
-        out
+        Ok(out)
     }
 }
 
@@ -102,5 +118,47 @@ pub fn sample(text: &str) -> String {
             })
             .collect(),
         Err(_) => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn placeholders_are_filled_as_one_segment_each_or_the_record_has_no_url() {
+        let record = |key: Option<&'static [u8]>, headers: Vec<(String, Bytes)>| {
+            let tracker = crate::offsets::Tracker::new();
+            let tp: crate::offsets::Tp = ("in/x".into(), 3);
+            tracker.assign(&[(tp.clone(), 0)]);
+            Record {
+                topic: "in/x".into(),
+                partition: 3,
+                offset: 42,
+                timestamp_ms: None,
+                key: key.map(Bytes::from_static),
+                value: None,
+                headers,
+                route: 0,
+                taken: std::time::SystemTime::now(),
+                lease: tracker.track(&tp, 42, 0).expect("assigned"),
+            }
+        };
+        let t = Template::parse("http://s/{topic}/{partition}/{offset}/{key}?t={header.tenant}").unwrap();
+        let tenant = vec![("tenant".to_string(), Bytes::from_static(b"a b"))];
+        assert_eq!(
+            t.render(&record(Some(b"k/1?\xff"), tenant.clone())).unwrap(),
+            "http://s/in%2Fx/3/42/k%2F1%3F%FF?t=a%20b"
+        );
+        assert_eq!(
+            t.render(&record(None, tenant)).unwrap_err(),
+            "the URL takes the record's key (`{key}`), and the record has none"
+        );
+        assert_eq!(
+            t.render(&record(Some(b""), Vec::new())).unwrap_err(),
+            "the URL takes the record's header `tenant` (`{header.tenant}`), and the record has none"
+        );
     }
 }

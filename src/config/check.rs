@@ -127,6 +127,63 @@ pub fn is_secret_key(key: &str) -> bool {
         )
 }
 
+/// What is wrong with one entry of `kafka.brokers`, as librdkafka reads it:
+/// `[PROTOCOL://]host[:port]`, an IPv6 host in brackets, 9092 when no port is given.
+fn broker_problem(entry: &str) -> Option<String> {
+    const HOW: &str = "write host:port[,host:port…], e.g. kafka-0.kafka:9092";
+    if entry.is_empty() {
+        return Some(format!("an empty entry in the list: {HOW}"));
+    }
+    let address = match entry.split_once("://") {
+        Some((protocol, rest))
+            if ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+                .contains(&protocol.to_ascii_lowercase().as_str()) =>
+        {
+            rest
+        }
+        Some((protocol, _)) => {
+            return Some(format!(
+                "`{entry}`: Kafka is not reached over `{protocol}://`; {HOW} (TLS and SASL go in kafka.properties, `security.protocol`)"
+            ));
+        }
+        None => entry,
+    };
+    let (host, port) = match address.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, rest)) => match rest.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Some(format!("`{entry}`: {HOW}")),
+            },
+            None => {
+                return Some(format!(
+                    "`{entry}`: an IPv6 address ends with `]`, e.g. [::1]:9092"
+                ));
+            }
+        },
+        None => match address.split_once(':') {
+            Some((_, rest)) if rest.contains(':') => {
+                return Some(format!(
+                    "`{entry}`: an IPv6 address goes in brackets, e.g. [::1]:9092"
+                ));
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (address, None),
+        },
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+    if !host_ok {
+        return Some(format!("`{entry}` is not host:port; {HOW}"));
+    }
+    match port.map(str::parse::<u16>) {
+        Some(Ok(0) | Err(_)) => Some(format!("`{entry}`: the port must be a number from 1 to 65535")),
+        _ => None,
+    }
+}
+
 /// Why a header configured for every request would be replaced: ferry sets it per record
 /// (SPEC §3), or hyper frames the body by it.
 fn set_by_ferry(name: &str, format: Format) -> Option<&'static str> {
@@ -306,6 +363,14 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
             "kafka.brokers".into(),
             "no brokers given: write host:port[,host:port…]".into(),
         );
+    } else if !placeholders.contains("kafka.brokers") {
+        // librdkafka takes a bad address without a word and retries it forever: ferry would
+        // sit unready, checking topics, with the reason only in librdkafka's log.
+        for entry in config.kafka.brokers.split(',').map(str::trim) {
+            if let Some(why) = broker_problem(entry) {
+                say("kafka.brokers".into(), why);
+            }
+        }
     }
     if config.kafka.group_id.trim().is_empty() {
         say(
