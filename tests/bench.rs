@@ -379,6 +379,9 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
     assert_eq!(code, 2);
     assert!(err.contains("does not read"), "{err}");
 
+    // A record ferry did not write, in the same topic: never sent.
+    kafka.send(&t.dlq, None, Some("x"), "foreign", &[]).await;
+
     // A dry run says what it would do and does nothing.
     let (code, out, err) = ferry(
         args(&[
@@ -397,6 +400,10 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.matches("would send ").count(), 3, "{out}");
     assert!(out.contains("would send 2 dead letters"), "{out}");
+    assert!(
+        out.contains("skipped 1 not written by ferry (no `ferry.route` header)"),
+        "{out}"
+    );
 
     // Only one reason first: the others are left for later.
     let (code, out, err) = ferry(
@@ -448,7 +455,7 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
     // The rest, then nothing: once each.
     let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("sent 1 dead letters"), "{out}");
+    assert!(out.contains("sent 1 dead letter from"), "{out}");
     assert!(out.contains("skipped 2 sent by an earlier run"), "{out}");
     let (code, out, err) = ferry(args(&["redrive", "-c", &c, "--route", "test"]), "").await;
     assert_eq!(code, 0, "{err}");
@@ -476,7 +483,11 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
         4,
         "no record was sent back twice"
     );
-    assert_eq!(kafka.read_all(&t.dlq).await.len(), 3, "nothing failed again");
+    assert_eq!(
+        kafka.read_all(&t.dlq).await.len(),
+        4,
+        "nothing failed again: the three dead letters and the foreign record"
+    );
 }
 
 /// Two runs of one route's redrive at once (a Job run again, two operators, one with `--reason`)

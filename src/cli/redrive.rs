@@ -74,6 +74,9 @@ struct Tally {
     other_route: u64,
     other_reason: u64,
     no_payload: u64,
+    /// Records without `ferry.route`: not dead letters ferry wrote, whatever else shares the
+    /// topic.
+    not_ferry: u64,
 }
 
 async fn run(args: RedriveArgs) -> Result<(), Refused> {
@@ -261,9 +264,16 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
         bar.inc(1);
         next.insert(p, o + 1);
         let header = |name: &str| header_of(&m, name);
-        if header("ferry.route").as_deref().is_some_and(|r| r != route.name) {
-            tally.other_route += 1;
-            continue;
+        match header("ferry.route") {
+            None => {
+                tally.not_ferry += 1;
+                continue;
+            }
+            Some(r) if r != route.name => {
+                tally.other_route += 1;
+                continue;
+            }
+            Some(_) => {}
         }
         // Sent before comes first: a dead letter of another reason already sent is not left
         // for later.
@@ -336,8 +346,9 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
     }
     let verb = if args.dry_run { "would send" } else { "sent" };
     println!(
-        "{verb} {} dead letters from {dead_letters} back to {target}{}",
+        "{verb} {} dead letter{} from {dead_letters} back to {target}{}",
         tally.sent,
+        if tally.sent == 1 { "" } else { "s" },
         args.limit
             .filter(|l| tally.sent >= *l)
             .map_or(String::new(), |l| format!(" (stopped at --limit {l})"))
@@ -350,6 +361,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             tally.no_payload,
             "without their payload, which cannot be sent back",
         ),
+        (tally.not_ferry, "not written by ferry (no `ferry.route` header)"),
     ];
     for (n, why) in skipped.iter().filter(|(n, _)| *n > 0) {
         println!("  skipped {n} {why}");
