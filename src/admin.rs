@@ -433,6 +433,9 @@ impl Admin {
             m.in_flight
                 .with_label_values(&[name.as_str()])
                 .set(mine().map(|p| p.in_flight as i64).sum());
+            m.assigned
+                .with_label_values(&[name.as_str()])
+                .set(mine().count() as i64);
             if let Some(oldest) = mine().filter_map(|p| p.oldest_in_flight).max() {
                 m.oldest_in_flight
                     .with_label_values(&[name.as_str()])

@@ -208,6 +208,11 @@ async fn metrics_reconcile_and_cover_the_spec() {
     );
     assert_eq!(metric_sum(&text, "ferry_high_watermark_offset", &[]), 60.0);
     assert_eq!(
+        metric_sum(&text, "ferry_assigned_partitions", &["route=\"test\""]),
+        2.0,
+        "both partitions of the source"
+    );
+    assert_eq!(
         metric_sum(&text, "ferry_circuit_state", &["state=\"closed\""]),
         1.0
     );

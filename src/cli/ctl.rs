@@ -203,7 +203,12 @@ pub fn table(s: &Status, only: Option<&str>) -> String {
             r.in_flight.to_string(),
             r.oldest_in_flight_seconds
                 .map_or("-".into(), |s| format!("{s:.1}s")),
-            r.lag.to_string(),
+            // Lag is known only of partitions this instance owns: with none, it says nothing.
+            if r.partitions.is_empty() {
+                "-".into()
+            } else {
+                r.lag.to_string()
+            },
             r.received.to_string(),
             if outcomes.is_empty() {
                 "-".into()

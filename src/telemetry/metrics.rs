@@ -47,6 +47,7 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     pub committed: IntGaugeVec,
     pub high_watermark: IntGaugeVec,
+    pub assigned: IntGaugeVec,
     pub paused: IntGaugeVec,
     pub circuit: IntGaugeVec,
     pub ready: IntGauge,
@@ -169,6 +170,12 @@ impl Metrics {
                 names::HIGH_WATERMARK,
                 "The partition's high watermark.",
                 route_tp,
+            ),
+            assigned: gauge(
+                &r,
+                names::ASSIGNED_PARTITIONS,
+                "Partitions of the route's topics this instance owns in the group.",
+                &["route"],
             ),
             paused: gauge(
                 &r,

@@ -44,6 +44,10 @@ pub mod names {
     pub const COMMITTED_OFFSET: &str = "ferry_committed_offset";
     /// Gauge [route, topic, partition]: the partition's high watermark.
     pub const HIGH_WATERMARK: &str = "ferry_high_watermark_offset";
+    /// Gauge [route]: partitions of the route's topics this instance owns in the group (0 on
+    /// an instance beyond the partition count, and on every instance while the group cannot
+    /// form).
+    pub const ASSIGNED_PARTITIONS: &str = "ferry_assigned_partitions";
     /// Gauge [route, reason]: assigned partitions from which ferry takes nothing, by reason.
     pub const PAUSED_PARTITIONS: &str = "ferry_paused_partitions";
     /// Gauge [route, state]: 1 for the circuit's current state (`closed`, `open`, `half_open`).
@@ -73,6 +77,7 @@ pub mod names {
         CONSUMER_LAG,
         COMMITTED_OFFSET,
         HIGH_WATERMARK,
+        ASSIGNED_PARTITIONS,
         PAUSED_PARTITIONS,
         CIRCUIT_STATE,
         READY,
