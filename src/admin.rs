@@ -126,8 +126,11 @@ impl Health {
         if let Some(problem) = self.writes.get().and_then(|w| w.problem()) {
             return Err(problem);
         }
-        if self.service.get().is_some_and(|g| !g.is_open()) {
-            return Err("the service is not ready".into());
+        if let Some(gate) = self.service.get().filter(|g| !g.is_open()) {
+            return Err(match gate.why_closed() {
+                Some(why) => format!("the service is not ready: {why}"),
+                None => "the service is not ready".into(),
+            });
         }
         if !self.subscribed.load(Ordering::Relaxed) {
             return Err("not subscribed yet".into());

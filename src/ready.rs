@@ -4,6 +4,7 @@
 //!
 //! Fed by a probe loop; read by the consumer loop (no room while closed) and by `/readyz`.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -12,16 +13,20 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Health;
 use crate::config::Ready;
 
-/// Open when the service is ready (or no probe is configured).
+/// Open when the service is ready (or no probe is configured); closed, with what the last probe
+/// said, when it is not.
 #[derive(Debug)]
 pub struct Gate {
     open: AtomicBool,
+    /// What the last failed probe said, for `/readyz` and the log.
+    why: Mutex<Option<String>>,
 }
 
 impl Gate {
     pub fn new(open: bool) -> Self {
         Gate {
             open: AtomicBool::new(open),
+            why: Mutex::new(None),
         }
     }
 
@@ -29,21 +34,40 @@ impl Gate {
         self.open.load(Ordering::Relaxed)
     }
 
-    pub fn set(&self, open: bool) {
-        if self.open.swap(open, Ordering::Relaxed) != open {
-            if open {
-                tracing::info!("Service is ready: taking records");
-            } else {
-                tracing::warn!("Service is not ready: no new records until it is");
-            }
+    /// What the last failed probe said, while the gate is closed.
+    pub fn why_closed(&self) -> Option<String> {
+        if self.is_open() {
+            return None;
         }
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn open(&self) {
+        if !self.open.swap(true, Ordering::Relaxed) {
+            tracing::info!("Service is ready: taking records");
+        }
+    }
+
+    /// Closes the gate, or keeps it closed, because the probe said `why`.
+    pub fn close(&self, why: String) {
+        let was_open = self.open.swap(false, Ordering::Relaxed);
+        if was_open {
+            tracing::warn!(why = %why, "Service is not ready: no new records until it is");
+        }
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 }
 
 /// One way of asking the service whether it is ready.
 pub enum Probe {
-    Http { client: reqwest::Client, url: String },
-    Grpc { channel: tonic::transport::Channel },
+    Http {
+        client: reqwest::Client,
+        url: String,
+    },
+    Grpc {
+        channel: tonic::transport::Channel,
+        url: String,
+    },
 }
 
 impl Probe {
@@ -64,7 +88,7 @@ impl Probe {
             .map_err(|e| format!("`{url}` is not a gRPC endpoint: {e}"))?
             .timeout(timeout);
         let channel = crate::call::grpc::with_tls(endpoint, config.tls())?.connect_lazy();
-        Ok(Probe::Grpc { channel })
+        Ok(Probe::Grpc { channel, url })
     }
 
     /// `Ok` when the service says it is ready, else why not.
@@ -75,7 +99,7 @@ impl Probe {
                 Ok(r) => Err(format!("{url} answered {}", r.status())),
                 Err(e) => Err(format!("{url}: {}", crate::call::error_chain(&e.without_url()))),
             },
-            Probe::Grpc { channel } => {
+            Probe::Grpc { channel, url } => {
                 use tonic_health::pb::health_check_response::ServingStatus;
                 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
                 let mut client = HealthClient::new(channel.clone());
@@ -86,8 +110,12 @@ impl Probe {
                     .await
                 {
                     Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
-                    Ok(r) => Err(format!("health status {}", r.get_ref().status)),
-                    Err(s) => Err(format!("health check failed: {}", s.message())),
+                    Ok(r) => Err(format!(
+                        "{url}'s health service answered {}",
+                        ServingStatus::try_from(r.get_ref().status)
+                            .map_or("an unknown status", |s| s.as_str_name())
+                    )),
+                    Err(s) => Err(format!("{url}'s health check failed: {}", s.message())),
                 }
             }
         }
@@ -98,6 +126,7 @@ impl Probe {
 pub async fn wait_until_ready(
     probe: &Probe,
     config: &Ready,
+    gate: &Gate,
     stop: &CancellationToken,
     health: &Health,
 ) -> bool {
@@ -105,8 +134,14 @@ pub async fn wait_until_ready(
         // Waiting for the service is progress, not a stuck process: stay live.
         health.beat();
         match probe.check().await {
-            Ok(()) => return true,
-            Err(why) => tracing::info!(why = %why, "Waiting for the service to be ready"),
+            Ok(()) => {
+                gate.open();
+                return true;
+            }
+            Err(why) => {
+                tracing::info!(why = %why, "Waiting for the service to be ready");
+                gate.close(why);
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(config.interval.0) => {}
@@ -127,13 +162,13 @@ pub async fn watch(probe: Probe, config: Ready, gate: std::sync::Arc<Gate>, stop
         match probe.check().await {
             Ok(()) => {
                 failures = 0;
-                gate.set(true);
+                gate.open();
             }
             Err(why) => {
                 failures += 1;
                 tracing::debug!(why = %why, failures, "Readiness probe failed");
                 if failures >= config.failure_threshold {
-                    gate.set(false);
+                    gate.close(why);
                 }
             }
         }

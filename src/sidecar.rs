@@ -344,11 +344,10 @@ async fn pipeline(
             route: "service.ready".into(),
             message,
         })?;
-        if !ready::wait_until_ready(&probe, ready, &shutdown, &health).await {
+        if !ready::wait_until_ready(&probe, ready, &setup.gate, &shutdown, &health).await {
             admin_stop.cancel();
             return Ok(());
         }
-        setup.gate.set(true);
         tokio::spawn(ready::watch(
             probe,
             ready.clone(),

@@ -13,11 +13,12 @@ use ferry::sidecar::Sidecar;
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn readyz(addr: std::net::SocketAddr) -> u16 {
-    reqwest::get(format!("http://{addr}/readyz"))
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    readyz_says(addr).await.0
+}
+
+async fn readyz_says(addr: std::net::SocketAddr) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,7 +57,11 @@ async fn http_probe_gates_subscription_and_pauses_while_the_service_is_unready()
     let work = |s: &Service| s.requests().iter().filter(|r| r.path == "/work").count();
     assert_eq!(work(&service), 0, "no record reaches a service that is not ready");
     assert!(sidecar.partitions().is_empty(), "not even subscribed");
-    assert_eq!(readyz(admin).await, 503);
+    // What the probe got, where an operator looks first.
+    let probe_said = format!("{} answered 503 Service Unavailable", service.url("/healthz"));
+    let (code, body) = readyz_says(admin).await;
+    assert_eq!(code, 503);
+    assert!(body.contains(&probe_said), "{body}");
 
     healthy.store(true, Ordering::SeqCst);
     kafka.read(&reply, 1, WAIT).await;
@@ -67,10 +72,12 @@ async fn http_probe_gates_subscription_and_pauses_while_the_service_is_unready()
 
     // The service becomes unready: after two failed probes, no new records are taken.
     healthy.store(false, Ordering::SeqCst);
-    eventually(WAIT, "unready", || async {
-        (readyz(admin).await == 503).then_some(())
+    let body = eventually(WAIT, "unready", || async {
+        let (code, body) = readyz_says(admin).await;
+        (code == 503).then_some(body)
     })
     .await;
+    assert!(body.contains(&probe_said), "{body}");
     kafka.send(&source, None, Some("k"), "while-down", &[]).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(work(&service), 1, "no call while the service is unready");
@@ -119,6 +126,14 @@ async fn grpc_health_probe_gates_subscription() {
     let sidecar = Sidecar::start(parse(&text)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(service.requests().is_empty(), "NOT_SERVING holds ferry back");
+    let (code, body) = readyz_says(sidecar.admin_addr.unwrap()).await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains(&format!(
+            "http://{grpc_addr}'s health service answered NOT_SERVING"
+        )),
+        "{body}"
+    );
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
