@@ -472,6 +472,29 @@ fn broker_addresses_librdkafka_cannot_read_are_refused() {
 }
 
 #[test]
+fn replies_cannot_go_to_the_dead_letter_topic_and_prestop_needs_the_admin_endpoint() {
+    let (code, stderr) = validate(
+        &GOOD
+            .replace(
+                "    dead_letter:\n",
+                "    reply: { to: out, topics: [dlq] }\n    dead_letter:\n",
+            )
+            .replace(
+                "  group_id: g\n",
+                "  group_id: g\nadmin: { listen: null, prestop: true }\n",
+            ),
+    );
+    assert_eq!(code, 78, "{stderr}");
+    for says in [
+        "routes[0].reply.topics[0]: `dlq` is also this route's dead-letter topic: replies would read as dead letters",
+        "admin.prestop: `GET /prestop` is served by the admin endpoint, which `listen: null` turns off",
+        "2 errors in",
+    ] {
+        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
+    }
+}
+
+#[test]
 fn headers_ferry_sets_per_request_cannot_be_configured() {
     let (code, stderr) = validate(&GOOD.replace(
         "        url: http://127.0.0.1:8080/\n",

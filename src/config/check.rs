@@ -372,6 +372,12 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
             }
         }
     }
+    if config.admin.prestop && config.admin.listen.is_none() {
+        say(
+            "admin.prestop".into(),
+            "`GET /prestop` is served by the admin endpoint, which `listen: null` turns off: give `admin.listen`, or leave `prestop` out".into(),
+        );
+    }
     if config.kafka.group_id.trim().is_empty() {
         say(
             "kafka.group_id".into(),
@@ -714,29 +720,29 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
         }
 
         let sources = &route.from.topics;
-        // A retry topic is read by the route as much as a source is.
-        let read_as = |topic: &String| {
+        // A retry topic is read by the route as much as a source is; the dead-letter topic is
+        // read by `ferry redrive`, as dead letters.
+        let not_for_replies = |topic: &String| {
             if sources.contains(topic) {
-                Some("this route's source")
+                Some("this route's source: replies would be consumed again, forever")
             } else if route.retry.topics.contains(topic) {
-                Some("one of this route's retry topics")
+                Some("one of this route's retry topics: replies would be consumed again, forever")
+            } else if *topic == route.dead_letter.to {
+                Some("this route's dead-letter topic: replies would read as dead letters")
             } else {
                 None
             }
         };
         if let Some(to) = &route.reply.to {
-            if let Some(what) = read_as(to) {
-                say(
-                    at("reply.to"),
-                    format!("`{to}` is also {what}: replies would be consumed again, forever"),
-                );
+            if let Some(why) = not_for_replies(to) {
+                say(at("reply.to"), format!("`{to}` is also {why}"));
             }
         }
         for (t, topic) in route.reply.topics.iter().enumerate() {
-            if let Some(what) = read_as(topic) {
+            if let Some(why) = not_for_replies(topic) {
                 say(
                     format!("routes[{i}].reply.topics[{t}]"),
-                    format!("`{topic}` is also {what}: replies would be consumed again, forever"),
+                    format!("`{topic}` is also {why}"),
                 );
             }
         }
