@@ -235,6 +235,73 @@ async fn send_writes_values_files_stdin_counts_and_json_lines_and_tail_shows_the
 }
 
 #[tokio::test]
+async fn what_tail_json_prints_send_json_lines_writes_again_byte_for_byte() {
+    let kafka = Kafka::start();
+    let dump = kafka.topic("dump", 1).await;
+    let replay = kafka.topic("replay", 1).await;
+    let b = kafka.brokers.as_str();
+    kafka
+        .send_raw(
+            &dump,
+            Some(b"k\xff"),
+            Some(b"\x00\x01v"),
+            &[("bin", b"\xfe"), ("text", b"t")],
+        )
+        .await;
+    kafka
+        .send(&dump, None, Some("plain"), "text value", &[("h", "1")])
+        .await;
+    let tail = |topic: &str| {
+        ferry(
+            args(&[
+                "tail",
+                "-b",
+                b,
+                "-t",
+                topic,
+                "--from-beginning",
+                "-n",
+                "2",
+                "--json",
+            ]),
+            "",
+        )
+    };
+    let (code, printed, err) = tail(&dump).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(printed.contains("\"key_base64\""), "{printed}");
+    let (code, out, err) = ferry(args(&["send", "-b", b, "-t", &replay, "--json-lines"]), &printed).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("sent 2 records"), "{out}");
+    let (code, again, err) = tail(&replay).await;
+    assert_eq!(code, 0, "{err}");
+    // The same records but for where and when they were written.
+    let records = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in ["topic", "offset", "timestamp"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect()
+    };
+    assert_eq!(records(&printed), records(&again));
+    // A bad line stops the whole input, and says that nothing was sent.
+    let (code, _, err) = ferry(
+        args(&["send", "-b", b, "-t", &replay, "--json-lines"]),
+        "{\"key\":\"a\"}\n{\"value_base64\":\"not base64!\"}\n",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 2: `value_base64` must be a base64 string; nothing was sent"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_config_file_supplies_the_connection_and_x_overrides_it() {
     let kafka = Kafka::start();
     let topic = kafka.topic("bench", 1).await;

@@ -3,6 +3,7 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -37,16 +38,19 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// One record per input line: `{"key": …, "value": …, "headers": {…}, "partition": …}`; a
-    /// value that is not a string is sent as its JSON text.
+    /// value that is not a string is sent as its JSON text. What `ferry tail --json` prints is
+    /// taken as it is: bytes that are not text as `key_base64`, `value_base64` and headers
+    /// `NAME_base64`; its `topic`, `offset` and `timestamp` are left out (the record goes to
+    /// `-t`, and the broker gives it an offset and a time).
     #[arg(long)]
     pub json_lines: bool,
 }
 
 /// One record to write.
 struct Outgoing {
-    key: Option<String>,
+    key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
-    headers: Vec<(String, String)>,
+    headers: Vec<(String, Vec<u8>)>,
     partition: Option<i32>,
 }
 
@@ -80,11 +84,11 @@ fn read_source(source: Option<&str>) -> Result<Vec<u8>, Refused> {
     }
 }
 
-fn parse_headers(raw: &[String]) -> Result<Vec<(String, String)>, Refused> {
+fn parse_headers(raw: &[String]) -> Result<Vec<(String, Vec<u8>)>, Refused> {
     raw.iter()
         .map(|h| {
             h.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .ok_or_else(|| refused(2, format!("-H {h}: write a header as name=value")))
         })
         .collect()
@@ -95,33 +99,60 @@ fn json_lines(input: &[u8]) -> Result<Vec<Outgoing>, Refused> {
     let text = std::str::from_utf8(input).map_err(|e| refused(1, format!("the input is not UTF-8: {e}")))?;
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |why: String| refused(1, format!("line {}: {why}", n + 1));
+        // Every line is read before the first is sent: a bad one stops the whole input.
+        let bad = |why: String| refused(1, format!("line {}: {why}; nothing was sent", n + 1));
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
         let obj = v
             .as_object()
             .ok_or_else(|| bad("expected an object with key, value, headers".into()))?;
         for k in obj.keys() {
-            if !matches!(k.as_str(), "key" | "value" | "headers" | "partition") {
+            if !matches!(
+                k.as_str(),
+                "key" | "key_base64" | "value" | "value_base64" | "headers" | "partition"
+                    // What `ferry tail --json` prints besides, and `send` leaves to the broker.
+                    | "topic" | "offset" | "timestamp"
+            ) {
                 return Err(bad(format!(
-                    "unknown field `{k}`; expected key, value, headers, partition"
+                    "unknown field `{k}`; expected key, value, headers, partition (or key_base64, value_base64)"
                 )));
             }
         }
         let text_of = |v: &serde_json::Value| match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
+            serde_json::Value::String(s) => s.clone().into_bytes(),
+            other => other.to_string().into_bytes(),
+        };
+        let base64 = |field: &str, v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
+                .ok_or_else(|| bad(format!("`{field}` must be a base64 string")))
+        };
+        // `name` as text, or `name_base64` as bytes; not both.
+        let bytes = |o: &serde_json::Map<String, serde_json::Value>, name: &str| {
+            let encoded = format!("{name}_base64");
+            match (
+                o.get(name).filter(|v| !v.is_null()),
+                o.get(&encoded).filter(|v| !v.is_null()),
+            ) {
+                (Some(_), Some(_)) => Err(bad(format!("give `{name}` or `{encoded}`, not both"))),
+                (Some(v), None) => Ok(Some(text_of(v))),
+                (None, Some(v)) => base64(&encoded, v).map(Some),
+                (None, None) => Ok(None),
+            }
         };
         let headers = match obj.get("headers") {
             None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::Object(h)) => h.iter().map(|(k, v)| (k.clone(), text_of(v))).collect(),
+            Some(serde_json::Value::Object(h)) => h
+                .iter()
+                .map(|(k, v)| match k.strip_suffix("_base64") {
+                    Some(name) => Ok((name.to_string(), base64(&format!("headers.{k}"), v)?)),
+                    None => Ok((k.clone(), text_of(v))),
+                })
+                .collect::<Result<_, Refused>>()?,
             Some(_) => return Err(bad("`headers` must be an object of name: value".into())),
         };
         out.push(Outgoing {
-            key: obj.get("key").filter(|k| !k.is_null()).map(text_of),
-            value: obj
-                .get("value")
-                .filter(|v| !v.is_null())
-                .map(|v| text_of(v).into_bytes()),
+            key: bytes(obj, "key")?,
+            value: bytes(obj, "value")?,
             headers,
             partition: match obj.get("partition") {
                 None | Some(serde_json::Value::Null) => None,
@@ -204,11 +235,15 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
         };
         let key = args.key.clone();
         let partition = args.partition;
-        Box::new((0..args.count).map(move |i| Outgoing {
-            key: key.as_ref().map(|k| k.replace("{i}", &i.to_string())),
-            value: template.as_ref().map(|t| numbered(t, i)),
-            headers: headers.clone(),
-            partition,
+        Box::new((0..args.count).map(move |i| {
+            Outgoing {
+                key: key
+                    .as_ref()
+                    .map(|k| k.replace("{i}", &i.to_string()).into_bytes()),
+                value: template.as_ref().map(|t| numbered(t, i)),
+                headers: headers.clone(),
+                partition,
+            }
         }))
     };
 
@@ -238,15 +273,15 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
         for (k, v) in &r.headers {
             hs = hs.insert(Header {
                 key: k,
-                value: Some(v.as_bytes()),
+                value: Some(v.as_slice()),
             });
         }
         let topic = args.topic.clone();
         let producer = producer.clone();
         in_flight.push(async move {
-            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic).headers(hs);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hs);
             if let Some(k) = &r.key {
-                record = record.key(k.as_str());
+                record = record.key(k.as_slice());
             }
             if let Some(v) = &r.value {
                 record = record.payload(v.as_slice());
@@ -254,7 +289,7 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
             if let Some(p) = r.partition {
                 record = record.partition(p);
             }
-            let size = r.key.as_ref().map_or(0, String::len) + r.value.as_ref().map_or(0, Vec::len);
+            let size = r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len);
             producer
                 .send(record, Duration::from_secs(30))
                 .await
