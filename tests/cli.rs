@@ -409,6 +409,20 @@ fn a_drain_longer_than_the_poll_interval_is_refused() {
         stderr.contains("shutdown.drain_timeout: must be below max.poll.interval.ms (20s)"),
         "{stderr}"
     );
+    // With the drain timeout at its default, which the file does not hold: said at the property,
+    // with its line.
+    let text = GOOD.replace(
+        "  group_id: g\n",
+        "  group_id: g\n  properties:\n    max.poll.interval.ms: 1000\n",
+    );
+    let (code, stderr) = validate(&text);
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains(
+            ":5:27: kafka.properties.max.poll.interval.ms: must be above shutdown.drain_timeout (25s, its default)"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -422,14 +422,24 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
             .unwrap_or(default)
     };
     let max_poll = Duration::from_millis(property_ms("max.poll.interval.ms", 300_000));
-    if config.shutdown.drain_timeout.0 >= max_poll {
-        say(
-            "shutdown.drain_timeout".into(),
-            format!(
-                "must be below max.poll.interval.ms ({}): a drain on revoke that long gets this member evicted from the group",
-                Dur(max_poll)
-            ),
-        );
+    let drain = config.shutdown.drain_timeout;
+    if drain.0 >= max_poll {
+        const WHY: &str = "a drain on revoke that long gets this member evicted from the group";
+        // Said where the file sets it: a drain timeout left at its default is not in the file.
+        let default_drain = drain == super::types::Shutdown::default().drain_timeout;
+        if default_drain && config.kafka.properties.contains_key("max.poll.interval.ms") {
+            say(
+                "kafka.properties.max.poll.interval.ms".into(),
+                format!(
+                    "must be above shutdown.drain_timeout ({drain}, its default): {WHY}; raise it, or set a shorter drain_timeout"
+                ),
+            );
+        } else {
+            say(
+                "shutdown.drain_timeout".into(),
+                format!("must be below max.poll.interval.ms ({}): {WHY}", Dur(max_poll)),
+            );
+        }
     }
     let traces = &config.telemetry.traces;
     if !(0.0..=1.0).contains(&traces.sample_ratio) {
