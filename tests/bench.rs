@@ -190,6 +190,22 @@ async fn send_writes_values_files_stdin_counts_and_json_lines_and_tail_shows_the
     let (code, _, err) = ferry(args(&["send", "-t", &topic, "x"]), "").await;
     assert_eq!(code, 2);
     assert!(err.contains("-b HOST:PORT"), "{err}");
+    // A partition the topic does not have, said before anything is sent.
+    let (code, _, err) = ferry(args(&["send", "-b", b, "-t", &topic, "-p", "7", "x"]), "").await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "-p 7: topic `{topic}` has 2 partitions (0 to 1); nothing was sent"
+        )),
+        "{err}"
+    );
+    let (code, _, err) = ferry(
+        args(&["send", "-b", b, "-t", &topic, "--json-lines"]),
+        "{\"value\":\"a\"}\n{\"value\":\"b\",\"partition\":2}\n",
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("record 2 asks for partition 2"), "{err}");
 
     // tail: readable and JSON, headers shown, stops after -n.
     let (code, out, err) = ferry(
@@ -555,6 +571,25 @@ async fn redrive_sends_dead_letters_back_once_each_and_they_end_as_replies_once_
         4,
         "nothing failed again: the three dead letters and the foreign record"
     );
+
+    // Sent back before the cause is fixed, a record fails again: the next run says so.
+    fixed.store(false, Ordering::SeqCst);
+    kafka.send(&t.source, None, Some("e"), "poison-3", &[]).await;
+    kafka.read(&t.dlq, 5, WAIT).await;
+    let redrive = || ferry(args(&["redrive", "-c", &c, "--route", "test"]), "");
+    let (code, out, err) = redrive().await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("sent 1 dead letter from") && !out.contains("sent back before"),
+        "{out}"
+    );
+    kafka.read(&t.dlq, 6, WAIT).await;
+    let (code, out, err) = redrive().await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("1 of them had been sent back before and failed again (`ferry.redriven_from`)"),
+        "{out}"
+    );
 }
 
 /// Two runs of one route's redrive at once (a Job run again, two operators, one with `--reason`)
@@ -697,16 +732,21 @@ async fn tail_into_a_closed_pipe_ends_without_a_panic() {
 /// A broker that cannot be reached is an error that says so, after the metadata request's 10 s,
 /// not five minutes of silence and a "message timed out".
 #[tokio::test]
-async fn send_to_a_broker_that_cannot_be_reached_says_so() {
+async fn send_and_tail_to_a_broker_that_cannot_be_reached_say_so() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .to_string();
-    let (code, _, err) = ferry(args(&["send", "-b", &closed, "-t", "x", "v"]), "").await;
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains(&format!("cannot reach the broker at {closed}")) && err.contains("check -b"),
-        "{err}"
-    );
+    for command in [
+        &["send", "-b", &closed, "-t", "x", "v"][..],
+        &["tail", "-b", &closed, "-t", "x"],
+    ] {
+        let (code, _, err) = ferry(args(command), "").await;
+        assert_eq!(code, 1, "{command:?}: {err}");
+        assert!(
+            err.contains(&format!("cannot reach the broker at {closed}")) && err.contains("check -b"),
+            "{command:?}: {err}"
+        );
+    }
 }

@@ -77,6 +77,8 @@ struct Tally {
     /// Records without `ferry.route`: not dead letters ferry wrote, whatever else shares the
     /// topic.
     not_ferry: u64,
+    /// Of those sent, dead letters of records an earlier run had sent back (`ferry.redriven_from`).
+    again: u64,
 }
 
 async fn run(args: RedriveArgs) -> Result<(), Refused> {
@@ -291,6 +293,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             continue;
         }
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let again = u64::from(header("ferry.redriven_from").is_some());
         if args.dry_run {
             bar.suspend(|| {
                 println!(
@@ -299,6 +302,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
                 )
             });
             tally.sent += 1;
+            tally.again += again;
             continue;
         }
         let mut headers = OwnedHeaders::new();
@@ -332,6 +336,7 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             ));
         }
         tally.sent += 1;
+        tally.again += again;
         // Recorded before the next one, so neither an interrupted run nor one that loses the
         // lock leaves a sent dead letter unrecorded.
         commit(&consumer, &dead_letters, &next)?;
@@ -353,6 +358,12 @@ async fn run(args: RedriveArgs) -> Result<(), Refused> {
             .filter(|l| tally.sent >= *l)
             .map_or(String::new(), |l| format!(" (stopped at --limit {l})"))
     );
+    if tally.again > 0 {
+        println!(
+            "  {} of them had been sent back before and failed again (`ferry.redriven_from`): is the cause fixed?",
+            tally.again
+        );
+    }
     let skipped = [
         (tally.already, "sent by an earlier run"),
         (tally.other_route, "of other routes"),

@@ -199,6 +199,30 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
     {
         return Err(refused(1, format!("cannot write to topic `{}`: {e}", args.topic)));
     }
+    // A partition the topic does not have fails each record with librdkafka's bare
+    // `UnknownPartition`: said once, before anything is sent.
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == args.topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0);
+    let check_partition = |p: Option<i32>, what: &str| match (p, partitions) {
+        (Some(p), Some(n)) if p < 0 || p as usize >= n => Err(refused(
+            2,
+            format!(
+                "{what}: topic `{}` has {n} partition{} (0 to {}); nothing was sent",
+                args.topic,
+                if n == 1 { "" } else { "s" },
+                n - 1
+            ),
+        )),
+        _ => Ok(()),
+    };
+    check_partition(
+        args.partition,
+        &format!("-p {}", args.partition.unwrap_or_default()),
+    )?;
     let headers = parse_headers(&args.headers)?;
     let records: Box<dyn Iterator<Item = Outgoing>> = if args.json_lines {
         let lines = json_lines(&read_source(args.value.as_deref())?).map_err(|e| {
@@ -211,6 +235,16 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
                 _ => e,
             }
         })?;
+        for (n, r) in lines.iter().enumerate() {
+            check_partition(
+                r.partition,
+                &format!(
+                    "record {} asks for partition {}",
+                    n + 1,
+                    r.partition.unwrap_or_default()
+                ),
+            )?;
+        }
         Box::new(lines.into_iter().map(move |mut r| {
             r.headers.extend(headers.clone());
             r.partition = r.partition.or(args.partition);
