@@ -261,6 +261,7 @@ pub async fn serve(
         .route("/resume", post(resume))
         .route("/drain", post(drain))
         .route("/prestop", get(prestop))
+        .fallback(unknown)
         .with_state(admin);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -633,6 +634,18 @@ async fn drain(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<
         Ok(routes) => drain_and_wait(&a, routes, t.route.is_none()).await,
         Err(refusal) => refusal.into_response(),
     }
+}
+
+/// Any other path or method: what there is, for whoever guessed `/ready` or `/health`.
+async fn unknown(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "no {method} {}: ferry's admin endpoint serves GET /healthz, /readyz, /metrics, /status (and /prestop with admin.prestop), and POST /pause, /resume, /drain\n",
+            uri.path()
+        ),
+    )
+        .into_response()
 }
 
 /// `GET /prestop`: a whole drain for a Kubernetes preStop hook, when `admin.prestop` allows it.

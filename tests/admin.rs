@@ -515,6 +515,13 @@ async fn off_loopback_the_verbs_need_the_token_and_without_one_are_disabled() {
         let (code, _, _) = admin_call("GET", &format!("{guarded}/{path}"), None).await;
         assert_eq!(code, 200, "GET /{path} is open");
     }
+    // A guess says what there is.
+    let (code, _, body) = admin_call("GET", &format!("{guarded}/ready"), None).await;
+    assert_eq!(code, 404);
+    assert!(
+        body.starts_with("no GET /ready: ferry's admin endpoint serves GET /healthz, /readyz"),
+        "{body}"
+    );
     for verb in ["pause", "resume", "drain"] {
         let url = format!("{guarded}/{verb}");
         let (code, _, body) = admin_call("POST", &url, None).await;
