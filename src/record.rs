@@ -191,12 +191,11 @@ pub(crate) fn formatted<R>(args: std::fmt::Arguments<'_>, f: impl FnOnce(&str) -
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::offsets::Tracker;
-
-    fn record(topic: &str, headers: Vec<(String, Bytes)>) -> Record {
-        let tracker = Tracker::new();
+impl Record {
+    /// Offset 42 of `topic`/3 with `headers`, no key and no value, leased from a tracker of
+    /// its own: for unit tests.
+    pub(crate) fn for_test(topic: &str, headers: Vec<(String, Bytes)>) -> Record {
+        let tracker = crate::offsets::Tracker::new();
         let tp: crate::offsets::Tp = (topic.into(), 3);
         tracker.assign(&[(tp.clone(), 0)]);
         let lease = tracker.track(&tp, 42, 0).expect("assigned");
@@ -212,6 +211,15 @@ mod tests {
             taken: std::time::SystemTime::now(),
             lease,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str, headers: Vec<(String, Bytes)>) -> Record {
+        Record::for_test(topic, headers)
     }
 
     #[test]

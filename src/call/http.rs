@@ -315,8 +315,7 @@ mod tests {
         let service = answering(vec![b'x'; MAX_BODY + 1], Duration::ZERO, false).await;
         let config: HttpCall = serde_json::from_value(serde_json::json!({ "url": service.url })).unwrap();
         let http = Http::new(&config).unwrap();
-        let tracker = crate::offsets::Tracker::new();
-        let record = record(&tracker, Vec::new());
+        let record = record(Vec::new());
         let answer = http.call(&record, &ATTEMPT).await.unwrap();
         assert!(answer.body_too_large);
         assert!(answer.body.len() <= MAX_BODY);
@@ -333,21 +332,11 @@ mod tests {
         trace: None,
     };
 
-    /// Offset 0 of `in`/0, with the value `hello` and `headers`, leased from `tracker`.
-    fn record(tracker: &crate::offsets::Tracker, headers: Vec<(String, Bytes)>) -> Record {
-        let tp: crate::offsets::Tp = ("in".into(), 0);
-        tracker.assign(&[(tp.clone(), 0)]);
+    /// A record of `in` with the value `hello` and `headers`.
+    fn record(headers: Vec<(String, Bytes)>) -> Record {
         Record {
-            topic: "in".into(),
-            partition: 0,
-            offset: 0,
-            timestamp_ms: None,
-            key: None,
             value: Some(Bytes::from_static(b"hello")),
-            headers,
-            route: 0,
-            taken: SystemTime::now(),
-            lease: tracker.track(&tp, 0, 0).expect("assigned"),
+            ..Record::for_test("in", headers)
         }
     }
 
@@ -364,7 +353,7 @@ mod tests {
                 .collect();
             let request = Http::new(&config)
                 .unwrap()
-                .request(&record(&crate::offsets::Tracker::new(), headers), &ATTEMPT)
+                .request(&record(headers), &ATTEMPT)
                 .unwrap();
             assert_eq!(
                 request.headers()["x-api"],

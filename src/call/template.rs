@@ -129,22 +129,9 @@ mod tests {
 
     #[test]
     fn placeholders_are_filled_as_one_segment_each_or_the_record_has_no_url() {
-        let record = |key: Option<&'static [u8]>, headers: Vec<(String, Bytes)>| {
-            let tracker = crate::offsets::Tracker::new();
-            let tp: crate::offsets::Tp = ("in/x".into(), 3);
-            tracker.assign(&[(tp.clone(), 0)]);
-            Record {
-                topic: "in/x".into(),
-                partition: 3,
-                offset: 42,
-                timestamp_ms: None,
-                key: key.map(Bytes::from_static),
-                value: None,
-                headers,
-                route: 0,
-                taken: std::time::SystemTime::now(),
-                lease: tracker.track(&tp, 42, 0).expect("assigned"),
-            }
+        let record = |key: Option<&'static [u8]>, headers| Record {
+            key: key.map(Bytes::from_static),
+            ..Record::for_test("in/x", headers)
         };
         let t = Template::parse("http://s/{topic}/{partition}/{offset}/{key}?t={header.tenant}").unwrap();
         let tenant = vec![("tenant".to_string(), Bytes::from_static(b"a b"))];
