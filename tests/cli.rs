@@ -42,6 +42,13 @@ routes:
       to: dlq
 ";
 
+/// Fails with `stderr` unless it holds every line of `expected`.
+fn says_all(stderr: &str, expected: &[&str]) {
+    for says in expected {
+        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
+    }
+}
+
 #[test]
 fn a_good_config_validates() {
     let (code, stderr) = validate(GOOD);
@@ -308,12 +315,13 @@ fn telemetry_settings_are_checked() {
     );
     let (code, stderr) = validate(&yaml);
     assert_eq!(code, 78);
-    for expected in [
-        "telemetry.traces.sample_ratio: must be between 0 and 1",
-        "telemetry.traces.otlp_endpoint: TLS to the collector is not supported yet",
-    ] {
-        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
-    }
+    says_all(
+        &stderr,
+        &[
+            "telemetry.traces.sample_ratio: must be between 0 and 1",
+            "telemetry.traces.otlp_endpoint: TLS to the collector is not supported yet",
+        ],
+    );
     let good = format!(
         "{GOOD}telemetry:\n  log: {{ format: json, level: \"info,ferry=debug\" }}\n  traces: {{ otlp_endpoint: \"http://127.0.0.1:4317\", sample_ratio: 0.25 }}\nadmin:\n  listen: 0.0.0.0:9464\n  token: \"${{FERRY_ADMIN_TOKEN:-}}\"\n"
     );
@@ -385,16 +393,17 @@ fn validate_reports_every_planted_error_with_its_line_at_once() {
         .replace("    dead_letter:\n      to: dlq\n", "    ordering: sideways\n");
     let (code, stderr) = validate(&planted);
     assert_eq!(code, 78);
-    for expected in [
-        "bad.yaml:4:3: kafka.grup: unknown key `grup`",
-        "bad.yaml:12:17: routes[0].call.http.method: expected string, found `42`",
-        "bad.yaml:13:18: routes[0].call.http.timeout: `soon` is not a duration",
-        "bad.yaml:17:15: routes[0].ordering: unknown value `sideways`, expected `key` or `partition` or `none`",
-        "routes[0]: `dead_letter` is required here",
-        "5 errors",
-    ] {
-        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
-    }
+    says_all(
+        &stderr,
+        &[
+            "bad.yaml:4:3: kafka.grup: unknown key `grup`",
+            "bad.yaml:12:17: routes[0].call.http.method: expected string, found `42`",
+            "bad.yaml:13:18: routes[0].call.http.timeout: `soon` is not a duration",
+            "bad.yaml:17:15: routes[0].ordering: unknown value `sideways`, expected `key` or `partition` or `none`",
+            "routes[0]: `dead_letter` is required here",
+            "5 errors",
+        ],
+    );
 }
 
 #[test]
@@ -473,16 +482,17 @@ fn broker_addresses_librdkafka_cannot_read_are_refused() {
         "http://127.0.0.1:19092,not a broker list,127.0.0.1:99999,::1:9092,b:9092,",
     ));
     assert_eq!(code, 78, "{stderr}");
-    for says in [
-        "kafka.brokers: `http://127.0.0.1:19092`: Kafka is not reached over `http://`",
-        "kafka.brokers: `not a broker list` is not host:port; write host:port[,host:port…]",
-        "kafka.brokers: `127.0.0.1:99999`: the port must be a number from 1 to 65535",
-        "kafka.brokers: `::1:9092`: an IPv6 address goes in brackets, e.g. [::1]:9092",
-        "kafka.brokers: an empty entry in the list",
-        "5 errors in",
-    ] {
-        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
-    }
+    says_all(
+        &stderr,
+        &[
+            "kafka.brokers: `http://127.0.0.1:19092`: Kafka is not reached over `http://`",
+            "kafka.brokers: `not a broker list` is not host:port; write host:port[,host:port…]",
+            "kafka.brokers: `127.0.0.1:99999`: the port must be a number from 1 to 65535",
+            "kafka.brokers: `::1:9092`: an IPv6 address goes in brackets, e.g. [::1]:9092",
+            "kafka.brokers: an empty entry in the list",
+            "5 errors in",
+        ],
+    );
 }
 
 #[test]
@@ -499,13 +509,14 @@ fn replies_cannot_go_to_the_dead_letter_topic_and_prestop_needs_the_admin_endpoi
             ),
     );
     assert_eq!(code, 78, "{stderr}");
-    for says in [
-        "routes[0].reply.topics[0]: `dlq` is also this route's dead-letter topic: replies would read as dead letters",
-        "admin.prestop: `GET /prestop` is served by the admin endpoint, which `listen: null` turns off",
-        "2 errors in",
-    ] {
-        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
-    }
+    says_all(
+        &stderr,
+        &[
+            "routes[0].reply.topics[0]: `dlq` is also this route's dead-letter topic: replies would read as dead letters",
+            "admin.prestop: `GET /prestop` is served by the admin endpoint, which `listen: null` turns off",
+            "2 errors in",
+        ],
+    );
 }
 
 #[test]
@@ -515,14 +526,15 @@ fn headers_ferry_sets_per_request_cannot_be_configured() {
         "        url: http://127.0.0.1:8080/\n        headers: { idempotency-key: x, Content-Length: \"5\", ferry-topic: t, x-api: \"1\", content-type: application/json }\n",
     ));
     assert_eq!(code, 78, "{stderr}");
-    for says in [
-        "routes[0].call.http.headers.idempotency-key: ferry sets `idempotency-key` itself, per request (the record's idempotency key): remove it",
-        "routes[0].call.http.headers.Content-Length: ferry sets `Content-Length` itself, per request (the body's framing)",
-        "routes[0].call.http.headers.ferry-topic: ferry sets `ferry-topic` itself",
-        "3 errors in",
-    ] {
-        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
-    }
+    says_all(
+        &stderr,
+        &[
+            "routes[0].call.http.headers.idempotency-key: ferry sets `idempotency-key` itself, per request (the record's idempotency key): remove it",
+            "routes[0].call.http.headers.Content-Length: ferry sets `Content-Length` itself, per request (the body's framing)",
+            "routes[0].call.http.headers.ferry-topic: ferry sets `ferry-topic` itself",
+            "3 errors in",
+        ],
+    );
 }
 
 #[test]
@@ -574,13 +586,14 @@ fn topic_names_kafka_refuses_are_reported_at_load() {
             .replace("to: dlq", "to: a/b"),
     );
     assert_eq!(code, 78, "{stderr}");
-    for says in [
-        "routes[0].from.topics[1]: `x y` is not a topic name Kafka accepts",
-        "routes[0].from.topics[2]: a topic name cannot be empty",
-        "routes[0].dead_letter.to: `a/b` is not a topic name Kafka accepts: use letters, digits, `.`, `_` and `-`",
-    ] {
-        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
-    }
+    says_all(
+        &stderr,
+        &[
+            "routes[0].from.topics[1]: `x y` is not a topic name Kafka accepts",
+            "routes[0].from.topics[2]: a topic name cannot be empty",
+            "routes[0].dead_letter.to: `a/b` is not a topic name Kafka accepts: use letters, digits, `.`, `_` and `-`",
+        ],
+    );
 }
 
 #[test]
@@ -652,16 +665,17 @@ fn schema_errors_and_errors_across_fields_are_reported_together() {
             .replace("to: dlq", "to: in"),
     );
     assert_eq!(code, 78, "{stderr}");
-    for says in [
-        "kafka.comit_interval: unknown key `comit_interval`",
-        "routes[0].call.http.timeout: must be above zero",
-        "routes[0].retry.backoff.jitter: unknown value `some`",
-        "routes[0].concurrency.per_partition: expected integer, found `eight`",
-        "routes[0].dead_letter.to: the dead-letter topic cannot be a source of the same route",
-        "5 errors in",
-    ] {
-        assert!(stderr.contains(says), "missing `{says}` in:\n{stderr}");
-    }
+    says_all(
+        &stderr,
+        &[
+            "kafka.comit_interval: unknown key `comit_interval`",
+            "routes[0].call.http.timeout: must be above zero",
+            "routes[0].retry.backoff.jitter: unknown value `some`",
+            "routes[0].concurrency.per_partition: expected integer, found `eight`",
+            "routes[0].dead_letter.to: the dead-letter topic cannot be a source of the same route",
+            "5 errors in",
+        ],
+    );
     // Nothing about the default that stood in for the refused value (per_partition's 32).
     assert!(!stderr.contains("concurrency.total"), "{stderr}");
 }
