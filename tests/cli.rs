@@ -105,6 +105,13 @@ fn missing_required_key_and_semantic_errors_are_all_reported() {
         stderr.contains("routes[0]: `dead_letter` is required here"),
         "{stderr}"
     );
+    // Said at the key of the mapping it is missing from.
+    let (code, stderr) = validate(&GOOD.replace("  group_id: g\n", ""));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("bad.yaml:1:1: kafka: `group_id` is required here"),
+        "{stderr}"
+    );
 
     let two_problems = GOOD
         .replace("group_id: g", "group_id: \"\"")

@@ -187,7 +187,9 @@ fn describe(error: &ValidationError<'_>, out: &mut Vec<Problem>) {
             }
         }
         ValidationErrorKind::Required { property } => {
-            say(path, false, format!("`{}` is required here", shown(property)));
+            // At the key of the mapping it is missing from (`kafka:`): the mapping's own
+            // position is where its first entry's value begins, a sibling's.
+            say(path, true, format!("`{}` is required here", shown(property)));
         }
         ValidationErrorKind::Format { format } => {
             let message = format_check(format, instance)
