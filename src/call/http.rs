@@ -211,19 +211,20 @@ fn is_valid_value_byte(b: u8) -> bool {
     (b >= 32 && b != 127) || b == b'\t'
 }
 
-/// The header names ferry sets on every request, without parsing or allocating them.
+/// The header names ferry sets on every request, without parsing or allocating them: made at
+/// compile time (`from_static` checks its text byte by byte when it runs).
 fn header_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName> {
     Ok(match name {
-        "ferry-topic" => HeaderName::from_static("ferry-topic"),
-        "ferry-partition" => HeaderName::from_static("ferry-partition"),
-        "ferry-offset" => HeaderName::from_static("ferry-offset"),
-        "ferry-timestamp" => HeaderName::from_static("ferry-timestamp"),
-        "ferry-key" => HeaderName::from_static("ferry-key"),
-        "ferry-attempt" => HeaderName::from_static("ferry-attempt"),
-        "idempotency-key" => HeaderName::from_static("idempotency-key"),
-        "ferry-key-base64" => HeaderName::from_static("ferry-key-base64"),
-        "traceparent" => HeaderName::from_static("traceparent"),
-        "tracestate" => HeaderName::from_static("tracestate"),
+        "ferry-topic" => const { HeaderName::from_static("ferry-topic") },
+        "ferry-partition" => const { HeaderName::from_static("ferry-partition") },
+        "ferry-offset" => const { HeaderName::from_static("ferry-offset") },
+        "ferry-timestamp" => const { HeaderName::from_static("ferry-timestamp") },
+        "ferry-key" => const { HeaderName::from_static("ferry-key") },
+        "ferry-attempt" => const { HeaderName::from_static("ferry-attempt") },
+        "idempotency-key" => const { HeaderName::from_static("idempotency-key") },
+        "ferry-key-base64" => const { HeaderName::from_static("ferry-key-base64") },
+        "traceparent" => const { HeaderName::from_static("traceparent") },
+        "tracestate" => const { HeaderName::from_static("tracestate") },
         _ => return HeaderName::from_bytes(name.as_bytes()),
     })
 }
