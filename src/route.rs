@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::call::{Attempt, Call, CallError, Status};
+use crate::call::{Attempt, CallError, Status, Transport};
 use crate::circuit::{Breaker, Verdict};
 use crate::config::Route;
 use crate::contract;
@@ -27,7 +27,7 @@ use crate::telemetry::trace::{RecordTrace, Step, Tracing};
 /// Everything one route needs to handle a record.
 pub struct RouteHandler {
     pub config: Route,
-    pub call: Box<dyn Call>,
+    pub call: Transport,
     pub producer: Producer,
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<RouteMetrics>,

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Access, Admin, Control, Health};
-use crate::call::Call;
+use crate::call::Transport;
 use crate::call::grpc::Grpc;
 use crate::call::http::Http;
 use crate::circuit::Breaker;
@@ -150,11 +150,12 @@ impl Sidecar {
                 route: route.name.clone(),
                 message,
             };
-            let (call, transport): (Box<dyn Call>, _) = match (&route.call.http, &route.call.grpc) {
-                (Some(http), _) => (Box::new(Http::new(http).map_err(route_error)?), "http"),
-                (None, Some(grpc)) => (Box::new(Grpc::new(grpc).map_err(route_error)?), "grpc"),
+            let call = match (&route.call.http, &route.call.grpc) {
+                (Some(http), _) => Transport::Http(Http::new(http).map_err(route_error)?),
+                (None, Some(grpc)) => Transport::Grpc(Grpc::new(grpc).map_err(route_error)?),
                 (None, None) => return Err(route_error("no call configured".into())),
             };
+            let transport = call.name();
             handlers.push(RouteHandler {
                 config: route.clone(),
                 call,

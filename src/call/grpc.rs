@@ -16,7 +16,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::{Answer, Attempt, Call, CallError, CallFuture, Status};
+use super::{Answer, Attempt, CallError, Status};
 use crate::config::{Action, GrpcCall};
 use crate::record::Record;
 
@@ -107,7 +107,7 @@ impl Grpc {
         })
     }
 
-    async fn call_once(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
+    pub async fn call(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
         let (path, body, descriptor) = match &self.target {
             Target::Native => (NATIVE_PATH, event(record, attempt).encode_to_vec().into(), None),
             Target::Dynamic {
@@ -165,11 +165,6 @@ impl Grpc {
     }
 }
 
-impl Call for Grpc {
-    fn call<'a>(&'a self, record: &'a Record, attempt: &'a Attempt) -> CallFuture<'a> {
-        Box::pin(self.call_once(record, attempt))
-    }
-}
 
 /// TLS on an `https://` endpoint: only the configured CA is trusted, and the client
 /// certificate, if any, is presented (mTLS).

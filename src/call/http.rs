@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 
 use super::pool::{Pool, SendError, host_header};
 use super::template::Template;
-use super::{Answer, Attempt, Call, CallError, CallFuture, MAX_BODY, Status};
+use super::{Answer, Attempt, CallError, MAX_BODY, Status};
 use crate::config::{Action, Format, HttpCall};
 use crate::record::Record;
 
@@ -163,7 +163,7 @@ impl Http {
     }
 
     /// The request and its whole answer, within the route's timeout.
-    async fn call_once(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
+    pub async fn call(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
         let request = self.request(record, attempt)?;
         tokio::time::timeout(self.timeout, self.exchange(request))
             .await
@@ -229,11 +229,6 @@ fn header_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName
     })
 }
 
-impl Call for Http {
-    fn call<'a>(&'a self, record: &'a Record, attempt: &'a Attempt) -> CallFuture<'a> {
-        Box::pin(self.call_once(record, attempt))
-    }
-}
 
 fn answer_headers(status: u16, headers: &HeaderMap) -> Answer {
     let text = |name: &str| {

@@ -1,4 +1,4 @@
-//! Calling the service: one call per record attempt, behind one trait per transport.
+//! Calling the service: one call per record attempt, over the route's transport.
 //!
 //! Fed by the route handler with a record and its attempt number; returns the service's
 //! [`Answer`] or a [`CallError`], which [`crate::outcome`] turns into a decision.
@@ -13,8 +13,6 @@ pub mod pool;
 pub mod template;
 pub mod tls;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use base64::Engine;
@@ -176,10 +174,29 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Answer, CallError>> + Send + 'a>>;
+/// The transport of a route to the service.
+///
+/// An enum rather than a trait object: a call's future then lives in the lane's task, which is
+/// allocated anyway, instead of a box of kilobytes of its own per attempt.
+pub enum Transport {
+    Http(http::Http),
+    Grpc(grpc::Grpc),
+}
 
-/// One transport to the service.
-pub trait Call: Send + Sync {
+impl Transport {
     /// Calls the service for `record`.
-    fn call<'a>(&'a self, record: &'a Record, attempt: &'a Attempt) -> CallFuture<'a>;
+    pub async fn call(&self, record: &Record, attempt: &Attempt) -> Result<Answer, CallError> {
+        match self {
+            Transport::Http(h) => h.call(record, attempt).await,
+            Transport::Grpc(g) => g.call(record, attempt).await,
+        }
+    }
+
+    /// As the metrics label it: `http` or `grpc`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Http(_) => "http",
+            Transport::Grpc(_) => "grpc",
+        }
+    }
 }
