@@ -611,19 +611,23 @@ async fn resume(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query
         if a.health.is_stopping() {
             return Err(Refusal::Stopping);
         }
-        a.control.one_verb_at_a_time(|| {
-            for &i in routes {
-                a.control.set(i, false, false);
-            }
-            // A whole drain holds readiness until no route is drained any more, however the
-            // routes were resumed.
-            if (0..a.routes.len()).all(|i| !a.control.is_draining(i)) {
-                a.health.set_drained_by_operator(false);
-            }
-        });
+        resume_routes(a, routes);
         tracing::info!(routes = ?names(a, routes), "Resumed by an operator");
         Ok(())
     })
+}
+
+fn resume_routes(a: &Admin, routes: &[usize]) {
+    a.control.one_verb_at_a_time(|| {
+        for &i in routes {
+            a.control.set(i, false, false);
+        }
+        // A whole drain holds readiness until no route is drained any more, however the
+        // routes were resumed.
+        if (0..a.routes.len()).all(|i| !a.control.is_draining(i)) {
+            a.health.set_drained_by_operator(false);
+        }
+    });
 }
 
 async fn drain(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
@@ -649,7 +653,7 @@ async fn unknown(method: axum::http::Method, uri: axum::http::Uri) -> Response {
 }
 
 /// `GET /prestop`: a whole drain for a Kubernetes preStop hook, when `admin.prestop` allows it.
-async fn prestop(State(a): State<Arc<Admin>>) -> Response {
+async fn prestop(State(a): State<Arc<Admin>>, Query(p): Query<Prestop>) -> Response {
     if !a.prestop {
         return problem(
             StatusCode::NOT_FOUND,
@@ -657,8 +661,32 @@ async fn prestop(State(a): State<Arc<Admin>>) -> Response {
         );
     }
     tracing::info!("preStop hook: draining before the pod stops");
+    // Kubernetes runs a container's preStop hook whenever it stops that container, also to
+    // restart it (a failed liveness probe): then no stop follows, and a drain nobody undoes
+    // would hold the pod unready and idle until it is deleted.
+    if let Some(seconds) = p.resume_after {
+        let a = a.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            if !a.health.is_stopping() {
+                tracing::warn!(
+                    seconds,
+                    "No stop came within resume_after of the preStop hook's drain: the container was restarted, not the pod stopped; resuming"
+                );
+                let all: Vec<usize> = (0..a.routes.len()).collect();
+                resume_routes(&a, &all);
+            }
+        });
+    }
     let all = (0..a.routes.len()).collect();
     drain_and_wait(&a, all, true).await
+}
+
+/// `GET /prestop?resume_after=SECONDS`: resume by itself unless ferry is stopped within that
+/// long (the pod's grace period).
+#[derive(Deserialize)]
+struct Prestop {
+    resume_after: Option<u64>,
 }
 
 /// Stops `routes` taking records and answers once what they have in flight is final and

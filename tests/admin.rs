@@ -845,4 +845,19 @@ async fn prestop_drains_only_when_the_config_allows_it() {
         p.committable.or(p.committed),
         "what finished is committed"
     );
+
+    // A preStop hook that no stop follows (the container restarted, the pod stays): with
+    // resume_after, ferry takes records again by itself.
+    let (code, _, body) = admin_call("GET", &format!("{base}/prestop?resume_after=1"), None).await;
+    assert_eq!(code, 200, "{body}");
+    eventually(WAIT, "ready again", || async {
+        (admin_call("GET", &format!("{base}/readyz"), None).await.0 == 200).then_some(())
+    })
+    .await;
+    let called = b.service.requests().len();
+    kafka.send(&t.source, None, Some("after"), "v", &[]).await;
+    eventually(WAIT, "the record after it called", || async {
+        (b.service.requests().len() > called).then_some(())
+    })
+    .await;
 }

@@ -201,7 +201,10 @@ fn every_value_set_lints_renders_and_makes_a_safe_pod() {
             .unwrap_or(25);
         assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() >= drain + 10);
         if config["admin"]["prestop"] == true {
-            assert_eq!(app["lifecycle"]["preStop"]["httpGet"]["path"], "/prestop");
+            assert_eq!(
+                app["lifecycle"]["preStop"]["httpGet"]["path"], "/prestop?resume_after=60",
+                "a restart of the app container alone resumes ferry after the grace period"
+            );
             assert_eq!(app["lifecycle"]["preStop"]["httpGet"]["port"], 9464);
         } else {
             assert!(app["lifecycle"].is_null());
@@ -258,6 +261,27 @@ fn the_optional_objects_carry_the_dashboard_and_alerts() {
     let docs = render(&helm, &[&format!("{CHART}/ci/full-values.yaml")], &[]).unwrap();
     let monitor = kind(&docs, "ServiceMonitor")[0];
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "ferry-admin");
+    // The admin port is on a Service of its own, which the monitor selects; never on the app's.
+    let services = kind(&docs, "Service");
+    let port_names = |s: &Value| -> Vec<String> {
+        s["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let admin: Vec<_> = services
+        .iter()
+        .filter(|s| port_names(s).contains(&"ferry-admin".to_string()))
+        .collect();
+    assert_eq!(admin.len(), 1, "{services:?}");
+    assert_eq!(port_names(admin[0]), ["ferry-admin"]);
+    assert_eq!(admin[0]["spec"]["type"], "ClusterIP");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        admin[0]["metadata"]["labels"]["app.kubernetes.io/component"]
+    );
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(kind(&docs, "PodDisruptionBudget")[0]["spec"]["maxUnavailable"], 1);
     let scaled = kind(&docs, "ScaledObject")[0];
@@ -338,6 +362,31 @@ fn unsafe_or_incomplete_values_are_refused_with_the_reason() {
         &["ferry.mode=sideways"],
         "value must be one of 'native', 'container'",
     );
+    // Native sidecars need Kubernetes 1.29; `container` mode is for the clusters before it.
+    let older = |mode: &str| {
+        let (ok, _, err) = run(
+            &helm,
+            &[
+                "template",
+                "t",
+                CHART,
+                "-f",
+                &native,
+                "--kube-version",
+                "1.28.0",
+                "--set",
+                mode,
+            ],
+        );
+        (ok, err)
+    };
+    let (ok, err) = older("ferry.mode=native");
+    assert!(
+        !ok && err.contains("ferry.mode native needs native sidecars, Kubernetes 1.29"),
+        "{err}"
+    );
+    let (ok, err) = older("ferry.mode=container");
+    assert!(ok, "{err}");
     // The defaults name no routes and no service: both are the user's to give.
     let err = render(&helm, &[], &[]).expect_err("no routes");
     assert!(err.contains("ferry.config.routes is empty"), "{err}");
@@ -408,7 +457,7 @@ spec:
           image: registry.example.com/shop:2.0
           lifecycle:
             preStop:
-              httpGet: { path: /prestop, port: 9464 }
+              httpGet: { path: "/prestop?resume_after=60", port: 9464 }
       volumes:
         {{- include "ferry.volume" $ferry | nindent 8 }}
 ---
@@ -449,4 +498,17 @@ data:
         &["validate", "--env-optional", "-c", path.to_str().unwrap()],
     );
     assert!(ok, "{err}");
+
+    // Without an admin token secret at all: no token, and no failure to render.
+    let chart = parent.to_str().unwrap();
+    let (ok, out, err) = run(
+        &helm,
+        &["template", "web", chart, "--set", "sidecar.adminTokenSecret=null"],
+    );
+    assert!(ok, "{err}");
+    assert!(!out.contains("FERRY_ADMIN_TOKEN"), "{out}");
+    // The host chart's appVersion is not ferry's: the tag must be given.
+    let (ok, _, err) = run(&helm, &["template", "web", chart, "--set", "sidecar.image.tag="]);
+    assert!(!ok);
+    assert!(err.contains("the ferry sidecar's image.tag is required"), "{err}");
 }

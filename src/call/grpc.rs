@@ -165,7 +165,6 @@ impl Grpc {
     }
 }
 
-
 /// TLS on an `https://` endpoint: only the configured CA is trusted, and the client
 /// certificate, if any, is presented (mTLS).
 pub(crate) fn with_tls(endpoint: Endpoint, files: crate::config::TlsFiles<'_>) -> Result<Endpoint, String> {

@@ -229,7 +229,6 @@ fn header_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName
     })
 }
 
-
 fn answer_headers(status: u16, headers: &HeaderMap) -> Answer {
     let text = |name: &str| {
         headers

@@ -81,7 +81,7 @@ Secrets must be ${VAR} references: a literal password in the values is refused.
 {{- end }}
 {{- end }}
 {{- $_ := set $admin "listen" (printf "0.0.0.0:%v" $f.adminPort) }}
-{{- if $f.adminTokenSecret.name }}{{ $_ := set $admin "token" "${FERRY_ADMIN_TOKEN}" }}{{ end }}
+{{- if dig "adminTokenSecret" "name" "" $f }}{{ $_ := set $admin "token" "${FERRY_ADMIN_TOKEN}" }}{{ end }}
 {{- if .prestop }}{{ $_ := set $admin "prestop" true }}{{ end }}
 {{- $_ := set $config "admin" $admin }}
 {{- toYaml $config }}
@@ -98,7 +98,10 @@ Another chart can add ferry to its own pods with it; see the chart's README.
 {{- define "ferry.sidecar" -}}
 {{- $f := .ferry -}}
 - name: ferry
-  image: "{{ $f.image.repository }}:{{ $f.image.tag | default .context.Chart.AppVersion }}"
+  {{- /* In another chart, that chart's appVersion is not ferry's: the tag must be given. */}}
+  {{- $tag := $f.image.tag | default (ternary .context.Chart.AppVersion "" (eq .context.Chart.Name "ferry")) }}
+  {{- if not $tag }}{{ fail "the ferry sidecar's image.tag is required: in another chart, that chart's appVersion is not ferry's" }}{{ end }}
+  image: "{{ $f.image.repository }}:{{ $tag }}"
   imagePullPolicy: {{ $f.image.pullPolicy }}
   {{- if eq $f.mode "native" }}
   # A native sidecar: started before the app containers, stopped after them.
@@ -110,7 +113,7 @@ Another chart can add ferry to its own pods with it; see the chart's README.
       containerPort: {{ $f.adminPort }}
       protocol: TCP
   env:
-    {{- if $f.adminTokenSecret.name }}
+    {{- if dig "adminTokenSecret" "name" "" $f }}
     - name: FERRY_ADMIN_TOKEN
       valueFrom:
         secretKeyRef:
