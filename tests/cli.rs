@@ -554,6 +554,20 @@ fn a_demo_of_fewer_records_than_partitions_ends() {
 }
 
 #[test]
+fn a_log_level_that_is_no_level_is_refused() {
+    let (code, stderr) = validate(&format!("{GOOD}telemetry:\n  log:\n    level: warning\n"));
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("telemetry.log.level: `warning` is not a level"),
+        "{stderr}"
+    );
+    let (code, stderr) = validate(&format!(
+        "{GOOD}telemetry:\n  log:\n    level: \"warn,ferry::consume,rdkafka=debug\"\n"
+    ));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
 fn a_log_setting_in_the_environment_that_means_nothing_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ferry.yaml");
@@ -567,6 +581,12 @@ fn a_log_setting_in_the_environment_that_means_nothing_is_a_config_error() {
             "FERRY_LOG",
             "bogus===",
             "FERRY_LOG: `bogus===` is not a log filter",
+        ),
+        // A typo of a level is a target name to tracing, which then shows nothing else.
+        (
+            "FERRY_LOG",
+            "info,warning",
+            "FERRY_LOG: `info,warning` is not a log filter (`warning` is not a level (error, warn, info, debug, trace, off); to show one target, write it with its level (`ferry=debug`))",
         ),
         (
             "FERRY_LOG_FORMAT",

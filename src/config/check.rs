@@ -461,11 +461,11 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
             ),
         }
     }
-    if tracing_subscriber::EnvFilter::try_new(&config.telemetry.log.level).is_err() {
+    if let Err(e) = crate::telemetry::log_filter(&config.telemetry.log.level) {
         say(
             "telemetry.log.level".into(),
             format!(
-                "`{}` is not a level (error, warn, info, debug, trace) or a filter such as `info,ferry=debug`",
+                "`{}` is not a level (error, warn, info, debug, trace) or a filter such as `info,ferry=debug`: {e}",
                 config.telemetry.log.level
             ),
         );

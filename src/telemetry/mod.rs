@@ -115,6 +115,22 @@ pub mod attributes {
     pub const COMMITTED: &str = "ferry.committed";
 }
 
+/// A log filter: levels and `target=level` directives, comma-separated. A bare word that is not
+/// a level is refused, though tracing would take it as a target to show alone: that is how a
+/// typo (`warning`) silenced every line, errors included.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', ':']);
+        if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` is not a level (error, warn, info, debug, trace, off); to show one target, write it with its level (`ferry=debug`)"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| e.to_string())
+}
+
 /// Log set-up: `level` (a level or a filter) unless `FERRY_LOG` (or `RUST_LOG`) says otherwise;
 /// JSON lines when `json` or `FERRY_LOG_FORMAT=json`. Logs go to stderr, coloured only on a terminal.
 /// A `FERRY_LOG` or `FERRY_LOG_FORMAT` that means nothing is an error, as the same value in the
@@ -122,11 +138,11 @@ pub mod attributes {
 pub fn init_logging(level: &str, json: bool) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("FERRY_LOG") {
-        Ok(f) => EnvFilter::try_new(&f).map_err(|e| {
+        Ok(f) => log_filter(&f).map_err(|e| {
             format!("FERRY_LOG: `{f}` is not a log filter ({e}): write a level (info) or a filter (info,ferry=debug)")
         })?,
         Err(_) => EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new(level))
+            .or_else(|_| log_filter(level))
             .unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let builder = tracing_subscriber::fmt()
