@@ -662,6 +662,25 @@ fn ctl_with_an_admin_url_that_is_none_is_a_usage_error() {
 }
 
 #[tokio::test]
+async fn a_drain_that_times_out_exits_1_with_json_as_without() {
+    // Each call takes longer than the drain timeout (5 s): the drain cannot end in time.
+    let b = bench(1, Duration::from_secs(8)).await;
+    b.send_values(&["slow"]).await;
+    eventually(WAIT, "the call under way", || async {
+        (!b.service.requests().is_empty()).then_some(())
+    })
+    .await;
+    let base = b.base.clone();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || ctl(&["drain", "--json", "--admin", base.as_str()]))
+            .await
+            .unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["drained"], false, "{out}");
+}
+
+#[tokio::test]
 async fn ctl_shows_a_table_and_steers_the_sidecar() {
     let b = bench(2, Duration::ZERO).await;
     b.send_values(&["a", "b", "bad"]).await;

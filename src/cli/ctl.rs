@@ -115,12 +115,13 @@ async fn run(verb: Verb, t: &Target<'_>) -> Result<i32, String> {
         }
         return Ok(0);
     }
-    if t.json {
-        println!("{body}");
-        return Ok(0);
-    }
     let done: Done =
         serde_json::from_str(&body).map_err(|e| format!("unexpected answer from {path}: {e}"))?;
+    if t.json {
+        println!("{body}");
+        // The same exit code as the text: a script reads that before it reads the JSON.
+        return Ok(i32::from(verb == Verb::Drain && done.drained == Some(false)));
+    }
     let routes = done.routes.join(", ");
     match (verb, done.drained) {
         (Verb::Drain, Some(false)) => {
