@@ -481,6 +481,55 @@ impl Inventory for Stock {
     }
 }
 
+#[test]
+fn a_descriptor_set_that_does_not_describe_the_method_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("inventory.binpb");
+    std::fs::write(&good, INVENTORY_DESCRIPTORS).unwrap();
+    let garbage = dir.path().join("garbage.binpb");
+    std::fs::write(&garbage, b"not a descriptor set").unwrap();
+    for (file, method, says) in [
+        (&good, "inventory.v1.Inventory/Check", None),
+        (
+            &garbage,
+            "inventory.v1.Inventory/Check",
+            Some("is not a protobuf descriptor set"),
+        ),
+        (
+            &good,
+            "inventory.v1.Stock/Check",
+            Some("service `inventory.v1.Stock` is not in the descriptor set"),
+        ),
+        (
+            &good,
+            "inventory.v1.Inventory/Nope",
+            Some("service `inventory.v1.Inventory` has no method `Nope`"),
+        ),
+    ] {
+        let text = format!(
+            "kafka: {{ brokers: \"127.0.0.1:9092\", group_id: g }}\nroutes:\n  - name: r\n    from: {{ topics: [in] }}\n    call:\n      grpc:\n        endpoint: http://127.0.0.1:50051\n        method: {method}\n        descriptor_set: {}\n    dead_letter: {{ to: dlq }}\n",
+            file.display()
+        );
+        let parsed = ferry::config::parse(
+            &text,
+            std::path::Path::new("ferry.yaml"),
+            &ferry::config::Interpolator::from_pairs(&[]),
+        );
+        match (parsed, says) {
+            (Ok(_), None) => {}
+            (Err(e), Some(says)) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("routes[0].call.grpc.descriptor_set") && e.contains(says),
+                    "{method}: {e}"
+                );
+            }
+            (Ok(_), Some(says)) => panic!("{method}: accepted, expected `{says}`"),
+            (Err(e), None) => panic!("{method}: {e}"),
+        }
+    }
+}
+
 async fn dynamic(reflection: bool) {
     let kafka = Kafka::start();
     let t = topics(&kafka, 1).await;

@@ -330,6 +330,12 @@ fn json_answer(body: Bytes, output: &MessageDescriptor) -> Result<Answer, CallEr
     })
 }
 
+/// Whether `file` is a descriptor set that describes `method` as ferry can call it (for
+/// `validate`: the same checks as at start).
+pub fn check_descriptor_set(file: &Path, method: &str) -> Result<(), String> {
+    find_method(&load_descriptor_set(file)?, method).map(|_| ())
+}
+
 fn load_descriptor_set(file: &Path) -> Result<DescriptorPool, String> {
     let bytes =
         std::fs::read(file).map_err(|e| format!("cannot read descriptor_set {}: {e}", file.display()))?;

@@ -73,6 +73,10 @@ fn check_grpc(g: &GrpcCall, at: &str, absent_ok: bool, say: &mut impl FnMut(Stri
                 format!("{at}.descriptor_set"),
                 format!("{} does not exist", f.display()),
             );
+        } else if let Some(m) = g.method.as_ref().filter(|m| m.contains('/')) {
+            if let Err(e) = crate::call::grpc::check_descriptor_set(f, m) {
+                say(format!("{at}.descriptor_set"), e);
+            }
         }
     }
 }
