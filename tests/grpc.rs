@@ -530,6 +530,31 @@ fn a_descriptor_set_that_does_not_describe_the_method_is_a_config_error() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_reflection_v1_is_named_in_the_dead_letter() {
+    let kafka = Kafka::start();
+    let t = topics(&kafka, 1).await;
+    let (addr, _) = serve(tonic::transport::Server::builder().add_service(InventoryServer::new(Stock))).await;
+    let grpc = format!(
+        "        endpoint: http://{addr}\n        method: inventory.v1.Inventory/Check\n        reflection: true"
+    );
+    let sidecar = Sidecar::start(parse(&grpc_config(&kafka, &t, &grpc, 2)))
+        .await
+        .unwrap();
+    kafka
+        .send(&t.source, None, Some("k"), r#"{"sku": "A1"}"#, &[])
+        .await;
+    let dead = kafka.read(&t.dlq, 1, WAIT).await;
+    let message = dead[0].header("ferry.error.message").unwrap_or_default();
+    assert!(
+        message.contains("the service does not serve gRPC reflection v1")
+            && message.contains("give the route a descriptor_set"),
+        "{message}"
+    );
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+}
+
 async fn dynamic(reflection: bool) {
     let kafka = Kafka::start();
     let t = topics(&kafka, 1).await;

@@ -382,7 +382,16 @@ async fn reflect_method(channel: Channel, method: &str) -> Result<MethodDescript
 async fn reflect(channel: Channel, method: &str) -> Result<MethodDescriptor, (String, bool)> {
     let failed = |e: tonic::Status| {
         let unreachable = std::error::Error::source(&e).is_some_and(super::never_reached);
-        (format!("reflection request failed: {}", e.message()), unreachable)
+        let why = if e.code() == tonic::Code::Unimplemented {
+            // grpcio's reflection, for one, serves only v1alpha.
+            format!(
+                "the service does not serve gRPC reflection v1 (grpc.reflection.v1.ServerReflection: {}); serve it, or give the route a descriptor_set",
+                e.message()
+            )
+        } else {
+            format!("reflection request failed: {}", e.message())
+        };
+        (why, unreachable)
     };
     let other = |e: String| (e, false);
     use tonic_reflection::pb::v1::ServerReflectionRequest;
