@@ -710,7 +710,12 @@ pub fn settings(client: &mut ClientConfig, all_latest: bool) {
             if all_latest { "latest" } else { "earliest" },
         )
         .set("isolation.level", "read_committed");
-    if client.get("partition.assignment.strategy").is_none() {
+    // Under the consumer group protocol (KIP-848) the broker assigns, incrementally, and
+    // librdkafka refuses a client-side strategy.
+    let broker_assigns = client
+        .get("group.protocol")
+        .is_some_and(|p| p.eq_ignore_ascii_case("consumer"));
+    if client.get("partition.assignment.strategy").is_none() && !broker_assigns {
         // Cooperative rebalancing moves only the partitions that change owner; the others keep
         // flowing during a scale-out.
         client.set("partition.assignment.strategy", "cooperative-sticky");

@@ -554,6 +554,17 @@ fn a_demo_of_fewer_records_than_partitions_ends() {
 }
 
 #[test]
+fn the_consumer_group_protocol_is_taken() {
+    // ferry's cooperative-sticky strategy is the classic protocol's; librdkafka refuses any
+    // client-side strategy with `group.protocol: consumer`.
+    let (code, stderr) = validate(&GOOD.replace(
+        "  group_id: g\n",
+        "  group_id: g\n  properties:\n    group.protocol: consumer\n",
+    ));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
 fn a_log_level_that_is_no_level_is_refused() {
     let (code, stderr) = validate(&format!("{GOOD}telemetry:\n  log:\n    level: warning\n"));
     assert_eq!(code, 78, "{stderr}");
