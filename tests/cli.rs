@@ -649,6 +649,39 @@ fn an_admin_port_in_use_is_named_once_with_what_to_change() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("(change admin.listen)"), "{stderr}");
     assert_eq!(stderr.matches("Address already in use").count(), 1, "{stderr}");
+
+    // With JSON logs, the reason is a JSON line too; so is a config that does not load.
+    let json_run = |config: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "-c", config.to_str().unwrap()])
+            .env("FERRY_LOG_FORMAT", "json")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        (out.status.code(), lines)
+    };
+    let (code, lines) = json_run(&path);
+    assert_eq!(code, Some(1));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "ERROR" && l.to_string().contains("(change admin.listen)")),
+        "{lines:?}"
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "kafka: {}\n").unwrap();
+    let (code, lines) = json_run(&bad);
+    assert_eq!(code, Some(78));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "ERROR" && l.to_string().contains("is required here")),
+        "{lines:?}"
+    );
 }
 
 #[test]

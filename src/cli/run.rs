@@ -13,7 +13,15 @@ pub async fn run(path: &Path) -> i32 {
     let (config, warnings) = match config::load_with_warnings(path, &Interpolator::from_env()) {
         Ok(l) => (l.config, l.warnings),
         Err(errors) => {
-            eprintln!("{errors}");
+            // A log pipeline that reads JSON lines (FERRY_LOG_FORMAT=json) gets this one as
+            // JSON too; the config that would say so did not load.
+            if std::env::var("FERRY_LOG_FORMAT").as_deref() == Ok("json")
+                && telemetry::init_logging("info", true).is_ok()
+            {
+                tracing::error!(errors = %errors, "The config is not valid");
+            } else {
+                eprintln!("{errors}");
+            }
             return EXIT_CONFIG;
         }
     };
@@ -36,7 +44,12 @@ pub async fn run(path: &Path) -> i32 {
     };
     let sidecar = match Sidecar::start(config).await {
         Ok(s) => s,
-        Err(e) => return super::fail("cannot start", &e.into()),
+        Err(e) => {
+            // Logging is set up by now: the reason goes where the rest of the log goes, as JSON
+            // when that is the format.
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "Cannot start");
+            return 1;
+        }
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
