@@ -350,13 +350,36 @@ fn unsafe_or_incomplete_values_are_refused_with_the_reason() {
         &["terminationGracePeriodSeconds=30"],
         "must be at least ferry's drain_timeout (25s) + 10s",
     );
+    // Durations as ferry reads them, rounded up to whole seconds.
+    refused(
+        &[
+            "ferry.config.shutdown.drain_timeout=25900ms",
+            "terminationGracePeriodSeconds=35",
+        ],
+        "must be at least ferry's drain_timeout (26s) + 10s",
+    );
+    refused(
+        &["ferry.config.shutdown.drain_timeout=1m30s"],
+        "must be at least ferry's drain_timeout (90s) + 10s",
+    );
+    assert!(
+        render(
+            &helm,
+            &[&native],
+            &[
+                "ferry.config.shutdown.drain_timeout=1m30s",
+                "terminationGracePeriodSeconds=100"
+            ]
+        )
+        .is_ok()
+    );
     refused(
         &["ferry.config.kafka.properties.sasl\\.password=hunter2"],
         "holds a literal secret",
     );
     refused(
-        &["ferry.config.shutdown.drain_timeout=1m30s"],
-        "write a whole number with one unit",
+        &["ferry.config.shutdown.drain_timeout=1.5m"],
+        "write a duration in whole units, e.g. 25s, 1m30s or 500ms",
     );
     refused(
         &["ferry.mode=sideways"],

@@ -43,14 +43,19 @@ Takes the ferry values (.Values.ferry).
 {{- define "ferry.drainSeconds" -}}
 {{- $d := "25s" }}
 {{- with .config.shutdown }}{{ with .drain_timeout }}{{ $d = toString . }}{{ end }}{{ end }}
-{{- if not (regexMatch "^[0-9]+(ms|s|m|h)$" $d) }}
-{{- fail (printf "ferry.config.shutdown.drain_timeout %q: write a whole number with one unit (ms, s, m or h), e.g. 25s" $d) }}
+{{- if not (regexMatch "^([0-9]+(ms|s|m|h))+$" $d) }}
+{{- fail (printf "ferry.config.shutdown.drain_timeout %q: write a duration in whole units, e.g. 25s, 1m30s or 500ms" $d) }}
 {{- end }}
-{{- if hasSuffix "ms" $d }}{{ div (trimSuffix "ms" $d | atoi) 1000 }}
-{{- else if hasSuffix "s" $d }}{{ trimSuffix "s" $d | atoi }}
-{{- else if hasSuffix "m" $d }}{{ mul (trimSuffix "m" $d | atoi) 60 }}
-{{- else }}{{ mul (trimSuffix "h" $d | atoi) 3600 }}
+{{- $ms := 0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" $d -1 }}
+{{- if hasSuffix "ms" . }}{{ $ms = add $ms (trimSuffix "ms" . | atoi) }}
+{{- else if hasSuffix "s" . }}{{ $ms = add $ms (mul (trimSuffix "s" . | atoi) 1000) }}
+{{- else if hasSuffix "m" . }}{{ $ms = add $ms (mul (trimSuffix "m" . | atoi) 60000) }}
+{{- else }}{{ $ms = add $ms (mul (trimSuffix "h" . | atoi) 3600000) }}
 {{- end }}
+{{- end }}
+{{- /* Whole seconds, rounded up: the grace period must cover all of it. */}}
+{{- div (add $ms 999) 1000 }}
 {{- end }}
 
 {{/*
