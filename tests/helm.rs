@@ -416,6 +416,30 @@ fn unsafe_or_incomplete_values_are_refused_with_the_reason() {
     refused(&["app.image.repository="], "app.image.repository is required");
 }
 
+#[test]
+fn a_probe_with_its_own_handler_replaces_ferry_s_and_the_admin_endpoint_can_listen_on_ipv6() {
+    let Some(helm) = tool("helm") else { return };
+    let native = format!("{CHART}/ci/native-values.yaml");
+    let docs = render(&helm, &[&native], &["ferry.readinessProbe.exec.command={true}"]).unwrap();
+    let pod = &kind(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+    let ferry = container(pod, "ferry").unwrap();
+    let readiness = &ferry["readinessProbe"];
+    assert_eq!(readiness["exec"]["command"][0], true);
+    assert!(
+        readiness["httpGet"].is_null(),
+        "one handler per probe: {readiness}"
+    );
+    assert_eq!(readiness["periodSeconds"], 5, "the other settings stay");
+    assert_eq!(ferry["livenessProbe"]["httpGet"]["path"], "/healthz");
+
+    // An IPv6-only cluster: the admin endpoint listens on IPv6.
+    let docs = render(&helm, &[&native], &["ferry.adminHost=::"]).unwrap();
+    let text = kind(&docs, "ConfigMap")[0]["data"]["ferry.yaml"]
+        .as_str()
+        .unwrap();
+    assert!(text.contains("listen: '[::]:9464'"), "{text}");
+}
+
 /// The README's recipe: another chart adds ferry to its own pod with the named templates.
 #[test]
 fn another_chart_can_add_the_sidecar_with_the_named_templates() {

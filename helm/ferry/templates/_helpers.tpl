@@ -59,6 +59,19 @@ Takes the ferry values (.Values.ferry).
 {{- end }}
 
 {{/*
+ferry.probe: a probe of ferry's `path` on its admin port, with the values' settings; a probe in
+the values that gives its own handler (httpGet, exec, tcpSocket or grpc) is taken as it is, as
+Kubernetes takes one handler per probe.
+*/}}
+{{- define "ferry.probe" -}}
+{{- $probe := deepCopy (.probe | default dict) }}
+{{- if not (or (hasKey $probe "httpGet") (hasKey $probe "exec") (hasKey $probe "tcpSocket") (hasKey $probe "grpc")) }}
+{{- $_ := set $probe "httpGet" (dict "path" .path "port" "ferry-admin") }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
+{{/*
 ferry.config: the ferry.yaml the sidecar runs, as text. Takes a dict:
   ferry:   the ferry values (image, config, adminPort, adminTokenSecret, ...)
   prestop: whether the app's preStop hook drains ferry (admin.prestop)
@@ -85,7 +98,8 @@ Secrets must be ${VAR} references: a literal password in the values is refused.
 {{- fail "ferry.config.admin.token holds a literal secret: use ferry.adminTokenSecret" }}
 {{- end }}
 {{- end }}
-{{- $_ := set $admin "listen" (printf "0.0.0.0:%v" $f.adminPort) }}
+{{- $host := $f.adminHost | default "0.0.0.0" }}
+{{- $_ := set $admin "listen" (ternary (printf "[::]:%v" $f.adminPort) (printf "%s:%v" $host $f.adminPort) (eq $host "::")) }}
 {{- if dig "adminTokenSecret" "name" "" $f }}{{ $_ := set $admin "token" "${FERRY_ADMIN_TOKEN}" }}{{ end }}
 {{- if .prestop }}{{ $_ := set $admin "prestop" true }}{{ end }}
 {{- $_ := set $config "admin" $admin }}
@@ -143,15 +157,9 @@ Another chart can add ferry to its own pods with it; see the chart's README.
     periodSeconds: 2
     failureThreshold: 30
   livenessProbe:
-    httpGet:
-      path: /healthz
-      port: ferry-admin
-    {{- toYaml $f.livenessProbe | nindent 4 }}
+    {{- include "ferry.probe" (dict "probe" $f.livenessProbe "path" "/healthz") | nindent 4 }}
   readinessProbe:
-    httpGet:
-      path: /readyz
-      port: ferry-admin
-    {{- toYaml $f.readinessProbe | nindent 4 }}
+    {{- include "ferry.probe" (dict "probe" $f.readinessProbe "path" "/readyz") | nindent 4 }}
   resources:
     {{- toYaml $f.resources | nindent 4 }}
   securityContext:
