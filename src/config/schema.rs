@@ -63,6 +63,34 @@ static VALIDATOR: LazyLock<Result<Validator, String>> = LazyLock::new(|| {
 
 static SCHEMA: LazyLock<Value> = LazyLock::new(schema);
 
+/// Values a field of this schema may take beside numbers, durations and booleans: every value
+/// of its enums (`ordering`, `delivery`, …) and an address to listen on. `ferry validate
+/// --env-optional` tries them in place of a missing variable.
+pub fn stand_ins() -> Vec<Value> {
+    fn walk(v: &Value, out: &mut Vec<Value>) {
+        match v {
+            Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v) {
+                        ("enum", Value::Array(values)) => {
+                            out.extend(values.iter().filter(|v| v.is_string()).cloned());
+                        }
+                        ("const", c) if c.is_string() => out.push(c.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = vec![Value::from("127.0.0.1:1")];
+    walk(&SCHEMA, &mut out);
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|v| seen.insert(v.to_string()));
+    out
+}
+
 /// What to say after "unknown key `key`": the key meant, when one is close, else the keys the
 /// mapping takes. `keyword` is the schema location of the `additionalProperties` that refused
 /// it, beside the `properties` it allows.
