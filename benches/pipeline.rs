@@ -912,10 +912,12 @@ impl Threads {
     /// What was taken since `before`, per record.
     fn per_record(self, before: Threads, records: usize) -> Threads {
         let per = records.max(1) as f64;
+        // A thread that ended meanwhile takes its counts with it: never below zero.
+        let since = |now: f64, then: f64| (now - then).max(0.0) / per;
         Threads {
-            cpu_us: (self.cpu_us - before.cpu_us) / per,
-            woken: (self.woken - before.woken) / per,
-            preempted: (self.preempted - before.preempted) / per,
+            cpu_us: since(self.cpu_us, before.cpu_us),
+            woken: since(self.woken, before.woken),
+            preempted: since(self.preempted, before.preempted),
         }
     }
 }

@@ -145,6 +145,8 @@ pub struct Control {
     /// Held while a verb changes the flags and readiness together, so that a drain and a resume
     /// at once cannot leave ferry unready with no route drained.
     verb: Mutex<()>,
+    /// Verbs applied so far: a preStop drain resumes by itself only if no verb came after it.
+    verbs: AtomicU64,
 }
 
 #[derive(Default)]
@@ -158,6 +160,7 @@ impl Control {
         Arc::new(Control {
             routes: (0..routes).map(|_| Flags::default()).collect(),
             verb: Mutex::new(()),
+            verbs: AtomicU64::new(0),
         })
     }
 
@@ -172,10 +175,11 @@ impl Control {
             .filter_map(|(on, reason)| on.then_some(reason))
     }
 
-    /// Runs `f` while no other verb changes the flags.
-    fn one_verb_at_a_time<R>(&self, f: impl FnOnce() -> R) -> R {
+    /// Runs `f` while no other verb changes the flags; with the count of verbs, `f`'s included.
+    fn one_verb_at_a_time<R>(&self, f: impl FnOnce() -> R) -> (R, u64) {
         let _turn = self.verb.lock().unwrap_or_else(|p| p.into_inner());
-        f()
+        let n = self.verbs.fetch_add(1, Ordering::Relaxed) + 1;
+        (f(), n)
     }
 
     fn set(&self, route: usize, paused: bool, draining: bool) {
@@ -262,6 +266,7 @@ pub async fn serve(
         .route("/drain", post(drain))
         .route("/prestop", get(prestop))
         .fallback(unknown)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(admin);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -569,6 +574,14 @@ pub struct Done {
 }
 
 impl Admin {
+    /// After a resume: a whole drain holds readiness until no route is drained any more, however
+    /// the routes were resumed.
+    fn undrained(&self) {
+        if (0..self.routes.len()).all(|i| !self.control.is_draining(i)) {
+            self.health.set_drained_by_operator(false);
+        }
+    }
+
     fn done(&self, routes: &[usize], drained: Option<bool>) -> Done {
         let partitions = self.tracker.status();
         Done {
@@ -611,23 +624,15 @@ async fn resume(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query
         if a.health.is_stopping() {
             return Err(Refusal::Stopping);
         }
-        resume_routes(a, routes);
+        a.control.one_verb_at_a_time(|| {
+            for &i in routes {
+                a.control.set(i, false, false);
+            }
+            a.undrained();
+        });
         tracing::info!(routes = ?names(a, routes), "Resumed by an operator");
         Ok(())
     })
-}
-
-fn resume_routes(a: &Admin, routes: &[usize]) {
-    a.control.one_verb_at_a_time(|| {
-        for &i in routes {
-            a.control.set(i, false, false);
-        }
-        // A whole drain holds readiness until no route is drained any more, however the
-        // routes were resumed.
-        if (0..a.routes.len()).all(|i| !a.control.is_draining(i)) {
-            a.health.set_drained_by_operator(false);
-        }
-    });
 }
 
 async fn drain(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<Target>) -> Response {
@@ -640,16 +645,21 @@ async fn drain(State(a): State<Arc<Admin>>, headers: HeaderMap, Query(t): Query<
     }
 }
 
-/// Any other path or method: what there is, for whoever guessed `/ready` or `/health`.
+/// Any other path: what there is, for whoever guessed `/ready` or `/health`.
 async fn unknown(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        format!(
-            "no {method} {}: ferry's admin endpoint serves GET /healthz, /readyz, /metrics, /status (and /prestop with admin.prestop), and POST /pause, /resume, /drain\n",
-            uri.path()
-        ),
+    (StatusCode::NOT_FOUND, endpoints(&method, &uri)).into_response()
+}
+
+/// A method the path does not take (`GET /drain`): the same list, with 405.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, endpoints(&method, &uri)).into_response()
+}
+
+fn endpoints(method: &axum::http::Method, uri: &axum::http::Uri) -> String {
+    format!(
+        "no {method} {}: ferry's admin endpoint serves GET /healthz, /readyz, /metrics, /status (and /prestop with admin.prestop), and POST /pause, /resume, /drain\n",
+        uri.path()
     )
-        .into_response()
 }
 
 /// `GET /prestop`: a whole drain for a Kubernetes preStop hook, when `admin.prestop` allows it.
@@ -661,25 +671,37 @@ async fn prestop(State(a): State<Arc<Admin>>, Query(p): Query<Prestop>) -> Respo
         );
     }
     tracing::info!("preStop hook: draining before the pod stops");
+    let all: Vec<usize> = (0..a.routes.len()).collect();
+    let drained_at = start_drain(&a, &all, true);
     // Kubernetes runs a container's preStop hook whenever it stops that container, also to
     // restart it (a failed liveness probe): then no stop follows, and a drain nobody undoes
-    // would hold the pod unready and idle until it is deleted.
+    // would hold the pod unready and idle until it is deleted. Not before the drain could end,
+    // and not over a verb that came after it (another preStop, an operator's drain or pause).
     if let Some(seconds) = p.resume_after {
+        let wait = Duration::from_secs(seconds).max(a.drain_timeout);
         let a = a.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(seconds)).await;
-            if !a.health.is_stopping() {
-                tracing::warn!(
-                    seconds,
-                    "No stop came within resume_after of the preStop hook's drain: the container was restarted, not the pod stopped; resuming"
-                );
-                let all: Vec<usize> = (0..a.routes.len()).collect();
-                resume_routes(&a, &all);
+            tokio::time::sleep(wait).await;
+            if a.health.is_stopping() {
+                return;
             }
+            let ((), _) = a.control.one_verb_at_a_time(|| {
+                if a.control.verbs.load(Ordering::Relaxed) != drained_at + 1 {
+                    return;
+                }
+                tracing::warn!(
+                    seconds = wait.as_secs(),
+                    "No stop came after the preStop hook's drain: the container was restarted, not the pod stopped; resuming"
+                );
+                // Only the drain is undone: an operator's pause from before stays.
+                for i in 0..a.routes.len() {
+                    a.control.set(i, a.control.is_paused(i), false);
+                }
+                a.undrained();
+            });
         });
     }
-    let all = (0..a.routes.len()).collect();
-    drain_and_wait(&a, all, true).await
+    wait_drained(&a, &all).await
 }
 
 /// `GET /prestop?resume_after=SECONDS`: resume by itself unless ferry is stopped within that
@@ -692,15 +714,29 @@ struct Prestop {
 /// Stops `routes` taking records and answers once what they have in flight is final and
 /// committed (200), or at the drain timeout (202). A whole drain also turns the pod unready.
 async fn drain_and_wait(a: &Admin, routes: Vec<usize>, whole: bool) -> Response {
-    a.control.one_verb_at_a_time(|| {
-        for &i in &routes {
+    start_drain(a, &routes, whole);
+    wait_drained(a, &routes).await
+}
+
+/// Stops `routes` taking records (a whole drain also turns the pod unready); the count of verbs
+/// with this one.
+fn start_drain(a: &Admin, routes: &[usize], whole: bool) -> u64 {
+    let ((), n) = a.control.one_verb_at_a_time(|| {
+        for &i in routes {
             a.control.set(i, a.control.is_paused(i), true);
         }
         if whole {
             a.health.set_drained_by_operator(true);
         }
     });
-    tracing::info!(routes = ?names(a, &routes), "Draining by an operator's request");
+    tracing::info!(routes = ?names(a, routes), "Draining by an operator's request");
+    n
+}
+
+/// Answers once what `routes` have in flight is final and committed (200), or at the drain
+/// timeout (202).
+async fn wait_drained(a: &Admin, routes: &[usize]) -> Response {
+    let routes = routes.to_vec();
     let deadline = tokio::time::Instant::now() + a.drain_timeout;
     let drained = loop {
         if a.settled(&routes) {

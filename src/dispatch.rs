@@ -40,7 +40,9 @@ pub enum Lane {
 impl Lane {
     pub fn of(record: &Record, ordering: Ordering) -> Lane {
         match (ordering, &record.key) {
-            (Ordering::Key, Some(k)) => Lane::Key(k.clone()),
+            // A copy, not a view: the key shares its record's buffer (value included), which a
+            // busy lane would otherwise keep for as long as records of its key keep coming.
+            (Ordering::Key, Some(k)) => Lane::Key(Bytes::copy_from_slice(k)),
             (Ordering::Key, None) | (Ordering::None, _) => Lane::Alone(record.offset),
             (Ordering::Partition, _) => Lane::Partition,
         }

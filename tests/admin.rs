@@ -522,6 +522,9 @@ async fn off_loopback_the_verbs_need_the_token_and_without_one_are_disabled() {
         body.starts_with("no GET /ready: ferry's admin endpoint serves GET /healthz, /readyz"),
         "{body}"
     );
+    let (code, _, body) = admin_call("GET", &format!("{guarded}/drain"), None).await;
+    assert_eq!(code, 405);
+    assert!(body.starts_with("no GET /drain: "), "{body}");
     for verb in ["pause", "resume", "drain"] {
         let url = format!("{guarded}/{verb}");
         let (code, _, body) = admin_call("POST", &url, None).await;
@@ -663,14 +666,22 @@ fn ctl_with_an_admin_url_that_is_none_is_a_usage_error() {
 
 #[tokio::test]
 async fn a_drain_that_times_out_exits_1_with_json_as_without() {
-    // Each call takes longer than the drain timeout (5 s): the drain cannot end in time.
-    let b = bench(1, Duration::from_secs(8)).await;
-    b.send_values(&["slow"]).await;
-    eventually(WAIT, "the call under way", || async {
-        (!b.service.requests().is_empty()).then_some(())
+    // A call that lasts longer than the drain timeout (5 s), with a call timeout longer still.
+    let kafka = Kafka::start();
+    let t = kafka.route_topics(1).await;
+    let service = Service::start(|_r: Req| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Resp::new(200, "late")
     })
     .await;
-    let base = b.base.clone();
+    let text = route_config(&kafka, &t, &service.url("/h"), "").replace("timeout: 2s", "timeout: 30s");
+    let sidecar = Sidecar::start(parse(&text)).await.unwrap();
+    let base = format!("http://{}", sidecar.admin_addr.unwrap());
+    kafka.send(&t.source, None, Some("k"), "slow", &[]).await;
+    eventually(WAIT, "the call under way", || async {
+        (!service.requests().is_empty()).then_some(())
+    })
+    .await;
     let (code, out, err) =
         tokio::task::spawn_blocking(move || ctl(&["drain", "--json", "--admin", base.as_str()]))
             .await
@@ -866,8 +877,19 @@ async fn prestop_drains_only_when_the_config_allows_it() {
     );
 
     // A preStop hook that no stop follows (the container restarted, the pod stays): with
-    // resume_after, ferry takes records again by itself.
-    let (code, _, body) = admin_call("GET", &format!("{base}/prestop?resume_after=1"), None).await;
+    // resume_after, ferry takes records again by itself, once the drain could have ended (the
+    // drain timeout, 5 s here)...
+    let prestop = |query: &'static str| {
+        let url = format!("{base}/prestop{query}");
+        async move { admin_call("GET", &url, None).await }
+    };
+    // ...unless a verb came after it: here another preStop drain, which has no resume_after.
+    assert_eq!(prestop("?resume_after=1").await.0, 200);
+    assert_eq!(prestop("").await.0, 200);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let (code, _, _) = admin_call("GET", &format!("{base}/readyz"), None).await;
+    assert_eq!(code, 503, "a later drain is not undone by an earlier one's timer");
+    let (code, _, body) = prestop("?resume_after=1").await;
     assert_eq!(code, 200, "{body}");
     eventually(WAIT, "ready again", || async {
         (admin_call("GET", &format!("{base}/readyz"), None).await.0 == 200).then_some(())

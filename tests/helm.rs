@@ -202,7 +202,7 @@ fn every_value_set_lints_renders_and_makes_a_safe_pod() {
         assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() >= drain + 10);
         if config["admin"]["prestop"] == true {
             assert_eq!(
-                app["lifecycle"]["preStop"]["httpGet"]["path"], "/prestop?resume_after=60",
+                app["lifecycle"]["preStop"]["httpGet"]["path"], "/prestop?resume_after=70",
                 "a restart of the app container alone resumes ferry after the grace period"
             );
             assert_eq!(app["lifecycle"]["preStop"]["httpGet"]["port"], 9464);
@@ -378,8 +378,8 @@ fn unsafe_or_incomplete_values_are_refused_with_the_reason() {
         "holds a literal secret",
     );
     refused(
-        &["ferry.config.shutdown.drain_timeout=1.5m"],
-        "write a duration in whole units, e.g. 25s, 1m30s or 500ms",
+        &["ferry.config.shutdown.drain_timeout=soon"],
+        "write a duration, e.g. 25s, 1m30s, 1.5s or 500ms",
     );
     refused(
         &["ferry.mode=sideways"],
@@ -504,7 +504,7 @@ spec:
           image: registry.example.com/shop:2.0
           lifecycle:
             preStop:
-              httpGet: { path: "/prestop?resume_after=60", port: 9464 }
+              httpGet: { path: "/prestop?resume_after=70", port: 9464 }
       volumes:
         {{- include "ferry.volume" $ferry | nindent 8 }}
 ---

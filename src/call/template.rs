@@ -89,11 +89,13 @@ impl Template {
                     number = record.offset.to_string();
                     number.as_bytes()
                 }
+                // An empty value is none: its empty segment would call another endpoint too.
                 Part::Key => record
                     .key
                     .as_deref()
+                    .filter(|k| !k.is_empty())
                     .ok_or("the URL takes the record's key (`{key}`), and the record has none")?,
-                Part::Header(h) => record.header(h).ok_or_else(|| {
+                Part::Header(h) => record.header(h).filter(|v| !v.is_empty()).ok_or_else(|| {
                     format!(
                         "the URL takes the record's header `{h}` (`{{header.{h}}}`), and the record has none"
                     )
@@ -139,12 +141,14 @@ mod tests {
             t.render(&record(Some(b"k/1?\xff"), tenant.clone())).unwrap(),
             "http://s/in%2Fx/3/42/k%2F1%3F%FF?t=a%20b"
         );
+        for key in [None, Some(&b""[..])] {
+            assert_eq!(
+                t.render(&record(key, tenant.clone())).unwrap_err(),
+                "the URL takes the record's key (`{key}`), and the record has none"
+            );
+        }
         assert_eq!(
-            t.render(&record(None, tenant)).unwrap_err(),
-            "the URL takes the record's key (`{key}`), and the record has none"
-        );
-        assert_eq!(
-            t.render(&record(Some(b""), Vec::new())).unwrap_err(),
+            t.render(&record(Some(b"k"), Vec::new())).unwrap_err(),
             "the URL takes the record's header `tenant` (`{header.tenant}`), and the record has none"
         );
     }

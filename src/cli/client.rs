@@ -27,6 +27,24 @@ pub struct Refused {
     pub message: String,
 }
 
+/// `topic`'s metadata from the brokers `config` names, asked briefly: otherwise librdkafka waits
+/// minutes for a broker it cannot reach, saying nothing.
+pub fn metadata_of<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    config: &ClientConfig,
+    topic: &str,
+) -> Result<rdkafka::metadata::Metadata, Refused> {
+    client
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .map_err(|e| Refused {
+            code: 1,
+            message: format!(
+                "cannot reach the broker at {}: {e} (is it running? check -b or the config's kafka.brokers)",
+                config.get("bootstrap.servers").unwrap_or_default()
+            ),
+        })
+}
+
 impl KafkaArgs {
     /// The config, when `-c` names one.
     pub fn load(&self) -> Result<Option<Config>, Refused> {

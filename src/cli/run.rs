@@ -17,6 +17,7 @@ pub async fn run(path: &Path) -> i32 {
             // JSON too; the config that would say so did not load.
             if std::env::var("FERRY_LOG_FORMAT").as_deref() == Ok("json")
                 && telemetry::init_logging("info", true).is_ok()
+                && tracing::enabled!(tracing::Level::ERROR)
             {
                 tracing::error!(errors = %errors, "The config is not valid");
             } else {
@@ -46,8 +47,13 @@ pub async fn run(path: &Path) -> i32 {
         Ok(s) => s,
         Err(e) => {
             // Logging is set up by now: the reason goes where the rest of the log goes, as JSON
-            // when that is the format.
-            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "Cannot start");
+            // when that is the format; on stderr as it is when the log filter hides errors.
+            let why = format!("{:#}", anyhow::Error::from(e));
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!(error = %why, "Cannot start");
+            } else {
+                eprintln!("error: cannot start: {why}");
+            }
             return 1;
         }
     };

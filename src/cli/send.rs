@@ -7,7 +7,7 @@ use base64::Engine;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::client::{KafkaArgs, Refused, progress};
+use super::client::{KafkaArgs, Refused, metadata_of, progress};
 
 #[derive(clap::Args, Debug)]
 pub struct SendArgs {
@@ -50,9 +50,12 @@ pub struct SendArgs {
 struct Outgoing {
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
-    headers: Vec<(String, Vec<u8>)>,
+    headers: Headers,
     partition: Option<i32>,
 }
+
+/// A record's headers; one may have no value (`null`), as Kafka allows.
+type Headers = Vec<(String, Option<Vec<u8>>)>;
 
 pub async fn send(args: SendArgs) -> i32 {
     match run(args).await {
@@ -84,11 +87,11 @@ fn read_source(source: Option<&str>) -> Result<Vec<u8>, Refused> {
     }
 }
 
-fn parse_headers(raw: &[String]) -> Result<Vec<(String, Vec<u8>)>, Refused> {
+fn parse_headers(raw: &[String]) -> Result<Headers, Refused> {
     raw.iter()
         .map(|h| {
             h.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .map(|(k, v)| (k.to_string(), Some(v.as_bytes().to_vec())))
                 .ok_or_else(|| refused(2, format!("-H {h}: write a header as name=value")))
         })
         .collect()
@@ -143,9 +146,11 @@ fn json_lines(input: &[u8]) -> Result<Vec<Outgoing>, Refused> {
             None | Some(serde_json::Value::Null) => Vec::new(),
             Some(serde_json::Value::Object(h)) => h
                 .iter()
-                .map(|(k, v)| match k.strip_suffix("_base64") {
-                    Some(name) => Ok((name.to_string(), base64(&format!("headers.{k}"), v)?)),
-                    None => Ok((k.clone(), text_of(v))),
+                .map(|(k, v)| match (k.strip_suffix("_base64"), v) {
+                    // A header without a value, as `tail --json` prints it.
+                    (_, serde_json::Value::Null) => Ok((k.clone(), None)),
+                    (Some(name), v) => Ok((name.to_string(), Some(base64(&format!("headers.{k}"), v)?))),
+                    (None, v) => Ok((k.clone(), Some(text_of(v)))),
                 })
                 .collect::<Result<_, Refused>>()?,
             Some(_) => return Err(bad("`headers` must be an object of name: value".into())),
@@ -176,16 +181,7 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
         .map_err(|e| refused(1, format!("cannot create the producer: {e}")))?;
     // librdkafka waits up to its message timeout (five minutes) for a broker it cannot reach
     // or a topic that is not there, saying nothing meanwhile: ask first, briefly, as tail does.
-    let brokers = client.get("bootstrap.servers").unwrap_or_default().to_string();
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(&args.topic), Duration::from_secs(10))
-        .map_err(|e| {
-            refused(
-                1,
-                format!("cannot reach the broker at {brokers}: {e} (is it running? check -b or the config's kafka.brokers)"),
-            )
-        })?;
+    let metadata = metadata_of(producer.client(), &client, &args.topic)?;
     // Only what will not change by itself: a broker that creates topics on first use answers
     // a new one's first request with LEADER_NOT_AVAILABLE, and then takes the record.
     use rdkafka::error::RDKafkaErrorCode::{TopicAuthorizationFailed, UnknownTopicOrPartition};
@@ -307,7 +303,7 @@ async fn run(args: SendArgs) -> Result<i32, Refused> {
         for (k, v) in &r.headers {
             hs = hs.insert(Header {
                 key: k,
-                value: Some(v.as_slice()),
+                value: v.as_deref(),
             });
         }
         let topic = args.topic.clone();

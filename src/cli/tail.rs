@@ -57,15 +57,7 @@ fn run(args: &TailArgs) -> Result<(), Refused> {
         code: 1,
         message: format!("cannot create the consumer: {e}"),
     })?;
-    let brokers = client.get("bootstrap.servers").unwrap_or_default().to_string();
-    let metadata = consumer
-        .fetch_metadata(Some(&args.topic), Duration::from_secs(10))
-        .map_err(|e| Refused {
-            code: 1,
-            message: format!(
-                "cannot reach the broker at {brokers}: {e} (is it running? check -b or the config's kafka.brokers)"
-            ),
-        })?;
+    let metadata = super::client::metadata_of(consumer.client(), &client, &args.topic)?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()

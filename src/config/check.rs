@@ -135,9 +135,6 @@ pub fn is_secret_key(key: &str) -> bool {
 /// `[PROTOCOL://]host[:port]`, an IPv6 host in brackets, 9092 when no port is given.
 fn broker_problem(entry: &str) -> Option<String> {
     const HOW: &str = "write host:port[,host:port…], e.g. kafka-0.kafka:9092";
-    if entry.is_empty() {
-        return Some(format!("an empty entry in the list: {HOW}"));
-    }
     let address = match entry.split_once("://") {
         Some((protocol, rest))
             if ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
@@ -197,7 +194,11 @@ fn set_by_ferry(name: &str, format: Format) -> Option<&'static str> {
         "idempotency-key" => "the record's idempotency key",
         "traceparent" | "tracestate" => "the record's trace context",
         n if n.starts_with("ferry-") => "the `ferry-*` headers are ferry's own",
-        n if n.starts_with("ce-") && format == Format::CloudEvents => "the record's CloudEvents attributes",
+        "ce-specversion" | "ce-id" | "ce-source" | "ce-type" | "ce-time" | "ce-subject"
+            if format == Format::CloudEvents =>
+        {
+            "the record's CloudEvents attributes"
+        }
         _ => return None,
     })
 }
@@ -370,7 +371,14 @@ pub fn check(config: &Config, absent_ok: bool, placeholders: &HashSet<String>) -
     } else if !placeholders.contains("kafka.brokers") {
         // librdkafka takes a bad address without a word and retries it forever: ferry would
         // sit unready, checking topics, with the reason only in librdkafka's log.
-        for entry in config.kafka.brokers.split(',').map(str::trim) {
+        // librdkafka skips empty entries (a trailing comma).
+        for entry in config
+            .kafka
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
             if let Some(why) = broker_problem(entry) {
                 say("kafka.brokers".into(), why);
             }

@@ -189,23 +189,20 @@ impl Document {
     /// Gives each missing variable's placeholder (`--env-optional`) a value of the type its
     /// field takes, so that the rest of the file is checked as it will be in production: the
     /// first of a few stand-ins (the placeholder itself, a number, a duration, a boolean, then
-    /// `more`: the schema's enum values and an address) that neither the schema nor the typed
-    /// parse refuses there. Returns the paths of the
+    /// `more` of the field's path: the values of its set, an address) that neither the schema
+    /// nor the typed parse refuses there. Returns the paths of the
     /// placeholders, whose values cannot be checked without their variables.
     pub fn stand_in_placeholders(
         &mut self,
-        more: &[Value],
+        more: impl Fn(&str) -> Vec<Value>,
         fits: impl Fn(&Value, &str) -> bool,
     ) -> HashSet<String> {
-        let stand_ins: Vec<Value> = [
+        let general = [
             Value::from(1),
             Value::from("1s"),
             Value::from(true),
             Value::from(0.5),
-        ]
-        .into_iter()
-        .chain(more.iter().cloned())
-        .collect();
+        ];
         // The typed parse stops at its first error, which may be another placeholder's: what
         // looked fine behind it is looked at again once that one has its stand-in.
         for _ in 0..=self.placeholders.len() {
@@ -218,9 +215,9 @@ impl Document {
                     continue;
                 };
                 let mut fitted = false;
-                for stand_in in &stand_ins {
+                for stand_in in general.iter().cloned().chain(more(path)) {
                     if let Some(v) = self.value.pointer_mut(pointer) {
-                        *v = stand_in.clone();
+                        *v = stand_in;
                     }
                     if fits(&self.value, path) {
                         fitted = true;

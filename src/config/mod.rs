@@ -121,7 +121,7 @@ pub fn parse_with_warnings(
     // `--env-optional`: a missing variable's placeholder takes a value of its field's type, and
     // what only the variable's value could tell (librdkafka's check of a property) is skipped.
     let placeholders = if interpolator.env_optional {
-        doc.stand_in_placeholders(&schema::stand_ins(), |value, path| {
+        doc.stand_in_placeholders(schema::stand_ins, |value, path| {
             schema::check(value).iter().all(|p| p.path != path)
                 && serde_path_to_error::deserialize::<_, Config>(value)
                     .err()
@@ -959,8 +959,12 @@ routes:
                 "      backoff: { initial: 200ms, max: 30s, multiplier: 2.0, jitter: full }",
                 "      backoff:\n        multiplier: ${FACTOR}\n        jitter: ${JITTER}",
             )
-            // Values of a set (an enum) and addresses too.
-            .replace("    ordering: key\n", "    ordering: ${ORDERING}\n")
+            // Values of a set (an enum) and addresses too; a set's stand-in is its default
+            // where it has one, which conflating needs here (`ordering: key`).
+            .replace(
+                "    ordering: key\n",
+                "    ordering: ${ORDERING}\n    freshness: { conflate: true }\n",
+            )
             .replace("shutdown:\n", "admin:\n  listen: \"${ADMIN}\"\nshutdown:\n");
         let mut optional = Interpolator::from_pairs(&[]);
         optional.env_optional = true;

@@ -63,32 +63,79 @@ static VALIDATOR: LazyLock<Result<Validator, String>> = LazyLock::new(|| {
 
 static SCHEMA: LazyLock<Value> = LazyLock::new(schema);
 
-/// Values a field of this schema may take beside numbers, durations and booleans: every value
-/// of its enums (`ordering`, `delivery`, …) and an address to listen on. `ferry validate
+/// Values the field at `path` (`routes[0].ordering`) may take beside numbers, durations and
+/// booleans, in the schema's order (a set's first value is its usual one: `ordering: key`):
+/// its default, the values of its set, and an address where it takes one. `ferry validate
 /// --env-optional` tries them in place of a missing variable.
-pub fn stand_ins() -> Vec<Value> {
-    fn walk(v: &Value, out: &mut Vec<Value>) {
-        match v {
-            Value::Object(o) => {
-                for (k, v) in o {
-                    match (k.as_str(), v) {
-                        ("enum", Value::Array(values)) => {
-                            out.extend(values.iter().filter(|v| v.is_string()).cloned());
-                        }
-                        ("const", c) if c.is_string() => out.push(c.clone()),
-                        _ => walk(v, out),
-                    }
+pub fn stand_ins(path: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    if let Some(field) = field_schema(&SCHEMA, path) {
+        let mut fields = vec![field];
+        while let Some(f) = fields.pop() {
+            let f = resolve(&SCHEMA, f);
+            if let Some(d) = f.get("default").filter(|d| d.is_string()) {
+                out.push(d.clone());
+            }
+            if let Some(c) = f.get("const") {
+                out.push(c.clone());
+            }
+            if let Some(Value::Array(values)) = f.get("enum") {
+                out.extend(values.iter().cloned());
+            }
+            if f.get("format").and_then(Value::as_str) == Some("listen-address") {
+                out.push(Value::from("127.0.0.1:1"));
+            }
+            // Alternatives last to first on the stack, so that they come out in order.
+            for k in ["oneOf", "anyOf", "allOf"] {
+                if let Some(Value::Array(options)) = f.get(k) {
+                    fields.extend(options.iter().rev());
                 }
             }
-            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
-            _ => {}
         }
     }
-    let mut out = vec![Value::from("127.0.0.1:1")];
-    walk(&SCHEMA, &mut out);
     let mut seen = std::collections::HashSet::new();
     out.retain(|v| seen.insert(v.to_string()));
     out
+}
+
+/// `$ref` followed to its definition.
+fn resolve<'a>(root: &'a Value, mut v: &'a Value) -> &'a Value {
+    while let Some(r) = v.get("$ref").and_then(Value::as_str) {
+        match r.strip_prefix('#').and_then(|p| root.pointer(p)) {
+            Some(target) => v = target,
+            None => break,
+        }
+    }
+    v
+}
+
+/// The schema of the field at `path` (`routes[0].call.http.url`), through references, arrays
+/// and optional (`anyOf` with null) fields.
+fn field_schema<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut at = root;
+    for segment in path.split('.') {
+        let (key, indices) = match segment.find('[') {
+            Some(i) => (&segment[..i], segment[i..].matches('[').count()),
+            None => (segment, 0),
+        };
+        at = property(root, at, key)?;
+        for _ in 0..indices {
+            at = resolve(root, at).get("items")?;
+        }
+    }
+    Some(at)
+}
+
+fn property<'a>(root: &'a Value, schema: &'a Value, key: &str) -> Option<&'a Value> {
+    let schema = resolve(root, schema);
+    if let Some(p) = schema.get("properties").and_then(|p| p.get(key)) {
+        return Some(p);
+    }
+    ["anyOf", "oneOf", "allOf"]
+        .iter()
+        .filter_map(|k| schema.get(*k).and_then(Value::as_array))
+        .flatten()
+        .find_map(|option| property(root, option, key))
 }
 
 /// What to say after "unknown key `key`": the key meant, when one is close, else the keys the

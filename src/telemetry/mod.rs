@@ -119,7 +119,10 @@ pub mod attributes {
 /// a level is refused, though tracing would take it as a target to show alone: that is how a
 /// typo (`warning`) silenced every line, errors included.
 pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    // Names and numbers (0 is off, 5 trace), as tracing reads them.
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
     for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let bare = !directive.contains(['=', '[', ':']);
         if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
@@ -141,7 +144,10 @@ pub fn init_logging(level: &str, json: bool) -> Result<(), String> {
         Ok(f) => log_filter(&f).map_err(|e| {
             format!("FERRY_LOG: `{f}` is not a log filter ({e}): write a level (info) or a filter (info,ferry=debug)")
         })?,
-        Err(_) => EnvFilter::try_from_default_env()
+        // RUST_LOG, which other tools set too, is taken only when it reads as a filter.
+        Err(_) => std::env::var("RUST_LOG")
+            .map_err(|e| e.to_string())
+            .and_then(|f| log_filter(&f))
             .or_else(|_| log_filter(level))
             .unwrap_or_else(|_| EnvFilter::new("info")),
     };

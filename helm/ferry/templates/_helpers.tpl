@@ -43,19 +43,20 @@ Takes the ferry values (.Values.ferry).
 {{- define "ferry.drainSeconds" -}}
 {{- $d := "25s" }}
 {{- with .config.shutdown }}{{ with .drain_timeout }}{{ $d = toString . }}{{ end }}{{ end }}
-{{- if not (regexMatch "^([0-9]+(ms|s|m|h))+$" $d) }}
-{{- fail (printf "ferry.config.shutdown.drain_timeout %q: write a duration in whole units, e.g. 25s, 1m30s or 500ms" $d) }}
+{{- $d = trim $d }}
+{{- if not (regexMatch "^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$" $d) }}
+{{- fail (printf "ferry.config.shutdown.drain_timeout %q: write a duration, e.g. 25s, 1m30s, 1.5s or 500ms" $d) }}
 {{- end }}
-{{- $ms := 0 }}
-{{- range regexFindAll "[0-9]+(ms|s|m|h)" $d -1 }}
-{{- if hasSuffix "ms" . }}{{ $ms = add $ms (trimSuffix "ms" . | atoi) }}
-{{- else if hasSuffix "s" . }}{{ $ms = add $ms (mul (trimSuffix "s" . | atoi) 1000) }}
-{{- else if hasSuffix "m" . }}{{ $ms = add $ms (mul (trimSuffix "m" . | atoi) 60000) }}
-{{- else }}{{ $ms = add $ms (mul (trimSuffix "h" . | atoi) 3600000) }}
+{{- $ms := 0.0 }}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ms|s|m|h)" $d -1 }}
+{{- if hasSuffix "ms" . }}{{ $ms = addf $ms (trimSuffix "ms" . | float64) }}
+{{- else if hasSuffix "s" . }}{{ $ms = addf $ms (mulf (trimSuffix "s" . | float64) 1000) }}
+{{- else if hasSuffix "m" . }}{{ $ms = addf $ms (mulf (trimSuffix "m" . | float64) 60000) }}
+{{- else }}{{ $ms = addf $ms (mulf (trimSuffix "h" . | float64) 3600000) }}
 {{- end }}
 {{- end }}
 {{- /* Whole seconds, rounded up: the grace period must cover all of it. */}}
-{{- div (add $ms 999) 1000 }}
+{{- ceil (divf $ms 1000) | int }}
 {{- end }}
 
 {{/*
@@ -99,7 +100,8 @@ Secrets must be ${VAR} references: a literal password in the values is refused.
 {{- end }}
 {{- end }}
 {{- $host := $f.adminHost | default "0.0.0.0" }}
-{{- $_ := set $admin "listen" (ternary (printf "[::]:%v" $f.adminPort) (printf "%s:%v" $host $f.adminPort) (eq $host "::")) }}
+{{- /* An IPv6 address goes in brackets before its port. */}}
+{{- $_ := set $admin "listen" (printf (ternary "[%s]:%v" "%s:%v" (contains ":" $host)) $host $f.adminPort) }}
 {{- if dig "adminTokenSecret" "name" "" $f }}{{ $_ := set $admin "token" "${FERRY_ADMIN_TOKEN}" }}{{ end }}
 {{- if .prestop }}{{ $_ := set $admin "prestop" true }}{{ end }}
 {{- $_ := set $config "admin" $admin }}
